@@ -1,0 +1,13 @@
+"""Public ops. Each is also ``torch.ops.lvlm_fast.<name>`` (the raw registered op, which
+takes every argument positionally and skips the Python-side validation)."""
+
+from lvlm_fast import _extension
+from lvlm_fast.ops import diff_weighted_pool as _dwp
+from lvlm_fast.ops.diff_weighted_pool import diff_weighted_pool
+
+_FALLBACKS = {**_dwp.CPU_FALLBACKS}
+
+_extension.load_cpu_kernels()
+_extension.register_cpu_fallbacks(_FALLBACKS)
+
+__all__ = ["diff_weighted_pool"]

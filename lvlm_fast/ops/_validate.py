@@ -1,0 +1,64 @@
+"""Input checks shared by every op. They run once, at the Python boundary, and raise
+``ValueError``/``TypeError`` naming the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t: object, ndim: int | Sequence[int], *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_int_tensor(name: str, t: object, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+
+
+def check_same(what: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """All tensors in ``others`` share ``ref``'s device (what='device') or dtype."""
+    want = getattr(ref, what)
+    for name, t in others.items():
+        if t is not None and getattr(t, what) != want:
+            raise (ValueError if what == "device" else TypeError)(
+                f"{name} is on {t.device} but {ref_name} is on {ref.device}"
+                if what == "device"
+                else f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}"
+            )
+
+
+def check_size(name: str, t: torch.Tensor, dim: int, expected: int, meaning: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name}.shape[{dim}] must equal {meaning} ({expected}), got shape {tuple(t.shape)}"
+        )
+
+
+def is_meta_or_fake(t: torch.Tensor) -> bool:
+    """True when values cannot be inspected (meta device or a FakeTensor under tracing)."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def value_checks_allowed(t: torch.Tensor) -> bool:
+    """Value-dependent checks (index ranges, tau > 0) cost a host sync on accelerators and
+    are impossible under tracing; we do them only for eager CPU tensors."""
+    return t.device.type == "cpu" and not is_meta_or_fake(t) and not torch.compiler.is_compiling()

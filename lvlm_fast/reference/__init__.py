@@ -1,0 +1,6 @@
+"""Plain-PyTorch references: the executable spec of every op. Readable, slow, and the
+thing every kernel is tested against. Each follows its paper's formula line by line."""
+
+from lvlm_fast.reference.diff_weighted_pool import cosine, diff_weighted_pool
+
+__all__ = ["cosine", "diff_weighted_pool"]

@@ -1,0 +1,73 @@
+"""``lvlm-fast`` command line.
+
+    lvlm-fast bench [--quick] [--op NAME ...] [--json OUT] [--csv OUT]   microbenchmarks
+    lvlm-fast info                                                       kernel status
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _repo_root() -> str | None:
+    """The checkout holding ``benchmarks/`` (benchmarks are repo code, not installed)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.getcwd(), os.path.dirname(here)):
+        if os.path.isfile(os.path.join(cand, "benchmarks", "run.py")):
+            return cand
+    return None
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    root = _repo_root()
+    if root is None:
+        print("lvlm-fast bench: benchmarks/run.py not found; run it from a clone of the "
+              "lvlm-fast repository (benchmarks are not part of the installed package).",
+              file=sys.stderr)
+        return 2
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "run.py"), "--device", args.device]
+    if args.quick:
+        cmd.append("--quick")
+    return subprocess.call(cmd + rest, cwd=root)
+
+
+def _info(_args: argparse.Namespace, _rest: list[str]) -> int:
+    import torch
+
+    import lvlm_fast
+    from lvlm_fast import _extension
+
+    status = _extension.cpu_kernel_status()
+    print(f"lvlm_fast {lvlm_fast.__version__}  torch {torch.__version__}")
+    print(f"C++ CPU kernels: {status['loaded']}")
+    for name in lvlm_fast.ops.__all__:
+        qual = f"lvlm_fast::{name}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"):
+            print(f"  {name}: registered")
+    for err in status["errors"]:
+        print(f"  build error: {err}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lvlm-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    bench = sub.add_parser("bench", help="run the microbenchmark harness (benchmarks/run.py); "
+                           "extra flags such as --op/--json/--csv/--repeats pass through")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    bench.set_defaults(func=_bench)
+    info = sub.add_parser("info", help="show which kernels are loaded")
+    info.set_defaults(func=_info)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,9 +48,13 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _package_path(package: str) -> str:
+    return PACKAGE_DIR.get(package, package.replace(".", "/"))
+
+
 ext_modules, cmdclass = _extensions()
 setup(
-    packages=[p for p in PACKAGES if os.path.isdir(os.path.join(ROOT, PACKAGE_DIR.get(p, p.replace(".", "/"))))],
+    packages=[p for p in PACKAGES if os.path.isdir(os.path.join(ROOT, _package_path(p)))],
     package_dir=PACKAGE_DIR,
     package_data={"lvlm_fast.csrc": ["*.cpp", "*.h"]},
     include_package_data=True,

@@ -56,7 +56,7 @@ def _load_jit() -> list[str]:
                 verbose=False,
             )
             loaded.append(stem)
-        except Exception as exc:  # noqa: BLE001 - reported once in register_cpu_fallbacks
+        except Exception as exc:
             _STATE["errors"].append(f"{stem}: {str(exc).strip().splitlines()[-1]}")
     return loaded
 
@@ -72,7 +72,7 @@ def load_cpu_kernels() -> str:
                 how = "prebuilt"
             elif _load_jit():
                 how = "jit"
-        except Exception as exc:  # noqa: BLE001 - never crash at import
+        except Exception as exc:
             _STATE["errors"].append(str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))
     _STATE["loaded"] = how
     return how

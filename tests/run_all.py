@@ -32,13 +32,14 @@ def _run(name: str, cmd: list[str], env: dict[str, str] | None = None) -> bool:
 def main() -> int:
     py = sys.executable
     extra = sys.argv[1:]
+    pytest = [py, "-m", "pytest", "-q"]
     results = {
         "ruff": _run("ruff", [py, "-m", "ruff", "check", "."]),
-        "tier0": _run("tier0 (CPU)", [py, "-m", "pytest", "-q", "tests/tier0", *extra]),
-        "tier1": _run("tier1 (Triton interpreter)", [py, "-m", "pytest", "-q", "tests/tier1", *extra],
+        "tier0": _run("tier0 (CPU)", [*pytest, "tests/tier0", *extra]),
+        "tier1": _run("tier1 (Triton interpreter)", [*pytest, "tests/tier1", *extra],
                       env={"TRITON_INTERPRET": "1"}),
-        "tier2": _run("tier2 (sm_80/sm_90 compile)", [py, "-m", "pytest", "-q", "tests/tier2", *extra]),
-        "tier3": _run("tier3 (CUDA)", [py, "-m", "pytest", "-q", "tests/tier3", *extra]),
+        "tier2": _run("tier2 (sm_80/sm_90 compile)", [*pytest, "tests/tier2", *extra]),
+        "tier3": _run("tier3 (CUDA)", [*pytest, "tests/tier3", *extra]),
     }
     print("\nsummary: " + ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in results.items()))
     return 0 if all(results.values()) else 1

@@ -45,8 +45,10 @@ def test_cpu_kernels_are_native_not_fallback():
 
 
 def test_readme_test_command_is_what_ci_runs():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
     quick = re.search(r"## Quickstart.*?```(?:bash)?\n(.*?)```", readme, re.S)
     assert quick, "README needs a Quickstart code block"
     cmds = [ln.strip() for ln in quick.group(1).splitlines() if ln.strip() and

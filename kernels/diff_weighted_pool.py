@@ -42,9 +42,27 @@ chosen from BLOCK_D and the number of live tiles so that the tiles stay in regis
 see :func:`fwd_config` / :func:`bwd_config` and ``COMPILE_SPECS`` (tier-2 checks zero spills
 for sm_80 and sm_90). Launchers do not assert CUDA: tier-1 runs them under TRITON_INTERPRET=1.
 
+Default configs (8 warps for 512 < BLOCK_D <= 4096, 4 below): D = 1152 (BLOCK_D 2048):
+forward BLOCK_P = 2, backward BLOCK_P = 2 (1 with separate A and/or B); D = 3584
+(BLOCK_D 4096): BLOCK_P = 1 for both. 16 warps would cap ptxas at 128 registers/thread,
+which the backward cannot meet without spilling.
+
+Bytes (ideal DRAM traffic, A = B = X, bf16; an estimate, not a measurement): the forward
+reads X once (N*P*D*2 B) plus each referenced bank row (consecutive frames share a row, so
+mostly L2 hits; at least K*P*D*2 B) and writes N*D*2 B. N = 10,240, P = 729: D = 1152 is
+17.2 GB, about 5.1 ms at 3.35 TB/s (H100 SXM) / 8.4 ms at 2.04 TB/s (A100 80GB); D = 3584
+is 53.5 GB, about 16 ms / 26 ms. The backward reads X and writes dX (2x those bytes) plus
+an fp32 grad_ref_bank (K*P*Db*4, zeroed then read+written per flush); each program also
+re-reads g[n] (N*D) per frame: L2 traffic of 1/BLOCK_P of X's bytes, in g's dtype.
+Separate A and B triple the forward bytes and the backward's. Padding D to a power of two
+idles 44% of the lanes at D = 1152 (12.5% at 3584); the kernel is still memory-bound by
+a flop/byte estimate (~10 fp32 flops per padded element per 2 B read) but closer to the
+fp32 roofline at D = 1152 than at 3584.
+
 Limitations: one program per frame in the forward and one per patch block in the
 backward, so very small N (forward) or very small P (backward) under-fill a large GPU.
-D is supported up to 8192 (BLOCK_D = 8192 with one row per block).
+D is supported up to 8192 (BLOCK_D = 8192 with one row per block, 16 warps; not in the
+spill-checked specs).
 """
 
 from __future__ import annotations
@@ -556,12 +574,13 @@ def _specs() -> list[dict]:
         bd = triton.next_power_of_2(d)
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             t = "*" + ty[dt]
-            variants = [("AB=X", False, True), ("sepAB", True, True)]
+            # (tag, HAS_REL, HAS_RED, HAS_REF); the rarer variants in bf16 only
+            variants = [("AB=X", False, False, True), ("sepAB", True, True, True)]
             if dt == torch.bfloat16:
-                variants.append(("noref", False, False))
-            for vname, sep, has_ref in variants:
+                variants += [("noref", False, False, False), ("relonly", True, False, True)]
+            for vname, has_rel, has_red, has_ref in variants:
                 tag = f"D{d}_{ty[dt]}_{vname}"
-                bp, nw = fwd_config(bd, sep, sep, has_ref)
+                bp, nw = fwd_config(bd, has_rel, has_red, has_ref)
                 sig = {k: t for k in ("x_ptr", "a_ptr", "b_ptr", "q_ptr", "r_ptr")}
                 sig.update(ref_ptr="*i64", tau_ptr="*fp32", out_ptr=t, lse_ptr="*fp32",
                            s_ptr="*fp32", w_ptr=t)
@@ -569,7 +588,7 @@ def _specs() -> list[dict]:
                                                "stride_xp", "stride_an", "stride_ap",
                                                "stride_bn", "stride_bp", "stride_qn",
                                                "stride_rk", "stride_rp", "stride_on")})
-                ce = dict(HAS_REL=sep, HAS_RED=sep, HAS_REF=has_ref, RETURN_WEIGHTS=False,
+                ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, RETURN_WEIGHTS=False,
                           BLOCK_P=bp, BLOCK_D=bd, BLOCK_DA=bd, BLOCK_DB=bd)
                 sig.update({k: "constexpr" for k in ce})
                 specs.append({"name": f"dwp_fwd_{tag}", "fn": _diff_weighted_pool_fwd_kernel,
@@ -581,7 +600,7 @@ def _specs() -> list[dict]:
                     specs.append({**specs[-1], "name": f"dwp_fwd_{tag}_weights",
                                   "constexprs": ce_w})
 
-                bp, nw = bwd_config(bd, sep, sep, has_ref)
+                bp, nw = bwd_config(bd, has_rel, has_red, has_ref)
                 sig = {k: t for k in ("g_ptr", "x_ptr", "a_ptr", "b_ptr", "q_ptr", "r_ptr")}
                 sig.update(ref_ptr="*i64", tau_ptr="*fp32", lse_ptr="*fp32",
                            delta_ptr="*fp32", dx_ptr=t, da_ptr=t, db_ptr=t, dr_ptr="*fp32",
@@ -592,7 +611,7 @@ def _specs() -> list[dict]:
                                                "stride_ap", "stride_bn", "stride_bp",
                                                "stride_qn", "stride_rk", "stride_rp")})
                 for per_frame in (False, True) if vname == "AB=X" else (False,):
-                    ce = dict(HAS_REL=sep, HAS_RED=sep, HAS_REF=has_ref,
+                    ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref,
                               QUERY_PER_FRAME=per_frame, BLOCK_P=bp, BLOCK_D=bd,
                               BLOCK_DA=bd, BLOCK_DB=bd)
                     sig_b = {**sig, **{k: "constexpr" for k in ce}}

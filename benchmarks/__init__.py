@@ -1,0 +1,1 @@
+"""lvlm-fast microbenchmarks: harness, case modules, seed-style baselines."""

@@ -338,7 +338,8 @@ def run(
     gpu_bw: float | None = None,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Run every group; fill ``bw_fraction`` (and the optional GPU roofline estimate)."""
+    """Run every group; fill the optional GPU roofline estimate and, if ``read_gbps`` is
+    given, ``bw_fraction`` (else call :func:`fill_bw_fraction` later)."""
     res = RunResult()
     runnable = []
     for c in cases:
@@ -358,12 +359,17 @@ def run(
         rows, ver = run_group(group, device, repeats, log)
         res.verify.extend(ver)
         for r in rows:
-            if read_gbps and r["gbps"] is not None:
-                r["bw_fraction"] = r["gbps"] / read_gbps
             if gpu_bw:
                 r[GPU_EST_FIELD] = r["bytes"] / (gpu_bw * 1e9) * 1e3 if r["bytes"] else None
         res.rows.extend(rows)
+    if read_gbps:
+        fill_bw_fraction(res.rows, read_gbps)
     return res
+
+
+def fill_bw_fraction(rows: list[dict[str, Any]], read_gbps: float) -> None:
+    for r in rows:
+        r["bw_fraction"] = r["gbps"] / read_gbps if r["gbps"] is not None else None
 
 
 # ------------------------------------------------------------------------------ output

@@ -107,8 +107,10 @@ def _load(module: str, device: str) -> tuple[Callable | None, str]:
     import importlib
 
     try:
-        mod = importlib.import_module(module)
-        return mod.keyframe_select, ""
+        fn = importlib.import_module(module).keyframe_select
+        if inspect.ismodule(fn):  # the submodule, not (yet) re-exported as the function
+            fn = fn.keyframe_select
+        return fn, ""
     except (ImportError, AttributeError) as exc:
         return None, f"{module}.keyframe_select not available yet ({exc.__class__.__name__})"
 

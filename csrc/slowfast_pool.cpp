@@ -165,7 +165,7 @@ void fwd_impl(const at::Tensor& x, const Params& p, const Slots& sl, const scala
 
   at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc> sacc(p.SW * DC), colsum(p.fw * DC), facc(p.F * DC);
-    std::vector<int32_t> sarg(p.is_max ? p.SW * DC : 0);
+    std::vector<int32_t> sarg(ap != nullptr ? p.SW * DC : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const bool slow = sl.slow[t] >= 0, fast = sl.fast[t] >= 0;
       for (int64_t d0 = 0; d0 < D; d0 += DC) {
@@ -195,14 +195,21 @@ void fwd_impl(const at::Tensor& x, const Params& p, const Slots& sl, const scala
               int32_t* __restrict__ ga = sarg.data() + (w / p.kw) * DC;
               if (k == 0) {
 #pragma omp simd
-                for (int64_t d = 0; d < Dn; ++d) { sa[d] = acc(xv[d]); ga[d] = 0; }
-              } else {
+                for (int64_t d = 0; d < Dn; ++d) sa[d] = acc(xv[d]);
+                if (ap != nullptr) std::fill(ga, ga + Dn, 0);
+              } else if (ap != nullptr) {
 #pragma omp simd
                 for (int64_t d = 0; d < Dn; ++d) {
                   const acc v = acc(xv[d]);
                   const bool take = (v > sa[d]) || (v != v && sa[d] == sa[d]);
                   sa[d] = take ? v : sa[d];
                   ga[d] = take ? k : ga[d];
+                }
+              } else {  // inference: no arg-max to track
+#pragma omp simd
+                for (int64_t d = 0; d < Dn; ++d) {
+                  const acc v = acc(xv[d]);
+                  sa[d] = ((v > sa[d]) || (v != v && sa[d] == sa[d])) ? v : sa[d];
                 }
               }
             }

@@ -41,6 +41,7 @@ Definitions (the issue left these open):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -283,13 +284,14 @@ def _validate_index(slow_index: torch.Tensor, t: int) -> None:
     # is_compiling() first: dynamo cannot trace the fake-tensor probe inside the helper
     if (slow_index.numel() and not torch.compiler.is_compiling()
             and v.value_checks_allowed(slow_index)):
-        lo, hi = int(slow_index.min()), int(slow_index.max())
+        vals = slow_index.tolist()  # eager CPU only; Ns <= T values, cheaper than tensor ops
+        lo, hi = min(vals), max(vals)
         if lo < 0 or hi >= t:
             raise ValueError(f"slow_index values must be in [0, {t}) (T = x.shape[0]), "
                              f"got min {lo}, max {hi}")
-        if slow_index.numel() > 1 and not bool((slow_index[1:] > slow_index[:-1]).all()):
+        if any(b <= a for a, b in itertools.pairwise(vals)):
             raise ValueError("slow_index must be strictly increasing (sorted, no repeats), "
-                             f"got {slow_index.tolist()[:16]}")
+                             f"got {vals[:16]}")
 
 
 def slowfast_pool(

@@ -2,9 +2,11 @@
 takes every argument positionally and skips the Python-side validation)."""
 
 from lvlm_fast import _extension
+from lvlm_fast.ops import context_content_pool as _ccp
 from lvlm_fast.ops import diff_weighted_pool as _dwp
 from lvlm_fast.ops import keyframe_select as _kfs
 from lvlm_fast.ops import slowfast_pool as _sfp
+from lvlm_fast.ops.context_content_pool import context_content_pool
 from lvlm_fast.ops.diff_weighted_pool import diff_weighted_pool
 from lvlm_fast.ops.keyframe_select import (
     keyframe_select,
@@ -15,6 +17,7 @@ from lvlm_fast.ops.slowfast_pool import SlowFastConfig, slowfast_pool
 
 _FALLBACKS = {**_dwp.CPU_FALLBACKS}
 _FALLBACKS.update(_sfp.CPU_FALLBACKS)
+_FALLBACKS.update(_ccp.CPU_FALLBACKS)
 _FALLBACKS.update(_kfs.CPU_FALLBACKS)
 
 _extension.load_cpu_kernels()
@@ -22,4 +25,5 @@ _extension.register_cpu_fallbacks(_FALLBACKS)
 
 __all__ = ["diff_weighted_pool"]
 __all__ += ["SlowFastConfig", "slowfast_pool"]
+__all__ += ["context_content_pool"]
 __all__ += ["keyframe_select", "reference_index_from_keyframes", "released_reference_index"]

@@ -1,0 +1,651 @@
+// LLaMA-VID context + content tokens, CPU kernels (spec: lvlm_fast/reference/
+// context_content_pool.py, definitions: lvlm_fast/ops/context_content_pool.py).
+//
+// Forward, parallel over frames (one contiguous chunk of frames per thread). Per frame:
+//   S = K (scale Q)^T          (P x Lq) in per-thread scratch, register-blocked GEMM
+//   softmax over P per query   lse[n, q] saved (float32; float64 for float64 inputs)
+//   w[p] = mean_q softmax      one weight per patch
+//   one pass over X's rows: context += w[p] X[p], content bin(s) of p += X[p]
+// Nothing of size (N, Lq, P) or (N, Lq, C) exists: the per-thread scratch is O(P * Lq +
+// (1 + g*g) * C) plus, when queries are per frame, the frame's packed queries (Lq x Ck),
+// plus a 64-row fp32 copy of the keys for fp16/bf16 inputs. Accumulation in fp32 (fp64
+// for fp64).
+//
+// Backward recomputes S per frame from lse, then (A = softmax, gc = grad of the context)
+//   dw[p] = gc . X[p];  D[q] = sum_p A[q,p] dw[p];  dS = scale/Lq * A * (dw - D)
+//   grad_K = dS Q,  grad_Q = dS^T K (summed over frames for shared queries, per-thread
+//   partial sums reduced in a fixed order),  grad_X = w gc + content grad + (grad_K if
+//   keys is None), in 64-patch blocks so grad_K never needs a (P, C) scratch.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace lvlm_fast {
+namespace {
+
+// ---------------------------------------------------------------- register-blocked GEMM
+// GCC vector extensions: 256-bit vectors (AVX2 with -march=native; two SSE halves else).
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int W = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int W = 4;
+};
+
+template <typename T>
+inline typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[R, V*W] (+)= A[R, K] @ B[K, V*W]; A rows are broadcast one scalar at a time, B rows are
+// vectors, R*V accumulators stay in registers for the whole K loop.
+template <typename T, int R, int V>
+void micro(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
+           T* __restrict C, int64_t ldc, bool accumulate) {
+  using vec = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  vec acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) acc[r][j] = vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec b[V];
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) b[j] = vload(B + k * ldb + j * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k];
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) acc[r][j] += b[j] * a;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) {
+      T* c = C + r * ldc + j * W;
+      vstore(c, accumulate ? acc[r][j] + vload(c) : acc[r][j]);
+    }
+}
+
+template <typename T>
+using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
+
+// Micro-tile: up to 6 rows x 2 vectors = 12 accumulators + 2 B vectors + 1 broadcast, all
+// 15 in registers (AVX2 has 16). Wider tiles (3 x 4) make GCC fold B loads into the FMAs
+// and run load-bound (measured: 6x2 ~ 1.6x faster than 3x4 on Zen 3).
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 2;
+
+template <typename T, int V>
+MicroFn<T> pick_rows(int r) {
+  switch (r) {
+    case 1: return &micro<T, 1, V>;
+    case 2: return &micro<T, 2, V>;
+    case 3: return &micro<T, 3, V>;
+    case 4: return &micro<T, 4, V>;
+    case 5: return &micro<T, 5, V>;
+    default: return &micro<T, 6, V>;
+  }
+}
+
+template <typename T>
+MicroFn<T> pick(int r, int v) {
+  return v == 1 ? pick_rows<T, 1>(r) : pick_rows<T, 2>(r);
+}
+
+// C[M, N] (+)= A[M, K] @ B[K, N]; row-major with the given row strides (unit column
+// stride). B is read in panels of 2W columns: panel jp starts at B + jp * panel_stride
+// (panel_stride = 2W for a plain matrix; K * 2W for a packed one, whose panels are then
+// contiguous streams; packed B needs N % 2W == 0). Row tiles are the outer loop so each
+// A tile (6 rows) stays in L1 across the column panels; A rows stream sequentially.
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+          int64_t panel_stride, T* C, int64_t ldc, bool accumulate) {
+  constexpr int W = Vec<T>::W;
+  constexpr int64_t KB = 2048;  // K block (only very wide keys are split)
+  const int64_t nv = N / W;
+  const int64_t n_vec = nv * W;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t kb = std::min(KB, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t i0 = 0; i0 < M; i0 += kTileRows) {
+      const int r = static_cast<int>(std::min<int64_t>(kTileRows, M - i0));
+      for (int64_t j0 = 0; j0 < nv; j0 += kTileVecs) {
+        const int v = static_cast<int>(std::min<int64_t>(kTileVecs, nv - j0));
+        pick<T>(r, v)(kb, A + i0 * lda + k0, lda, B + (j0 / kTileVecs) * panel_stride + k0 * ldb,
+                      ldb, C + i0 * ldc + j0 * W, ldc, acc);
+      }
+    }
+    // Columns past the last full vector (N % W of them; plain B only): dot products.
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = n_vec; j < N; ++j) {
+        T s = 0;
+        for (int64_t k = 0; k < kb; ++k) s += A[i * lda + k0 + k] * B[(k0 + k) * ldb + j];
+        C[i * ldc + j] = acc ? C[i * ldc + j] + s : s;
+      }
+  }
+}
+
+// Plain row-major B (K x N, row stride ldb).
+template <typename T>
+void gemm_plain(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                T* C, int64_t ldc, bool accumulate) {
+  gemm<T>(M, N, K, A, lda, B, ldb, kTileVecs * Vec<T>::W, C, ldc, accumulate);
+}
+
+// ctx[c] = sum_p w[p] X[p, c] and sum[c] = sum_p X[p, c] in one pass over X, 4 column
+// vectors at a time with 8 accumulators in registers (no read-modify-write per patch).
+template <typename T>
+void weighted_and_plain_sum(int64_t P, int64_t C, const T* w, const T* X, int64_t ldx, T* ctx,
+                            T* sum) {
+  using vec = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  constexpr int V = 4;
+  int64_t c0 = 0;
+  for (; c0 + V * W <= C; c0 += V * W) {
+    vec aw[V], a1[V];
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) aw[j] = a1[j] = vec{};
+    for (int64_t p = 0; p < P; ++p) {
+      const T* xr = X + p * ldx + c0;
+      const T wp = w[p];
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) {
+        const vec xv = vload(xr + j * W);
+        aw[j] += xv * wp;
+        a1[j] += xv;
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < V; ++j) {
+      vstore(ctx + c0 + j * W, aw[j]);
+      vstore(sum + c0 + j * W, a1[j]);
+    }
+  }
+  for (; c0 < C; ++c0) {
+    T aw = 0, a1 = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const T xv = X[p * ldx + c0];
+      aw += w[p] * xv;
+      a1 += xv;
+    }
+    ctx[c0] = aw;
+    sum[c0] = a1;
+  }
+}
+
+// ---------------------------------------------------------------- helpers
+template <typename T, typename S>
+inline void to_acc(const S* src, int64_t n, T* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Rows [p0, p0 + rows) of a (P, C) slab as acc_t: the slab itself when the types match,
+// else converted into buf (rows x C, contiguous). Returns (pointer, row stride).
+template <typename T, typename S>
+inline std::pair<const T*, int64_t> rows_as(const S* base, int64_t row_stride, int64_t p0,
+                                            int64_t rows, int64_t C, std::vector<T>& buf) {
+  if constexpr (std::is_same_v<T, S>) {
+    return {base + p0 * row_stride, row_stride};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) to_acc(base + (p0 + r) * row_stride, C, buf.data() + r * C);
+    return {buf.data(), C};
+  }
+}
+
+constexpr int64_t kBlockP = 64;  // patch rows per block (fp16/bf16 key copies, backward)
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Adaptive-pooling bins of the content grid: for each grid row / column, the bins that
+// contain it (1 or 2 when bins overlap; more only if g > side), plus 1/(bin area).
+struct Bins {
+  int64_t g = 1, side = 1;
+  std::vector<std::vector<int64_t>> row_bins, col_bins;
+  std::vector<double> inv_area;  // g*g
+  Bins(int64_t P, int64_t grid) : g(grid) {
+    if (g == 1) {
+      inv_area = {1.0 / static_cast<double>(P)};
+      return;
+    }
+    side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(P))));
+    row_bins.assign(side, {});
+    std::vector<int64_t> len(g);
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t s = (i * side) / g, e = ((i + 1) * side + g - 1) / g;
+      len[i] = e - s;
+      for (int64_t r = s; r < e; ++r) row_bins[r].push_back(i);
+    }
+    col_bins = row_bins;
+    inv_area.resize(g * g);
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t j = 0; j < g; ++j) inv_area[i * g + j] = 1.0 / static_cast<double>(len[i] * len[j]);
+  }
+  template <typename F>
+  void for_bins(int64_t p, F&& f) const {
+    if (g == 1) {
+      f(int64_t(0));
+      return;
+    }
+    const int64_t r = p / side, c = p % side;
+    for (int64_t i : row_bins[r])
+      for (int64_t j : col_bins[c]) f(i * g + j);
+  }
+};
+
+struct Shapes {
+  int64_t N, P, C, Ck, Lq, Lqp, G;
+  bool shared_q, has_keys;
+};
+
+Shapes check_inputs(const at::Tensor& x, const at::Tensor& q, const c10::optional<at::Tensor>& keys,
+                    int64_t grid, const char* op) {
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (N, P, C), got ", x.sizes());
+  TORCH_CHECK(q.dim() == 2 || q.dim() == 3, op, ": queries must be (Lq, Ck) or (N, Lq, Ck), got ",
+              q.sizes());
+  Shapes s{};
+  s.N = x.size(0);
+  s.P = x.size(1);
+  s.C = x.size(2);
+  s.has_keys = keys.has_value() && keys->defined();
+  s.shared_q = q.dim() == 2;
+  s.Lq = q.size(-2);
+  s.Ck = s.has_keys ? keys->size(2) : s.C;
+  TORCH_CHECK(s.N >= 1 && s.P >= 1 && s.C >= 1, op, ": x must have N, P, C >= 1, got ", x.sizes());
+  TORCH_CHECK(s.Lq >= 1, op, ": queries must hold Lq >= 1 queries, got ", q.sizes());
+  TORCH_CHECK(s.shared_q || q.size(0) == s.N, op, ": queries.shape[0] must equal N = ", s.N);
+  TORCH_CHECK(q.size(-1) == s.Ck, op, ": queries channel dim must equal keys' (or x's) ", s.Ck);
+  TORCH_CHECK(q.scalar_type() == x.scalar_type(), op, ": queries dtype must match x");
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu(), op, ": CPU kernel got a non-CPU tensor");
+  if (s.has_keys) {
+    TORCH_CHECK(keys->dim() == 3 && keys->size(0) == s.N && keys->size(1) == s.P && s.Ck >= 1, op,
+                ": keys must be (N, P, Ck) with N, P of x, got ", keys->sizes());
+    TORCH_CHECK(keys->scalar_type() == x.scalar_type(), op, ": keys dtype must match x");
+    TORCH_CHECK(keys->device().is_cpu(), op, ": CPU kernel got a non-CPU keys tensor");
+  }
+  TORCH_CHECK(grid >= 1, op, ": content_grid must be >= 1, got ", grid);
+  if (grid > 1) {
+    const auto side = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(s.P))));
+    TORCH_CHECK(side * side == s.P, op, ": content_grid > 1 needs a square P, got P = ", s.P);
+  }
+  s.G = grid * grid;
+  return s;
+}
+
+// scale * Q^T packed for the scores GEMM: Lqp/(2W) panels, each (Ck, 2W) contiguous;
+// queries past Lq are zero.
+template <typename T, typename S>
+void pack_qt(const S* q, int64_t q_row_stride, int64_t Lq, int64_t Lqp, int64_t Ck, T scale, T* qt) {
+  constexpr int64_t PW = kTileVecs * Vec<T>::W;
+  for (int64_t j0 = 0; j0 < Lqp; j0 += PW) {
+    T* panel = qt + j0 * Ck;
+    for (int64_t c = 0; c < Ck; ++c)
+      for (int64_t j = 0; j < PW; ++j) {
+        const int64_t i = j0 + j;
+        panel[c * PW + j] = i < Lq ? scale * static_cast<T>(q[i * q_row_stride + c]) : T(0);
+      }
+  }
+}
+
+// S (P x Lqp) = K_n (scale Q)^T for one frame.
+template <typename T, typename S>
+void frame_scores(const Shapes& s, const S* kn, int64_t k_row_stride, const T* qt, T* Sc,
+                  std::vector<T>& kbuf) {
+  constexpr int64_t PW = kTileVecs * Vec<T>::W;
+  if constexpr (std::is_same_v<T, S>) {
+    gemm<T>(s.P, s.Lqp, s.Ck, kn, k_row_stride, qt, PW, PW * s.Ck, Sc, s.Lqp, false);
+  } else {
+    for (int64_t p0 = 0; p0 < s.P; p0 += kBlockP) {
+      const int64_t pb = std::min(kBlockP, s.P - p0);
+      auto [a, lda] = rows_as<T>(kn, k_row_stride, p0, pb, s.Ck, kbuf);
+      gemm<T>(pb, s.Lqp, s.Ck, a, lda, qt, PW, PW * s.Ck, Sc + p0 * s.Lqp, s.Lqp, false);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- forward
+template <typename S>
+void forward_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor* keys, const Shapes& s,
+                  double scale_d, const Bins& bins, at::Tensor& out, at::Tensor& lse) {
+  using T = acc_t<S>;
+  const T scale = static_cast<T>(scale_d);
+  const S* xp = x.data_ptr<S>();
+  const S* qp = q.data_ptr<S>();
+  const S* kp = keys ? keys->data_ptr<S>() : xp;
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const int64_t ks0 = keys ? keys->stride(0) : xs0, ks1 = keys ? keys->stride(1) : xs1;
+  const int64_t qs0 = s.shared_q ? 0 : q.stride(0), qs1 = q.stride(-2);
+  S* op = out.data_ptr<S>();
+  T* lp = lse.data_ptr<T>();
+  const int64_t rows_out = 1 + s.G;
+
+  std::vector<T> qt_shared;
+  if (s.shared_q) {
+    qt_shared.resize(s.Ck * s.Lqp);
+    pack_qt<T>(qp, qs1, s.Lq, s.Lqp, s.Ck, scale, qt_shared.data());
+  }
+  const int64_t nchunks = std::min<int64_t>(s.N, at::get_num_threads());
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> Sc(s.P * s.Lqp), m(s.Lqp), l(s.Lqp), coef(s.Lqp), w(s.P);
+    std::vector<T> acc((1 + s.G) * s.C), row(std::is_same_v<T, S> ? 0 : s.C);
+    std::vector<T> qt_frame(s.shared_q ? 0 : s.Ck * s.Lqp);
+    std::vector<T> kbuf(std::is_same_v<T, S> ? 0 : kBlockP * s.Ck);
+    for (int64_t ci = cb; ci < ce; ++ci) {
+      for (int64_t n = ci * s.N / nchunks; n < (ci + 1) * s.N / nchunks; ++n) {
+        const T* qt = qt_shared.data();
+        if (!s.shared_q) {
+          pack_qt<T>(qp + n * qs0, qs1, s.Lq, s.Lqp, s.Ck, scale, qt_frame.data());
+          qt = qt_frame.data();
+        }
+        T* Sp = Sc.data();
+        frame_scores<T>(s, kp + n * ks0, ks1, qt, Sp, kbuf);
+        // Softmax over patches, one column per query (queries are contiguous in a row).
+        std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+        for (int64_t p = 0; p < s.P; ++p) {
+          const T* sr = Sp + p * s.Lqp;
+#pragma omp simd
+          for (int64_t i = 0; i < s.Lqp; ++i) m[i] = std::max(m[i], sr[i]);
+        }
+        std::fill(l.begin(), l.end(), T(0));
+        for (int64_t p = 0; p < s.P; ++p) {
+          T* sr = Sp + p * s.Lqp;
+          for (int64_t i = 0; i < s.Lqp; ++i) {
+            sr[i] = std::exp(sr[i] - m[i]);
+            l[i] += sr[i];
+          }
+        }
+        for (int64_t i = 0; i < s.Lqp; ++i) {
+          if (i < s.Lq) {
+            lp[n * s.Lq + i] = m[i] + std::log(l[i]);
+            coef[i] = T(1) / (static_cast<T>(s.Lq) * l[i]);
+          } else {
+            coef[i] = T(0);  // padded query columns
+          }
+        }
+        for (int64_t p = 0; p < s.P; ++p) {
+          const T* sr = Sp + p * s.Lqp;
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t i = 0; i < s.Lqp; ++i) a += sr[i] * coef[i];
+          w[p] = a;
+        }
+        // One pass over the frame's rows: context and content accumulate together.
+        T* ctx = acc.data();
+        const S* xn = xp + n * xs0;
+        bool done = false;
+        if constexpr (std::is_same_v<T, S>) {
+          if (s.G == 1) {  // hot path: register-blocked, no per-row read-modify-write
+            weighted_and_plain_sum<T>(s.P, s.C, w.data(), xn, xs1, ctx, ctx + s.C);
+            done = true;
+          }
+        }
+        if (!done) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (int64_t p = 0; p < s.P; ++p) {
+            const T* xr;
+            if constexpr (std::is_same_v<T, S>) {
+              xr = xn + p * xs1;
+            } else {
+              to_acc(xn + p * xs1, s.C, row.data());
+              xr = row.data();
+            }
+            const T wp = w[p];
+#pragma omp simd
+            for (int64_t c = 0; c < s.C; ++c) ctx[c] += wp * xr[c];
+            bins.for_bins(p, [&](int64_t b) {
+              T* cont = ctx + (1 + b) * s.C;
+#pragma omp simd
+              for (int64_t c = 0; c < s.C; ++c) cont[c] += xr[c];
+            });
+          }
+        }
+        S* on = op + n * rows_out * s.C;
+        for (int64_t c = 0; c < s.C; ++c) on[c] = static_cast<S>(ctx[c]);
+        for (int64_t b = 0; b < s.G; ++b) {
+          const T inv = static_cast<T>(bins.inv_area[b]);
+          const T* cont = ctx + (1 + b) * s.C;
+          S* o = on + (1 + b) * s.C;
+          for (int64_t c = 0; c < s.C; ++c) o[c] = static_cast<S>(cont[c] * inv);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> context_content_pool_cpu(const at::Tensor& x_in,
+                                                            const at::Tensor& q_in,
+                                                            const c10::optional<at::Tensor>& keys_in,
+                                                            double scale, int64_t content_grid) {
+  Shapes s = check_inputs(x_in, q_in, keys_in, content_grid, "context_content_pool");
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor q = unit_last_stride(q_in);
+  at::Tensor keys;
+  if (s.has_keys) keys = unit_last_stride(*keys_in);
+  const bool dbl = x.scalar_type() == at::kDouble;
+  s.Lqp = round_up(s.Lq, kTileVecs * (dbl ? Vec<double>::W : Vec<float>::W));
+  const Bins bins(s.P, content_grid);
+  at::Tensor out = at::empty({s.N, 1 + s.G, s.C}, x.options());
+  at::Tensor lse = at::empty({s.N, s.Lq}, x.options().dtype(dbl ? at::kDouble : at::kFloat));
+  LVLM_DISPATCH_FLOATS(x.scalar_type(), "context_content_pool_cpu", [&] {
+    forward_impl<scalar_t>(x, q, s.has_keys ? &keys : nullptr, s, scale, bins, out, lse);
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------- backward
+template <typename S>
+void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& q, const at::Tensor* keys,
+                   const Shapes& s, double scale_d, const Bins& bins, const at::Tensor& lse,
+                   at::Tensor& gx, at::Tensor& gq, at::Tensor* gk) {
+  using T = acc_t<S>;
+  const T scale = static_cast<T>(scale_d);
+  const S* xp = x.data_ptr<S>();
+  const S* qp = q.data_ptr<S>();
+  const S* kp = keys ? keys->data_ptr<S>() : xp;
+  const S* gop = go.data_ptr<S>();
+  const T* lp = lse.data_ptr<T>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const int64_t ks0 = keys ? keys->stride(0) : xs0, ks1 = keys ? keys->stride(1) : xs1;
+  const int64_t qs0 = s.shared_q ? 0 : q.stride(0), qs1 = q.stride(-2);
+  const int64_t gos0 = go.stride(0), gos1 = go.stride(1);
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1);
+  S* gxp = gx.data_ptr<S>();
+  S* gqp = gq.data_ptr<S>();
+  S* gkp = gk ? gk->data_ptr<S>() : nullptr;
+  const int64_t Lq = s.Lq, Lqp = s.Lqp, P = s.P, C = s.C, Ck = s.Ck;
+
+  // Queries as acc_t: scaled + transposed (scores) and plain rows (grad_K = dS Q).
+  std::vector<T> qt_shared, qf_shared;
+  if (s.shared_q) {
+    qt_shared.resize(Ck * Lqp);
+    pack_qt<T>(qp, qs1, Lq, Lqp, Ck, scale, qt_shared.data());
+    qf_shared.resize(Lq * Ck);
+    for (int64_t i = 0; i < Lq; ++i) to_acc(qp + i * qs1, Ck, qf_shared.data() + i * Ck);
+  }
+  const int64_t nchunks = std::min<int64_t>(s.N, at::get_num_threads());
+  // Shared queries: one fp32 partial grad_Q per chunk, reduced below in chunk order.
+  std::vector<T> gq_part(s.shared_q ? nchunks * Lq * Ck : 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<T> Sc(P * Lqp), dST(Lq * P), w(P), dw(P), D(Lqp), gc(C), gcont(s.G * C);
+    std::vector<T> gkb(kBlockP * Ck), gxrow(C);
+    std::vector<T> xrow(std::is_same_v<T, S> ? 0 : C);
+    std::vector<T> kbuf(std::is_same_v<T, S> ? 0 : kBlockP * Ck);
+    std::vector<T> qt_frame(s.shared_q ? 0 : Ck * Lqp), qf_frame(s.shared_q ? 0 : Lq * Ck);
+    std::vector<T> gq_frame(s.shared_q ? 0 : Lq * Ck);
+    for (int64_t ci = cb; ci < ce; ++ci) {
+      T* gq_acc = s.shared_q ? gq_part.data() + ci * Lq * Ck : gq_frame.data();
+      if (s.shared_q) std::fill(gq_acc, gq_acc + Lq * Ck, T(0));
+      for (int64_t n = ci * s.N / nchunks; n < (ci + 1) * s.N / nchunks; ++n) {
+        const T* qt = qt_shared.data();
+        const T* qf = qf_shared.data();
+        if (!s.shared_q) {
+          pack_qt<T>(qp + n * qs0, qs1, Lq, Lqp, Ck, scale, qt_frame.data());
+          for (int64_t i = 0; i < Lq; ++i) to_acc(qp + n * qs0 + i * qs1, Ck, qf_frame.data() + i * Ck);
+          qt = qt_frame.data();
+          qf = qf_frame.data();
+          std::fill(gq_acc, gq_acc + Lq * Ck, T(0));
+        }
+        const S* xn = xp + n * xs0;
+        const S* kn = kp + n * ks0;
+        T* Sp = Sc.data();
+        frame_scores<T>(s, kn, ks1, qt, Sp, kbuf);
+        // A = exp(S - lse) (padded query columns -> 0), w = mean_q A.
+        const T* ln = lp + n * ls0;
+        for (int64_t p = 0; p < P; ++p) {
+          T* sr = Sp + p * Lqp;
+          T a = 0;
+          for (int64_t i = 0; i < Lq; ++i) {
+            sr[i] = std::exp(sr[i] - ln[i * ls1]);
+            a += sr[i];
+          }
+          for (int64_t i = Lq; i < Lqp; ++i) sr[i] = T(0);
+          w[p] = a / static_cast<T>(Lq);
+        }
+        // Incoming gradients of the context row and the content rows (content pre-divided
+        // by the bin area: each patch of bin b receives gcont[b] / area[b]).
+        const S* gon = gop + n * gos0;
+        to_acc(gon, C, gc.data());
+        for (int64_t b = 0; b < s.G; ++b) {
+          const T inv = static_cast<T>(bins.inv_area[b]);
+          const S* src = gon + (1 + b) * gos1;
+          for (int64_t c = 0; c < C; ++c) gcont[b * C + c] = static_cast<T>(src[c]) * inv;
+        }
+        // dw[p] = gc . X[p]
+        for (int64_t p = 0; p < P; ++p) {
+          const T* xr;
+          if constexpr (std::is_same_v<T, S>) {
+            xr = xn + p * xs1;
+          } else {
+            to_acc(xn + p * xs1, C, xrow.data());
+            xr = xrow.data();
+          }
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t c = 0; c < C; ++c) a += xr[c] * gc[c];
+          dw[p] = a;
+        }
+        std::fill(D.begin(), D.end(), T(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const T* sr = Sp + p * Lqp;
+          const T d = dw[p];
+#pragma omp simd
+          for (int64_t i = 0; i < Lqp; ++i) D[i] += sr[i] * d;
+        }
+        // dS = scale/Lq * A * (dw - D), in place; dS^T for grad_Q.
+        const T f = scale / static_cast<T>(Lq);
+        for (int64_t p = 0; p < P; ++p) {
+          T* sr = Sp + p * Lqp;
+          for (int64_t i = 0; i < Lq; ++i) {
+            sr[i] = f * sr[i] * (dw[p] - D[i]);
+            dST[i * P + p] = sr[i];
+          }
+        }
+        S* gxn = gxp + n * P * C;
+        for (int64_t p0 = 0; p0 < P; p0 += kBlockP) {
+          const int64_t pb = std::min(kBlockP, P - p0);
+          // grad_K rows of this block: dS[p0:p0+pb, :Lq] @ Q (Lq x Ck).
+          gemm_plain<T>(pb, Ck, Lq, Sp + p0 * Lqp, Lqp, qf, Ck, gkb.data(), Ck, false);
+          // grad_Q += dS^T[:, block] @ K[block]
+          auto [kr, ldk] = rows_as<T>(kn, ks1, p0, pb, Ck, kbuf);
+          gemm_plain<T>(Lq, Ck, pb, dST.data() + p0, P, kr, ldk, gq_acc, Ck, true);
+          for (int64_t r = 0; r < pb; ++r) {
+            const int64_t p = p0 + r;
+            const T wp = w[p];
+            T* g = gxrow.data();
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) g[c] = wp * gc[c];
+            bins.for_bins(p, [&](int64_t b) {
+              const T* gb = gcont.data() + b * C;
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) g[c] += gb[c];
+            });
+            const T* gkr = gkb.data() + r * Ck;
+            if (keys == nullptr) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) g[c] += gkr[c];
+            } else {
+              S* gkout = gkp + (n * P + p) * Ck;
+              for (int64_t c = 0; c < Ck; ++c) gkout[c] = static_cast<S>(gkr[c]);
+            }
+            S* gxo = gxn + p * C;
+            for (int64_t c = 0; c < C; ++c) gxo[c] = static_cast<S>(g[c]);
+          }
+        }
+        if (!s.shared_q) {
+          S* gqo = gqp + n * Lq * Ck;
+          for (int64_t i = 0; i < Lq * Ck; ++i) gqo[i] = static_cast<S>(gq_acc[i]);
+        }
+      }
+    }
+  });
+  if (s.shared_q) {
+    for (int64_t i = 0; i < Lq * Ck; ++i) {
+      T a = 0;
+      for (int64_t ci = 0; ci < nchunks; ++ci) a += gq_part[ci * Lq * Ck + i];
+      gqp[i] = static_cast<S>(a);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> context_content_pool_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& q_in,
+    const c10::optional<at::Tensor>& keys_in, double scale, int64_t content_grid,
+    const at::Tensor& lse) {
+  Shapes s = check_inputs(x_in, q_in, keys_in, content_grid, "context_content_pool_backward");
+  const bool dbl = x_in.scalar_type() == at::kDouble;
+  TORCH_CHECK(grad_out_in.dim() == 3 && grad_out_in.size(0) == s.N && grad_out_in.size(1) == 1 + s.G &&
+                  grad_out_in.size(2) == s.C,
+              "context_content_pool_backward: grad_out must be (N, 1 + g*g, C), got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(),
+              "context_content_pool_backward: grad_out dtype must match x");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == s.N && lse.size(1) == s.Lq,
+              "context_content_pool_backward: lse must be (N, Lq), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == (dbl ? at::kDouble : at::kFloat),
+              "context_content_pool_backward: lse must be float32 (float64 for float64 x)");
+  const at::Tensor go = unit_last_stride(grad_out_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor q = unit_last_stride(q_in);
+  at::Tensor keys;
+  if (s.has_keys) keys = unit_last_stride(*keys_in);
+  s.Lqp = round_up(s.Lq, kTileVecs * (dbl ? Vec<double>::W : Vec<float>::W));
+  const Bins bins(s.P, content_grid);
+  at::Tensor gx = at::empty({s.N, s.P, s.C}, x.options());
+  at::Tensor gq = at::empty(q.sizes(), q.options());
+  at::Tensor gk = s.has_keys ? at::empty({s.N, s.P, s.Ck}, x.options()) : at::empty({0}, x.options());
+  LVLM_DISPATCH_FLOATS(x.scalar_type(), "context_content_pool_backward_cpu", [&] {
+    backward_impl<scalar_t>(go, x, q, s.has_keys ? &keys : nullptr, s, scale, bins, lse, gx, gq,
+                            s.has_keys ? &gk : nullptr);
+  });
+  return {gx, gq, gk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
+  m.impl("context_content_pool", &context_content_pool_cpu);
+  m.impl("context_content_pool_backward", &context_content_pool_backward_cpu);
+}
+
+}  // namespace lvlm_fast

@@ -1,0 +1,369 @@
+"""Triton kernels for ``summary_attention`` (Video-XL window attention, flash-style).
+
+Spec: :mod:`lvlm_fast.reference.summary_attention`; definitions in
+:mod:`lvlm_fast.ops.summary_attention`. Query i (of Lq) sees key j (of S) iff
+``j <= S - Lq + i`` (bottom-right causal); query head h reads KV head ``h // G``.
+
+Forward (``_summary_attention_fwd_kernel``): one program per (BLOCK_M queries, b, h).
+Q tile (BLOCK_M, BLOCK_D) stays in registers; the program walks key blocks of BLOCK_N up
+to the last key its last query can see (keys past it are skipped, not masked), computing
+scores with ``tl.dot`` in fp32, an online softmax in base 2 (scale folded with log2 e),
+and the fp32 output accumulator. No score matrix touches memory. With RETURN_MASS, a
+second walk over the same key blocks recomputes the scores, normalises them with the
+final lse, and atomically adds each block's column sums (over its queries) into
+``key_mass[b, j]`` (fp32 atomics: summed over query blocks and heads, order not fixed).
+
+Backward: ``delta = rowsum(dO * O)`` (fp32, torch, one small pass in the launcher), then
+``_summary_attention_bwd_kernel`` (dK/dV): one program per (BLOCK_N keys, b, kv-head),
+looping over the G query heads of that KV head and over the query blocks that can see
+its keys, accumulating dK and dV in fp32 registers (no atomics: each program owns its
+rows), and ``_summary_attention_bwd_dq_kernel`` (dQ): one program per (BLOCK_M, b, h)
+walking the visible key blocks like the forward.
+
+Masking: head dims 80/96 are padded to BLOCK_D = 128 (masked loads give 0, which leaves
+dot products unchanged); query rows >= Lq and key columns >= S are masked on load and
+store. Every query sees key 0, so no row is empty. Accumulation fp32 throughout; fp32
+inputs use tl.dot's default TF32 tensor-core dots (~1e-3 relative error on GPU, like cuBLAS
+with TF32 on; IEEE and 3xTF32 fp32 dots spill at head dim 128 - measured with ptxas).
+Program bases (batch/head) are int64; offsets inside one head's slice are int32 (the
+launcher checks each slice spans < 2^31 elements).
+Strides of every input are honoured (k/v are views of a preallocated cache); the last
+dim must be unit-stride (the launcher copies once otherwise). Output: a (B, Hq, Lq, D)
+view of a contiguous (B, Lq, Hq, D) tensor. Launchers do not assert CUDA.
+
+Default configs: :func:`fwd_config`, :func:`bwd_config`, :func:`dq_config` (by dtype and
+padded head dim; every one is in COMPILE_SPECS and compiles without spills for sm_80/90).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _summary_attention_fwd_kernel(
+    Q, K, V, O, LSE, MASS,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    Hq, G, Lq, S, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RETURN_MASS: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Lq
+    dmask = offs_d < D
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mmask[:, None] & dmask[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    shift = S - Lq
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = tl.minimum(S, shift + (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < S
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)
+        s = tl.dot(q, kt)
+        valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
+        s = tl.where(valid, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    lse2 = m_i + tl.log2(l_i)
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(LSE + (b * Hq + h) * Lq + offs_m, lse2 * 0.6931471805599453, mask=mmask)
+    if RETURN_MASS:
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            nmask = offs_n < S
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+            s = tl.dot(q, kt)
+            valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
+            valid = valid & mmask[:, None]
+            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            tl.atomic_add(MASS + b * S + offs_n, tl.sum(p, 0), mask=nmask)
+
+
+@triton.jit
+def _summary_attention_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    Hq, Hkv, G, Lq, S, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < S
+    dmask = offs_d < D
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    shift = S - Lq
+    qk_scale = scale * 1.4426950408889634
+    # first query that sees key start_n: i >= start_n - shift
+    lo = tl.maximum(start_n - shift, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        row_base = (b * Hq + h) * Lq
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < Lq
+            qd_mask = mmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :],
+                        mask=qd_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :],
+                         mask=qd_mask, other=0.0)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=mmask, other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
+            valid = valid & mmask[:, None]
+            p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # (M, N)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out_off = (b * Hkv + hk) * S * D + (offs_n[:, None] * D + offs_d[None, :])
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _summary_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+    Hq, G, Lq, S, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = (h // G).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Lq
+    dmask = offs_d < D
+    qd_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    row_base = (b * Hq + h) * Lq
+    lse2 = tl.load(LSE + row_base + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=mmask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    shift = S - Lq
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    hi = tl.minimum(S, shift + (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < S
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
+        valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
+        p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq_off = (b * Hq + h) * Lq * D + (offs_m[:, None] * D + offs_d[None, :])
+    tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------- configs
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def fwd_config(dtype: torch.dtype, block_d: int) -> dict:
+    # chosen with ptxas -v on sm_80/sm_90: the largest tiles without spills
+    if dtype == torch.float32 and block_d > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32 or block_d > 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if block_d > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+
+
+def dq_config(dtype: torch.dtype, block_d: int) -> dict:
+    if dtype == torch.float32 or block_d > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_slice_i32(**tensors: torch.Tensor) -> None:
+    # In-kernel tile offsets within one (batch, head) slice are int32.
+    for name, t in tensors.items():
+        span = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if span >= 2**31:
+            raise ValueError(f"{name}: one head's slice spans {span} elements (>= 2^31)")
+
+
+# --------------------------------------------------------------------------- launchers
+def summary_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_key_mass: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    _check_slice_i32(q=q, k=k, v=v)
+    b, hq, lq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
+    mass = (torch.zeros((b, s), dtype=torch.float32, device=q.device) if return_key_mass
+            else torch.empty((0,), dtype=torch.float32, device=q.device))
+    cfg = fwd_config(q.dtype, _block_d(d))
+    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
+    _summary_attention_fwd_kernel[grid](
+        q, k, v, out, lse, mass,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        hq, hq // hkv, lq, s, d, float(scale),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+        RETURN_MASS=bool(return_key_mass),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out, lse, mass
+
+
+def summary_attention_bwd(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    do = _unit_last(grad_out.to(q.dtype))
+    _check_slice_i32(q=q, k=k, v=v, grad_out=do)
+    b, hq, lq, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    lse = lse.float().contiguous()
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, Hq, Lq) fp32
+    dq = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, hkv, s, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, hkv, s, d), dtype=v.dtype, device=v.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    cfg = bwd_config(q.dtype, _block_d(d))
+    _summary_attention_bwd_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, *strides, hq, hkv, g, lq, s, d, float(scale),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    cfg = dq_config(q.dtype, _block_d(d))
+    _summary_attention_bwd_dq_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
+        q, k, v, do, lse, delta, dq, *strides, hq, g, lq, s, d, float(scale),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- compile specs
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _specs() -> list[dict]:
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = "*" + _TY[dtype]
+        for d in (64, 128):  # 80 and 96 pad to 128: same code as 128
+            bd = _block_d(d)
+            cfg = fwd_config(dtype, bd)
+            for mass in (False, True):
+                sig = {n: t for n in ("Q", "K", "V", "O")}
+                sig.update({"LSE": "*fp32", "MASS": "*fp32"})
+                # batch strides of a long cache can pass 2^31 (the JIT then passes i64)
+                sig.update({n: "i64" if n.endswith("b") else "i32"
+                            for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
+                                      "svb", "svh", "svn", "sob", "soh", "som")})
+                sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
+                            "scale": "fp32"})
+                cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd,
+                      "RETURN_MASS": mass}
+                sig.update({n: "constexpr" for n in cx})
+                specs.append({"name": f"fwd_{_TY[dtype]}_d{d}{'_mass' if mass else ''}",
+                              "fn": _summary_attention_fwd_kernel, "signature": sig,
+                              "constexprs": cx, "num_warps": cfg["num_warps"],
+                              "num_stages": cfg["num_stages"]})
+            strides = {n: "i64" if n.endswith("b") else "i32"
+                       for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
+                                 "svb", "svh", "svn", "sdob", "sdoh", "sdom")}
+            cfg = bwd_config(dtype, bd)
+            sig = {n: t for n in ("Q", "K", "V", "DO")}
+            sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DK": t, "DV": t})
+            sig.update(strides)
+            sig.update({"Hq": "i32", "Hkv": "i32", "G": "i32", "Lq": "i32", "S": "i32",
+                        "D": "i32", "scale": "fp32"})
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            sig.update({n: "constexpr" for n in cx})
+            specs.append({"name": f"bwd_{_TY[dtype]}_d{d}", "fn": _summary_attention_bwd_kernel,
+                          "signature": sig, "constexprs": cx, "num_warps": cfg["num_warps"],
+                          "num_stages": cfg["num_stages"]})
+            cfg = dq_config(dtype, bd)
+            sig = {n: t for n in ("Q", "K", "V", "DO")}
+            sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DQ": t})
+            sig.update(strides)
+            sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
+                        "scale": "fp32"})
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            sig.update({n: "constexpr" for n in cx})
+            specs.append({"name": f"bwd_dq_{_TY[dtype]}_d{d}",
+                          "fn": _summary_attention_bwd_dq_kernel, "signature": sig,
+                          "constexprs": cx, "num_warps": cfg["num_warps"],
+                          "num_stages": cfg["num_stages"]})
+    return specs
+
+
+COMPILE_SPECS: list[dict] = _specs()

@@ -1,0 +1,116 @@
+"""Triton kernel for ``evict_summaries`` (Video-XL KV eviction, in place).
+
+Spec: :func:`lvlm_fast.reference.videoxl.evict_summaries`; definitions and the race-freedom
+argument in :mod:`lvlm_fast.ops.evict_summaries`.
+
+``_evict_summaries_fwd_kernel``: one program per (batch, head). It walks the summaries in
+blocks of BLOCK_M rows, in increasing order. Per block it loads the source key rows as
+two half tiles (BLOCK_M, HALF_P) (rotate_half pairs i and i + D/2) and the value rows,
+rotates the keys in fp32 by ``delta_m * inv_freq`` (delta_m computed from m), then a
+``tl.debug_barrier()`` makes every thread's loads complete before any thread stores the
+block's destination rows. Destinations never pass their sources (dst <= src + first),
+so a later block never reads a row an earlier block wrote, and within a block the
+barrier orders reads before writes: race-free without staging buffers. Programs of
+different (b, h) touch disjoint memory.
+
+Masking: rows m >= count and columns i >= D/2 (HALF_P is D/2 rounded up to a power of
+two: 40 -> 64 for head dim 80) are masked. Angles and rotation in fp32; stores in the
+buffer's dtype. The (b, h) base offset is int64; row offsets inside a head's slice are
+int32 (launcher-checked). Launcher does not assert CUDA.
+Default config: BLOCK_M = 16, 4 warps, 1 stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _evict_summaries_fwd_kernel(
+    K, V, INV_FREQ,
+    skb, skh, skn, svb, svh, svn,
+    H, src, first, stride, count, dst, pos_delta,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    kb = K + b * skb + h * skh
+    vb = V + b * svb + h * svh
+    offs_i = tl.arange(0, HALF_P)
+    imask = offs_i < HALF
+    inv = tl.load(INV_FREQ + offs_i, mask=imask, other=0.0).to(tl.float32)
+    for m0 in range(0, count, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        mmask = m < count
+        srow = src + first + m * stride
+        drow = dst + m
+        delta = (drow - srow + pos_delta).to(tl.float32)
+        ang = delta[:, None] * inv[None, :]
+        c = tl.cos(ang)
+        sn = tl.sin(ang)
+        tmask = mmask[:, None] & imask[None, :]
+        ks = kb + srow[:, None] * skn + offs_i[None, :]
+        x1 = tl.load(ks, mask=tmask, other=0.0).to(tl.float32)
+        x2 = tl.load(ks + HALF, mask=tmask, other=0.0).to(tl.float32)
+        vs = vb + srow[:, None] * svn + offs_i[None, :]
+        v1 = tl.load(vs, mask=tmask, other=0.0)
+        v2 = tl.load(vs + HALF, mask=tmask, other=0.0)
+        y1 = x1 * c - x2 * sn
+        y2 = x2 * c + x1 * sn
+        tl.debug_barrier()  # every source row of this block is read before any write
+        kd = kb + drow[:, None] * skn + offs_i[None, :]
+        tl.store(kd, y1.to(K.dtype.element_ty), mask=tmask)
+        tl.store(kd + HALF, y2.to(K.dtype.element_ty), mask=tmask)
+        vd = vb + drow[:, None] * svn + offs_i[None, :]
+        tl.store(vd, v1, mask=tmask)
+        tl.store(vd + HALF, v2, mask=tmask)
+        tl.debug_barrier()
+
+
+DEFAULT_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+
+
+def evict_summaries_fwd(
+    key: torch.Tensor, value: torch.Tensor, inv_freq: torch.Tensor,
+    src: int, first: int, stride: int, count: int, dst: int, pos_delta: int,
+) -> None:  # fmt: skip
+    if count == 0:
+        return
+    b, h, cap, d = key.shape
+    for name, t in (("key", key), ("value", value)):
+        if (cap - 1) * t.stride(2) + d >= 2**31:
+            raise ValueError(f"{name}: one head's slice spans >= 2^31 elements")
+    half = d // 2
+    inv = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
+    cfg = DEFAULT_CONFIG
+    _evict_summaries_fwd_kernel[(b * h,)](
+        key, value, inv, key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        h, src, first, stride, count, dst, pos_delta,
+        HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_M=cfg["BLOCK_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+
+def _specs() -> list[dict]:
+    specs = []
+    for ty in ("bf16", "fp16", "fp32"):
+        for d in (64, 80, 96, 128):
+            sig = {"K": "*" + ty, "V": "*" + ty, "INV_FREQ": "*fp32",
+                   "skb": "i64", "skh": "i32", "skn": "i32", "svb": "i64", "svh": "i32",
+                   "svn": "i32", "H": "i32", "src": "i32", "first": "i32", "stride": "i32",
+                   "count": "i32", "dst": "i32", "pos_delta": "i32",
+                   "HALF": "constexpr", "HALF_P": "constexpr", "BLOCK_M": "constexpr"}
+            cx = {"HALF": d // 2, "HALF_P": triton.next_power_of_2(d // 2),
+                  "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"]}
+            specs.append({"name": f"evict_{ty}_d{d}", "fn": _evict_summaries_fwd_kernel,
+                          "signature": sig, "constexprs": cx,
+                          "num_warps": DEFAULT_CONFIG["num_warps"],
+                          "num_stages": DEFAULT_CONFIG["num_stages"]})
+    return specs
+
+
+COMPILE_SPECS: list[dict] = _specs()

@@ -8,7 +8,6 @@ from lvlm_fast.ops import evict_summaries as _evs
 from lvlm_fast.ops import keyframe_select as _kfs
 from lvlm_fast.ops import slowfast_pool as _sfp
 from lvlm_fast.ops import summary_attention as _sat
-from lvlm_fast.ops import summary_attention as _sat
 from lvlm_fast.ops.context_content_pool import context_content_pool
 from lvlm_fast.ops.diff_weighted_pool import diff_weighted_pool
 from lvlm_fast.ops.evict_summaries import evict_summaries
@@ -19,13 +18,11 @@ from lvlm_fast.ops.keyframe_select import (
 )
 from lvlm_fast.ops.slowfast_pool import SlowFastConfig, slowfast_pool
 from lvlm_fast.ops.summary_attention import summary_attention
-from lvlm_fast.ops.summary_attention import summary_attention
 
 _FALLBACKS = {**_dwp.CPU_FALLBACKS}
 _FALLBACKS.update(_sfp.CPU_FALLBACKS)
 _FALLBACKS.update(_ccp.CPU_FALLBACKS)
 _FALLBACKS.update(_kfs.CPU_FALLBACKS)
-_FALLBACKS.update(_sat.CPU_FALLBACKS)
 _FALLBACKS.update(_sat.CPU_FALLBACKS)
 _FALLBACKS.update(_evs.CPU_FALLBACKS)
 
@@ -36,5 +33,4 @@ __all__ = ["diff_weighted_pool"]
 __all__ += ["SlowFastConfig", "slowfast_pool"]
 __all__ += ["context_content_pool"]
 __all__ += ["keyframe_select", "reference_index_from_keyframes", "released_reference_index"]
-__all__ += ["summary_attention"]
 __all__ += ["evict_summaries", "summary_attention"]

@@ -6,11 +6,9 @@ from lvlm_fast.reference.diff_weighted_pool import cosine, diff_weighted_pool
 from lvlm_fast.reference.keyframe_select import keyframe_select
 from lvlm_fast.reference.slowfast_pool import slowfast_pool
 from lvlm_fast.reference.summary_attention import summary_attention
-from lvlm_fast.reference.summary_attention import summary_attention
 
 __all__ = ["cosine", "diff_weighted_pool"]
 __all__ += ["slowfast_pool"]
 __all__ += ["context_content_pool"]
 __all__ += ["keyframe_select"]
-__all__ += ["summary_attention"]
 __all__ += ["summary_attention"]

@@ -45,13 +45,18 @@ def _fake_fwd(x, query, ref_bank, ref_index, rel, red, tau, return_weights):
 
 @torch.library.register_fake(BWD)
 def _fake_bwd(grad_out, x, query, ref_bank, ref_index, rel, red, tau, out, lse):
+    # Real kernels return fresh contiguous gradients (whatever the inputs' strides) and
+    # grad_tau as a 0-d float32, so the fake must too (empty_like would copy strides/dtype).
+    def like(t):
+        return x.new_empty(t.shape, dtype=t.dtype)
+
     return (
-        torch.empty_like(x),
-        torch.empty_like(query),
-        torch.empty_like(ref_bank) if ref_bank is not None else x.new_empty((0,)),
-        torch.empty_like(rel) if rel is not None else x.new_empty((0,)),
-        torch.empty_like(red) if red is not None else x.new_empty((0,)),
-        torch.empty_like(tau),
+        like(x),
+        like(query),
+        like(ref_bank) if ref_bank is not None else x.new_empty((0,)),
+        like(rel) if rel is not None else x.new_empty((0,)),
+        like(red) if red is not None else x.new_empty((0,)),
+        x.new_empty((), dtype=torch.float32),
     )
 
 
@@ -111,7 +116,9 @@ def reference_fwd(x, query, ref_bank, ref_index, rel, red, tau, return_weights):
     score = cosine(q.unsqueeze(1), x if rel is None else rel)
     if ref_bank is not None:
         bank = ref_bank[ref_index.clamp_min(0).long()]
-        score = score - cosine(bank, x if red is None else red) * (ref_index >= 0).unsqueeze(1)
+        red_cos = cosine(bank, x if red is None else red)
+        # where, not a 0/1 product: a NaN bank row must not reach frames with ref = -1.
+        score = score - torch.where((ref_index >= 0).unsqueeze(1), red_cos, 0.0)
     score = score / tau.to(acc)
     lse = torch.logsumexp(score, dim=1)
     w = torch.exp(score - lse.unsqueeze(1))
@@ -145,6 +152,12 @@ CPU_FALLBACKS = {"diff_weighted_pool": reference_fwd, "diff_weighted_pool_backwa
 
 
 # --------------------------------------------------------------------------- public API
+def _values_checkable(t: torch.Tensor) -> bool:
+    # is_compiling() first: under torch.compile, v.value_checks_allowed would reach
+    # fake_tensor.is_fake, which dynamo refuses to trace (a graph break under fullgraph).
+    return not torch.compiler.is_compiling() and v.value_checks_allowed(t)
+
+
 def _validate(x, query, ref_bank, ref_index, rel, red, tau):
     v.check_tensor("x", x, 3)
     n, p, d = x.shape
@@ -181,14 +194,14 @@ def _validate(x, query, ref_bank, ref_index, rel, red, tau):
     v.check_same("dtype", "x", x, query=query, ref_bank=ref_bank, rel=rel, red=red)
     if tau.dim() != 0 or not tau.is_floating_point():
         raise ValueError(f"tau must be a positive float or a 0-d float tensor, got {tau!r}")
-    if ref_index is not None and v.value_checks_allowed(ref_index):
+    if ref_index is not None and _values_checkable(ref_index):
         k = ref_bank.shape[0]
-        bad = (ref_index < -1) | (ref_index >= k)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
+        lo, hi = torch.aminmax(ref_index)  # one cheap reduction; locate the culprit only on error
+        if int(lo) < -1 or int(hi) >= k:
+            first = int(((ref_index < -1) | (ref_index >= k)).nonzero()[0, 0])
             raise ValueError(f"ref_index values must be in [-1, {k}) (K = ref_bank.shape[0]); "
                              f"ref_index[{first}] = {int(ref_index[first])}")
-    if v.value_checks_allowed(tau) and not bool(tau > 0):
+    if _values_checkable(tau) and not bool(tau > 0):
         raise ValueError(f"tau must be > 0, got {float(tau)}")
 
 

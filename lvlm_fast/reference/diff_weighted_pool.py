@@ -48,7 +48,8 @@ def diff_weighted_pool(
     if ref_bank is not None:
         has_ref = ref_index >= 0
         bank_rows = ref_bank[ref_index.clamp_min(0).long()]  # (N, P, Db)
-        redundancy = cosine(bank_rows, red) * has_ref.unsqueeze(1)
+        # where, not a 0/1 product: a NaN bank row must not reach frames with ref = -1
+        redundancy = torch.where(has_ref.unsqueeze(1), cosine(bank_rows, red), 0.0)
         score = score - redundancy
     score = score / tau
     weights = torch.softmax(score, dim=1)

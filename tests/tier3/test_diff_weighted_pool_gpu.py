@@ -1,0 +1,95 @@
+"""Tier 3: ``diff_weighted_pool`` on CUDA (Triton kernels through the registered op), bf16
+numerics against the float64 reference on the same rounded values. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GRAD_NAMES = ("x", "query", "ref_bank", "rel", "red")
+
+CONFIGS = {
+    "siglip_shared_query": dict(n=8, p=729, d=1152, k=2, refs=[-1, 0, 0, 0, 1, 1, 1, 1]),
+    "one_frame": dict(n=1, p=196, d=80, k=1, refs=[0]),
+    "query_per_frame": dict(n=5, p=49, d=96, k=3, query="frame", refs=[2, -1, 0, 2, 1]),
+    "rel_red": dict(n=4, p=27, d=64, k=2, rel=True, red=True, refs=[0, 1, -1, 1]),
+    "no_bank": dict(n=3, p=100, d=130, bank=False),
+}
+
+
+def _inputs(n, p, d, *, k=1, rel=False, red=False, bank=True, query="shared", refs=None):
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    da, db = (d + 16 if rel else d), (d - 16 if red else d)
+    return {
+        "x": rnd(n, p, d),
+        "query": rnd(da) if query == "shared" else rnd(n, da),
+        "ref_bank": rnd(k, p, db) if bank else None,
+        "ref_index": torch.tensor(refs) if bank else None,
+        "rel": rnd(n, p, da) if rel else None,
+        "red": rnd(n, p, db) if red else None,
+    }
+
+
+def _run(fn, inp, device, dtype, tau, gout):
+    leaves = {
+        k: (v.to(device=device, dtype=dtype if k != "ref_index" else v.dtype))
+        for k, v in inp.items()
+        if v is not None
+    }
+    for k in GRAD_NAMES:
+        if k in leaves:
+            leaves[k].requires_grad_(True)
+    tau_t = torch.tensor(
+        tau, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype
+    )
+    tau_t.requires_grad_(True)
+    out = fn(**leaves, tau=tau_t)
+    names = [k for k in GRAD_NAMES if k in leaves]
+    grads = torch.autograd.grad(
+        out, [leaves[k] for k in names] + [tau_t], gout.to(device=device, dtype=out.dtype)
+    )
+    return out, dict(zip([*names, "tau"], grads, strict=True))
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_bf16_matches_reference(cfg):
+    from lvlm_fast.ops import diff_weighted_pool
+    from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as reference
+
+    inp = _inputs(**CONFIGS[cfg])
+    tau = 0.5
+    n, d = inp["x"].shape[0], inp["x"].shape[2]
+    gout = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    out, grads = _run(diff_weighted_pool, inp, "cuda", torch.bfloat16, tau, gout)
+    torch.cuda.synchronize()
+    exp, exp_grads = _run(reference, inp, "cpu", torch.float64, tau, gout.double())
+    assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
+    torch.testing.assert_close(out.double().cpu(), exp, atol=2e-2, rtol=2e-2)
+    floor = max(g.abs().max().item() for g in exp_grads.values())
+    for name, got in grads.items():
+        want = exp_grads[name]
+        assert got.shape == want.shape, name
+        scale = max(want.abs().max().item(), floor)
+        torch.testing.assert_close(got.double().cpu(), want, atol=4e-2 * scale, rtol=4e-2, msg=name)
+
+
+def test_bf16_weights_and_uniform_case():
+    from lvlm_fast.ops import diff_weighted_pool
+
+    x = torch.randn(3, 49, 64, device="cuda", dtype=torch.bfloat16)
+    out, w = diff_weighted_pool(
+        x, torch.zeros(64, device="cuda", dtype=torch.bfloat16), tau=0.01, return_weights=True
+    )
+    torch.testing.assert_close(
+        w.float(), torch.full((3, 49), 1 / 49, device="cuda"), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(out.float(), x.float().mean(1), atol=2e-2, rtol=2e-2)

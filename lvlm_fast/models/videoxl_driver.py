@@ -53,7 +53,7 @@ def interleave(raw: torch.Tensor, summary: torch.Tensor, ratio: int, carry: int)
     return out
 
 
-class _AttnImpl:
+class AttnImpl:
     """Context manager: switch the model's attention function, restore it afterwards."""
 
     def __init__(self, model: torch.nn.Module, name: str) -> None:
@@ -65,6 +65,24 @@ class _AttnImpl:
 
     def __exit__(self, *exc: object) -> None:
         self.model.set_attn_implementation(self.old)
+
+
+@torch.no_grad()
+def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLayout,
+               raw: torch.Tensor, vst: torch.Tensor, ratio: int) -> int:
+    """One window: interleave summaries, forward (attention implementation must already be
+    ``"lvlm_summary"``), evict. Returns the number of summaries kept."""
+    n = raw.shape[1]
+    k, first, stride, _ = window_layout(n, ratio, cache.carry)
+    x = interleave(raw, vst, ratio, cache.carry)
+    w0 = cache.get_seq_length()
+    cache.check_room(x.shape[1])
+    layout.set(first, stride, k)
+    try:
+        model.model(inputs_embeds=x, past_key_values=cache, use_cache=True)
+    finally:
+        layout.clear()
+    return cache.evict_window(w0, n, ratio)
 
 
 @torch.no_grad()
@@ -123,21 +141,11 @@ def run_videoxl(
         cache.check_room(x.shape[1])
         return inner(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
 
-    with _AttnImpl(model, ATTN_NAME):
+    with AttnImpl(model, ATTN_NAME):
         step(embed(prefix_ids))
         cache.mark_sink()
         for wi, start in enumerate(range(0, n_vis, window)):
-            raw = visual[:, start : start + window]
-            n = raw.shape[1]
-            k, first, stride, _ = window_layout(n, ratio, cache.carry)
-            x = interleave(raw, vst, ratio, cache.carry)
-            w0 = cache.get_seq_length()
-            layout.set(first, stride, k)
-            try:
-                step(x)
-            finally:
-                layout.clear()
-            cache.evict_window(w0, n, ratio)
+            run_window(model, cache, layout, visual[:, start : start + window], vst, ratio)
             if on_window is not None:
                 on_window(wi)
         h = step(embed(question_ids))[:, -1:]

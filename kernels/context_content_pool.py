@@ -1,0 +1,565 @@
+"""Triton kernels for ``context_content_pool`` (LLaMA-VID context + content tokens).
+
+Spec: :mod:`lvlm_fast.reference.context_content_pool`; definitions in
+:mod:`lvlm_fast.ops.context_content_pool`. Never materialised: (N, Lq, P) or (N, Lq, C).
+
+Forward, two kernels:
+  * ``_context_content_pool_fwd_kernel``, one program per frame (per chunk of <= 64
+    queries): flash-style over P blocks. Scores S = Q K^T (BLOCK_Q x BLOCK_P) are built by a
+    loop over BLOCK_C channel blocks with ``tl.dot`` (BLOCK_Q >= 16 by padding the query
+    block; padded queries load 0 and are excluded). Pass 1 keeps an online max / sum per
+    query -> lse (N, Lq) fp32. Pass 2 recomputes each score block, A = exp(S - lse), and
+    reduces it over the queries to one weight per patch, w[n, p] = mean_q A (an (N, P) fp32
+    vector, 1/C of X). When the frame's whole score block fits in registers
+    (BLOCK_Q x next_pow2(P) <= 8192, e.g. LLaMA-VID's 32 x 256) the two passes collapse
+    into one (SINGLE_BLOCK: scores computed once, X read twice in all instead of three
+    times). With Lq > 64 the launcher runs one launch per 64-query chunk and the later
+    ones add to w.
+  * ``_context_content_pool_pool_kernel``, one program per (frame, BLOCK_C channels): one
+    pass over the frame's patches, context = sum_p w[p] X[p] and the content token(s):
+    the mean (g = 1) or, for g > 1, a (G_PAD x BLOCK_P) bin-membership matrix (1/area
+    entries, adaptive_avg_pool2d bins, built from indices) times the X tile (``tl.dot``,
+    ieee fp32), so every patch element is loaded once.
+Backward (recompute, saved: lse only):
+  * ``_context_content_pool_bwd_prep_kernel``, per frame (per query chunk): recomputes S,
+    dw[p] = gc . X[p] (gc = the context token's gradient; computed from the same X tile
+    as the scores when keys is X) and D[q] = sum_p A[q, p] dw[p]; stores dw (N, P) and
+    D (N, Lq) fp32.
+  * ``_context_content_pool_bwd_kernel``, per (frame, BLOCK_P patches): recomputes the
+    score block, dS = scale/Lq * A * (dw - D), w = mean_q A; per channel block
+    grad_K = dS^T Q (stored; added into grad_x when keys is X), grad_Q += dS K
+    (fp32 ``atomic_add``: the P blocks of a frame, and every frame for shared queries, add
+    into it), grad_X = w gc + content gradient (+ grad_K). Later query chunks add into
+    grad_x / grad_keys (fp32 buffers then).
+
+Masking: padded queries (q >= Lq), patches (p >= P) and channels load 0, get weight 0 and
+are never stored. Accumulation fp32; ``tl.dot`` on fp16/bf16 tiles uses the tensor cores
+with fp32 accumulation (dS is rounded to the input dtype for the two gradient products,
+as in flash attention); on fp32 tiles it is forced to ieee fp32 (no tf32), matching the CPU
+kernel. Frame offsets are int64 (frame stride x N can pass 2^31). All strides are passed:
+strided frames / patches / query rows need no copy; a strided channel dim is copied once by
+the launcher (as on CPU) so the compiled specialisation is the unit-stride one. fp64
+inputs on CUDA run the reference (documented). Launchers take the op's arguments, return its
+tuple and do not assert CUDA (tier 1 runs them on CPU tensors with TRITON_INTERPRET=1).
+
+Default configs (``fwd_config`` / ``bwd_config``): BLOCK_Q = clamp(next_pow2(Lq), 16, 64),
+BLOCK_P = 64, BLOCK_C = 64 (32 for fp32 tiles), 4 warps (8 for the backward kernel),
+2 stages for the score loops. Roofline note: per frame the scores cost 2*Lq*P*C flops
+(LLaMA-VID: 23 MFLOP) against P*C input elements (0.7 MB in bf16), ~32 flop/byte: on an
+A100 the tensor-core scores take ~1/10 of the time to read X, so the op is memory-bound
+there and the two score passes are free; fp32 (ieee) is FMA-bound instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------- helpers
+@triton.jit
+def _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+            stride_kp, stride_kc, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+            BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+    """Q K^T for one (query block, patch block), fp32 (unscaled)."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, CK, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < CK
+        qt = tl.load(q_base + offs_q[:, None] * stride_qq + offs_c[None, :] * stride_qc,
+                     mask=qmask[:, None] & cmask[None, :], other=0.0)
+        kt = tl.load(k_base + offs_p[:, None] * stride_kp + offs_c[None, :] * stride_kc,
+                     mask=pmask[:, None] & cmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(qt, tl.trans(kt), acc)
+    return acc
+
+
+@triton.jit
+def _bin_matrix(offs_p, pmask, side, GRID: tl.constexpr, G_PAD: tl.constexpr):
+    """(G_PAD, BLOCK_P) fp32: 1/area where patch p lies in content bin b (adaptive bins of
+    the side x side grid, row-major bins), else 0."""
+    b = tl.arange(0, G_PAD)
+    bi = b // GRID
+    bj = b % GRID
+    rs = (bi * side) // GRID
+    re = ((bi + 1) * side + GRID - 1) // GRID
+    cs = (bj * side) // GRID
+    ce = ((bj + 1) * side + GRID - 1) // GRID
+    r = offs_p // side
+    c = offs_p % side
+    member = ((r[None, :] >= rs[:, None]) & (r[None, :] < re[:, None])
+              & (c[None, :] >= cs[:, None]) & (c[None, :] < ce[:, None])
+              & (b < GRID * GRID)[:, None] & pmask[None, :])
+    area = tl.maximum((re - rs) * (ce - cs), 1).to(tl.float32)
+    return tl.where(member, 1.0 / area[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _context_content_pool_fwd_kernel(
+    q_ptr, k_ptr, w_ptr, lse_ptr,
+    P, CK, LQ, q_start, scale, inv_lq,
+    stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACCUM_W: tl.constexpr, IEEE: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    offs_q = q_start + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < LQ
+    q_base = q_ptr + n * stride_qn
+    k_base = k_ptr + n * stride_kn
+    if SINGLE_BLOCK:  # BLOCK_P >= P: the scores are computed once and stay in registers
+        offs_p = tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+                    stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        e = tl.exp(s - m[:, None])
+        l_s = tl.sum(e, axis=1)
+        lse = m + tl.log(l_s)
+        a = tl.where(qmask[:, None], e / l_s[:, None], 0.0)
+        wb = tl.sum(a, axis=0) * inv_lq
+        w_ptrs = w_ptr + n * P + offs_p
+        if ACCUM_W:
+            wb += tl.load(w_ptrs, mask=pmask, other=0.0)
+        tl.store(w_ptrs, wb, mask=pmask)
+        tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
+        return
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+                    stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+                    stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
+        a = tl.exp(s - lse[:, None])
+        a = tl.where(qmask[:, None] & pmask[None, :], a, 0.0)
+        wb = tl.sum(a, axis=0) * inv_lq
+        w_ptrs = w_ptr + n * P + offs_p
+        if ACCUM_W:
+            wb += tl.load(w_ptrs, mask=pmask, other=0.0)
+        tl.store(w_ptrs, wb, mask=pmask)
+    tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
+
+
+@triton.jit
+def _context_content_pool_pool_kernel(
+    x_ptr, w_ptr, out_ptr,
+    P, C, side, inv_p,
+    stride_xn, stride_xp, stride_xc, stride_on, stride_or,
+    GRID: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    x_base = x_ptr + n * stride_xn
+    ctx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    cont = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    cont2 = tl.zeros((G_PAD, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        xt = tl.load(x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
+                     mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        wb = tl.load(w_ptr + n * P + offs_p, mask=pmask, other=0.0)
+        ctx += tl.sum(wb[:, None] * xt, axis=0)
+        if GRID == 1:
+            cont += tl.sum(xt, axis=0)
+        else:
+            mb = _bin_matrix(offs_p, pmask, side, GRID, G_PAD)
+            cont2 = tl.dot(mb, xt, cont2, input_precision="ieee")
+    o_base = out_ptr + n * stride_on
+    ty = out_ptr.dtype.element_ty
+    tl.store(o_base + offs_c, ctx.to(ty), mask=cmask)
+    if GRID == 1:
+        tl.store(o_base + stride_or + offs_c, (cont * inv_p).to(ty), mask=cmask)
+    else:
+        b = tl.arange(0, G_PAD)
+        tl.store(o_base + (1 + b)[:, None] * stride_or + offs_c[None, :], cont2.to(ty),
+                 mask=(b < GRID * GRID)[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _context_content_pool_bwd_prep_kernel(
+    q_ptr, k_ptr, x_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr,
+    P, CK, C, LQ, q_start, scale,
+    stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
+    stride_xn, stride_xp, stride_xc, stride_gon, stride_goc,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KEYS_IS_X: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    offs_q = q_start + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < LQ
+    q_base = q_ptr + n * stride_qn
+    k_base = k_ptr + n * stride_kn
+    x_base = x_ptr + n * stride_xn
+    go_base = go_ptr + n * stride_gon
+    lse = tl.load(lse_ptr + n * LQ + offs_q, mask=qmask, other=0.0)
+    d_acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        s = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+        dw = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for c0 in range(0, CK, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            cmask = offs_c < CK
+            qt = tl.load(q_base + offs_q[:, None] * stride_qq + offs_c[None, :] * stride_qc,
+                         mask=qmask[:, None] & cmask[None, :], other=0.0)
+            kt = tl.load(k_base + offs_p[:, None] * stride_kp + offs_c[None, :] * stride_kc,
+                         mask=pmask[:, None] & cmask[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(qt, tl.trans(kt), s, input_precision="ieee")
+            else:
+                s = tl.dot(qt, tl.trans(kt), s)
+            if KEYS_IS_X:  # the key tile is the X tile: dw from the same load
+                gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
+                dw += tl.sum(kt.to(tl.float32) * gc[None, :], axis=1)
+        if not KEYS_IS_X:
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                cmask = offs_c < C
+                xt = tl.load(x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
+                             mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
+                dw += tl.sum(xt * gc[None, :], axis=1)
+        a = tl.exp(s * scale - lse[:, None])
+        a = tl.where(qmask[:, None] & pmask[None, :], a, 0.0)
+        d_acc += tl.sum(a * dw[None, :], axis=1)
+        tl.store(dw_ptr + n * P + offs_p, dw, mask=pmask)
+    tl.store(d_ptr + n * LQ + offs_q, d_acc, mask=qmask)
+
+
+@triton.jit
+def _context_content_pool_bwd_kernel(
+    q_ptr, k_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr, gx_ptr, gq_ptr, gk_ptr,
+    P, CK, C, LQ, q_start, scale, inv_lq, side, inv_p,
+    stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
+    stride_gon, stride_gor, stride_goc, stride_gqn,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    GRID: tl.constexpr, G_PAD: tl.constexpr, KEYS_IS_X: tl.constexpr, FIRST: tl.constexpr,
+    IEEE: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    offs_q = q_start + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < LQ
+    q_base = q_ptr + n * stride_qn
+    k_base = k_ptr + n * stride_kn
+    go_base = go_ptr + n * stride_gon
+    s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+                stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE)
+    lse = tl.load(lse_ptr + n * LQ + offs_q, mask=qmask, other=0.0)
+    dq = tl.load(d_ptr + n * LQ + offs_q, mask=qmask, other=0.0)
+    dw = tl.load(dw_ptr + n * P + offs_p, mask=pmask, other=0.0)
+    a = tl.exp(s * scale - lse[:, None])
+    a = tl.where(qmask[:, None] & pmask[None, :], a, 0.0)
+    wb = tl.sum(a, axis=0) * inv_lq
+    ds = a * (dw[None, :] - dq[:, None]) * (scale * inv_lq)
+    gx_rows = gx_ptr + (n * P + offs_p)[:, None] * C
+    gk_rows = gk_ptr + (n * P + offs_p)[:, None] * CK
+    gq_rows = gq_ptr + n * stride_gqn + offs_q[:, None] * CK
+    if GRID > 1:
+        mb_t = tl.trans(_bin_matrix(offs_p, pmask, side, GRID, G_PAD))  # (BLOCK_P, G_PAD)
+    for c0 in range(0, CK, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        cmask = offs_c < CK
+        qt = tl.load(q_base + offs_q[:, None] * stride_qq + offs_c[None, :] * stride_qc,
+                     mask=qmask[:, None] & cmask[None, :], other=0.0)
+        kt = tl.load(k_base + offs_p[:, None] * stride_kp + offs_c[None, :] * stride_kc,
+                     mask=pmask[:, None] & cmask[None, :], other=0.0)
+        if IEEE:
+            gk = tl.dot(tl.trans(ds), qt, input_precision="ieee")
+            gq = tl.dot(ds, kt, input_precision="ieee")
+        else:
+            ds_lp = ds.to(qt.dtype)
+            gk = tl.dot(tl.trans(ds_lp), qt)
+            gq = tl.dot(ds_lp, kt)
+        tl.atomic_add(gq_rows + offs_c[None, :], gq, mask=qmask[:, None] & cmask[None, :])
+        tile_mask = pmask[:, None] & cmask[None, :]
+        if KEYS_IS_X:
+            gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
+            g = gk + wb[:, None] * gc[None, :]
+            if FIRST:
+                if GRID == 1:
+                    gcont = tl.load(go_base + stride_gor + offs_c * stride_goc, mask=cmask,
+                                    other=0.0).to(tl.float32)
+                    g += gcont[None, :] * inv_p
+                else:
+                    b = tl.arange(0, G_PAD)
+                    gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor
+                                    + offs_c[None, :] * stride_goc,
+                                    mask=(b < GRID * GRID)[:, None] & cmask[None, :],
+                                    other=0.0).to(tl.float32)
+                    g += tl.dot(mb_t, gcont, input_precision="ieee")
+            else:
+                g += tl.load(gx_rows + offs_c[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(gx_rows + offs_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
+        else:
+            if not FIRST:
+                gk += tl.load(gk_rows + offs_c[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(gk_rows + offs_c[None, :], gk.to(gk_ptr.dtype.element_ty), mask=tile_mask)
+    if not KEYS_IS_X:
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            cmask = offs_c < C
+            tile_mask = pmask[:, None] & cmask[None, :]
+            gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
+            g = wb[:, None] * gc[None, :]
+            if FIRST:
+                if GRID == 1:
+                    gcont = tl.load(go_base + stride_gor + offs_c * stride_goc, mask=cmask,
+                                    other=0.0).to(tl.float32)
+                    g += gcont[None, :] * inv_p
+                else:
+                    b = tl.arange(0, G_PAD)
+                    gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor
+                                    + offs_c[None, :] * stride_goc,
+                                    mask=(b < GRID * GRID)[:, None] & cmask[None, :],
+                                    other=0.0).to(tl.float32)
+                    g += tl.dot(mb_t, gcont, input_precision="ieee")
+            else:
+                g += tl.load(gx_rows + offs_c[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(gx_rows + offs_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# --------------------------------------------------------------------------- configs
+def _block_q(lq: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(lq)))
+
+
+def _g_pad(grid: int) -> int:
+    return max(16, triton.next_power_of_2(grid * grid))
+
+
+def fwd_config(lq: int, dtype: torch.dtype, p: int | None = None) -> dict:
+    """Score kernel (fwd, bwd prep): BLOCK_Q, BLOCK_P, BLOCK_C, warps, stages. With ``p``
+    (forward only): when the whole frame's score block fits (BLOCK_Q * next_pow2(P) <=
+    8192, e.g. 32 x 256), one P block (SINGLE_BLOCK): scores computed once, X read twice
+    in total (scores, weighted sum) instead of three times."""
+    bq = _block_q(lq)
+    bc = 32 if dtype == torch.float32 else 64
+    if p is not None and bq * triton.next_power_of_2(p) <= 8192:
+        bp = max(16, triton.next_power_of_2(p))
+        return dict(BLOCK_Q=bq, BLOCK_P=bp, BLOCK_C=bc if bp <= 128 else 32,
+                    num_warps=4 if bp <= 64 else 8, num_stages=2, SINGLE_BLOCK=True)
+    return dict(BLOCK_Q=bq, BLOCK_P=64, BLOCK_C=bc, num_warps=4, num_stages=2,
+                SINGLE_BLOCK=False)
+
+
+def pool_config(grid: int) -> dict:
+    return dict(BLOCK_P=64, BLOCK_C=64 if grid == 1 else 32, num_warps=4, num_stages=1)
+
+
+def bwd_config(lq: int, dtype: torch.dtype) -> dict:
+    bc = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_Q=_block_q(lq), BLOCK_P=64, BLOCK_C=bc, num_warps=8, num_stages=1)
+
+
+def _side(p: int, grid: int) -> int:
+    if grid == 1:
+        return 1
+    side = math.isqrt(p)
+    if side * side != p:
+        raise ValueError(f"content_grid > 1 needs a square P, got P = {p}")
+    return side
+
+
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The one documented copy: a strided channel dim is made unit-stride."""
+    return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _q_strides(queries: torch.Tensor) -> tuple[int, int, int]:
+    if queries.dim() == 2:
+        return 0, queries.stride(0), queries.stride(1)
+    return queries.stride(0), queries.stride(1), queries.stride(2)
+
+
+# --------------------------------------------------------------------------- launchers
+def context_content_pool_fwd(x, queries, keys, scale, content_grid):
+    """Launcher with the registered op's arguments; returns (out, lse)."""
+    if x.dtype == torch.float64:  # no fp64 tensor-core path: the reference (documented)
+        from lvlm_fast.ops.context_content_pool import reference_fwd
+
+        return reference_fwd(x, queries, keys, scale, content_grid)
+    x, queries, keys = _unit_last(x), _unit_last(queries), _unit_last(keys)
+    n, p, c = x.shape
+    k = x if keys is None else keys
+    ck = k.shape[2]
+    lq = queries.shape[-2]
+    g = int(content_grid)
+    side = _side(p, g)
+    out = torch.empty((n, 1 + g * g, c), device=x.device, dtype=x.dtype)
+    lse = torch.empty((n, lq), device=x.device, dtype=torch.float32)
+    if n == 0:
+        return out, lse
+    w = torch.empty((n, p), device=x.device, dtype=torch.float32)
+    cfg = fwd_config(lq, x.dtype, p)
+    sqn, sqq, sqc = _q_strides(queries)
+    for q0 in range(0, lq, cfg["BLOCK_Q"]):  # one launch per 64-query chunk (usually one)
+        _context_content_pool_fwd_kernel[(n,)](
+            queries, k, w, lse, p, ck, lq, q0, float(scale), 1.0 / lq,
+            sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
+            BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
+            ACCUM_W=q0 > 0, IEEE=x.dtype == torch.float32, SINGLE_BLOCK=cfg["SINGLE_BLOCK"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    pc = pool_config(g)
+    _context_content_pool_pool_kernel[(n, triton.cdiv(c, pc["BLOCK_C"]))](
+        x, w, out, p, c, side, 1.0 / p,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+        GRID=g, G_PAD=_g_pad(g), BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"],
+        num_warps=pc["num_warps"], num_stages=pc["num_stages"])
+    return out, lse
+
+
+def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, lse):
+    """Launcher with the backward op's arguments; returns (grad_x, grad_queries, grad_keys)."""
+    if x.dtype == torch.float64:
+        from lvlm_fast.ops.context_content_pool import reference_bwd
+
+        return reference_bwd(grad_out, x, queries, keys, scale, content_grid, lse)
+    x, queries, keys = _unit_last(x), _unit_last(queries), _unit_last(keys)
+    grad_out = _unit_last(grad_out)
+    n, p, c = x.shape
+    k = x if keys is None else keys
+    ck = k.shape[2]
+    lq = queries.shape[-2]
+    g = int(content_grid)
+    side = _side(p, g)
+    lse = lse.float().contiguous()
+    cfg = fwd_config(lq, x.dtype)
+    bcfg = bwd_config(lq, x.dtype)
+    chunks = list(range(0, lq, cfg["BLOCK_Q"]))
+    # One query chunk (Lq <= 64): gradients are written once, in the input dtype. More
+    # chunks add into fp32 buffers, cast at the end.
+    acc_dtype = x.dtype if len(chunks) == 1 else torch.float32
+    gx = torch.empty((n, p, c), device=x.device, dtype=acc_dtype)
+    gk = (torch.empty((n, p, ck), device=x.device, dtype=acc_dtype) if keys is not None
+          else torch.empty((0,), device=x.device, dtype=acc_dtype))
+    gq = torch.zeros(queries.shape, device=x.device, dtype=torch.float32)  # atomics
+    if n == 0:
+        return gx.to(x.dtype), gq.to(queries.dtype), gk.to(x.dtype)
+    dw = torch.empty((n, p), device=x.device, dtype=torch.float32)
+    dd = torch.empty((n, lq), device=x.device, dtype=torch.float32)
+    sqn, sqq, sqc = _q_strides(queries)
+    sgqn = 0 if queries.dim() == 2 else lq * ck
+    ieee = x.dtype == torch.float32
+    for q0 in chunks:
+        _context_content_pool_bwd_prep_kernel[(n,)](
+            queries, k, x, grad_out, lse, dw, dd, p, ck, c, lq, q0, float(scale),
+            sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
+            x.stride(0), x.stride(1), x.stride(2), grad_out.stride(0), grad_out.stride(2),
+            BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
+            KEYS_IS_X=keys is None, IEEE=ieee,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _context_content_pool_bwd_kernel[(n, triton.cdiv(p, bcfg["BLOCK_P"]))](
+            queries, k, grad_out, lse, dw, dd, gx, gq, gk,
+            p, ck, c, lq, q0, float(scale), 1.0 / lq, side, 1.0 / p,
+            sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), sgqn,
+            BLOCK_Q=bcfg["BLOCK_Q"], BLOCK_P=bcfg["BLOCK_P"], BLOCK_C=bcfg["BLOCK_C"],
+            GRID=g, G_PAD=_g_pad(g), KEYS_IS_X=keys is None, FIRST=q0 == 0, IEEE=ieee,
+            num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"])
+    return gx.to(x.dtype), gq.to(queries.dtype), gk.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- tier-2 specs
+_UNIT = ("stride_qc", "stride_kc", "stride_xc", "stride_goc")
+
+
+def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] = ()) -> dict:
+    """A COMPILE_SPECS entry as the JIT specialises a LLaMA-VID launch (P = 256, C = Ck =
+    1408, Lq = 32, contiguous inputs): channel strides (and side = 1 for g = 1) are 1
+    (constexpr), every other integer argument and every pointer is 16-divisible."""
+    sig = dict(sig)
+    ce = dict(ce)
+    for k in (*_UNIT, *ones):
+        if k in sig:
+            sig[k] = "constexpr"
+            ce[k] = 1
+    sig.update({k: "constexpr" for k in ce})
+    div16 = [k for k, v in sig.items() if v.startswith("*") or v == "i32"]
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": ce,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "divisible_by_16": div16}
+
+
+def _specs() -> list[dict]:
+    specs: list[dict] = []
+    ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    lq = 32  # LLaMA-VID: 32 queries, P = 256, C = 1408 (EVA-ViT-G)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        ptr = "*" + ty[dt]
+        ieee = dt == torch.float32
+        cfg = fwd_config(lq, dt)
+        for p_frame, tag in ((256, "P256"), (729, "P729")):  # single block; P blocks
+            fc = fwd_config(lq, dt, p_frame)
+            ce = dict(BLOCK_Q=fc["BLOCK_Q"], BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"],
+                      ACCUM_W=False, IEEE=ieee, SINGLE_BLOCK=fc["SINGLE_BLOCK"])
+            sig = dict(q_ptr=ptr, k_ptr=ptr, w_ptr="*fp32", lse_ptr="*fp32", P="i32",
+                       CK="i32", LQ="i32", q_start="i32", scale="fp32", inv_lq="fp32",
+                       stride_qn="i32", stride_qq="i32", stride_qc="i32", stride_kn="i32",
+                       stride_kp="i32", stride_kc="i32")
+            specs.append(_spec(f"ccp_fwd_{ty[dt]}_{tag}", _context_content_pool_fwd_kernel,
+                               sig, ce, fc))
+        for grid in (1, 2):
+            pc = pool_config(grid)
+            ce = dict(GRID=grid, G_PAD=_g_pad(grid), BLOCK_P=pc["BLOCK_P"],
+                      BLOCK_C=pc["BLOCK_C"])
+            sig = dict(x_ptr=ptr, w_ptr="*fp32", out_ptr=ptr, P="i32", C="i32", side="i32",
+                       inv_p="fp32", stride_xn="i32", stride_xp="i32", stride_xc="i32",
+                       stride_on="i32", stride_or="i32")
+            specs.append(_spec(f"ccp_pool_{ty[dt]}_g{grid}", _context_content_pool_pool_kernel,
+                               sig, ce, pc, ("side",) if grid == 1 else ()))
+        for keys_is_x in (True, False):
+            tag = "x" if keys_is_x else "k"
+            ce = dict(BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
+                      KEYS_IS_X=keys_is_x, IEEE=ieee)
+            sig = dict(q_ptr=ptr, k_ptr=ptr, x_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32",
+                       dw_ptr="*fp32", d_ptr="*fp32", P="i32", CK="i32", C="i32", LQ="i32",
+                       q_start="i32", scale="fp32", stride_qn="i32", stride_qq="i32",
+                       stride_qc="i32", stride_kn="i32", stride_kp="i32", stride_kc="i32",
+                       stride_xn="i32", stride_xp="i32", stride_xc="i32", stride_gon="i32",
+                       stride_goc="i32")
+            specs.append(_spec(f"ccp_bwd_prep_{ty[dt]}_{tag}",
+                               _context_content_pool_bwd_prep_kernel, sig, ce, cfg))
+            for grid in (1, 2):
+                bc = bwd_config(lq, dt)
+                ce = dict(BLOCK_Q=bc["BLOCK_Q"], BLOCK_P=bc["BLOCK_P"], BLOCK_C=bc["BLOCK_C"],
+                          GRID=grid, G_PAD=_g_pad(grid), KEYS_IS_X=keys_is_x, FIRST=True,
+                          IEEE=ieee)
+                sig = dict(q_ptr=ptr, k_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32", dw_ptr="*fp32",
+                           d_ptr="*fp32", gx_ptr=ptr, gq_ptr="*fp32", gk_ptr=ptr, P="i32",
+                           CK="i32", C="i32", LQ="i32", q_start="i32", scale="fp32",
+                           inv_lq="fp32", side="i32", inv_p="fp32", stride_qn="i32",
+                           stride_qq="i32", stride_qc="i32", stride_kn="i32",
+                           stride_kp="i32", stride_kc="i32", stride_gon="i32",
+                           stride_gor="i32", stride_goc="i32", stride_gqn="i32")
+                specs.append(_spec(f"ccp_bwd_{ty[dt]}_{tag}_g{grid}",
+                                   _context_content_pool_bwd_kernel, sig, ce, bc,
+                                   ("side",) if grid == 1 else ()))
+    return specs
+
+
+COMPILE_SPECS: list[dict] = _specs()

@@ -1,0 +1,102 @@
+"""Tier 1: context_content_pool Triton launchers (forward and backward) in the interpreter
+vs the schema-shaped reference (lvlm_fast.ops.context_content_pool.reference_fwd /
+reference_bwd, which tier 0 checks against autograd through the spec), computed in fp64.
+fp32 and fp16 only; small shapes with non-powers of two (729 patches = 27 x 27 grid with
+overlapping bins, C = 80 and 19, Lq = 5 / 17 / 70 (two query chunks), ragged P and C
+blocks), one frame, P = 1, per-frame queries, separate keys, non-contiguous inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_interpreted
+from lvlm_fast.kernels import context_content_pool as K
+
+from lvlm_fast.ops.context_content_pool import reference_bwd, reference_fwd
+
+TOL = {torch.float32: 2e-6, torch.float16: 3e-3}
+FWD = {"_context_content_pool_fwd_kernel", "_context_content_pool_pool_kernel"}
+BWD = {"_context_content_pool_bwd_prep_kernel", "_context_content_pool_bwd_kernel"}
+
+
+def _close(name, got, want, dtype):
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    got, want = got.double(), want.double()
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{name}: max err {err:.3g} (scale {scale:.3g})"
+
+
+def _inputs(n, p, lq, c, ck=None, per_frame=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, p, c, generator=g)
+    q = torch.randn(*((n,) if per_frame else ()), lq, ck or c, generator=g)
+    k = torch.randn(n, p, ck, generator=g) if ck else None
+    return x, q, k
+
+
+def _check(x, q, k, grid, dtype, launched, scale=None):
+    x, q = x.to(dtype), q.to(dtype)
+    k = k.to(dtype) if k is not None else None
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out, lse = K.context_content_pool_fwd(x, q, k, scale, grid)
+    d = lambda t: t.double() if t is not None else None
+    want, want_lse = reference_fwd(d(x), d(q), d(k), scale, grid)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    _close("out", out, want, dtype)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-4)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    gx, gq, gk = K.context_content_pool_bwd(go, x, q, k, scale, grid, lse)
+    wgx, wgq, wgk = reference_bwd(d(go), d(x), d(q), d(k), scale, grid, want_lse)
+    assert gx.dtype == dtype and gq.dtype == dtype
+    _close("grad_x", gx, wgx, dtype)
+    _close("grad_queries", gq, wgq, dtype)
+    if k is not None:
+        _close("grad_keys", gk, wgk, dtype)
+    else:
+        assert gk.numel() == 0
+    for fn in launched:
+        assert_interpreted(fn)
+    names = {f.fn.__name__ for f in launched}
+    assert names == FWD | BWD, names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "p", "lq", "c", "ck", "per_frame", "grid"), [
+    (2, 16, 5, 19, None, False, 1),     # single score block, ragged C
+    (2, 16, 5, 19, None, True, 4),      # per-frame queries, 4 x 4 grid (1 patch per bin)
+    (1, 729, 17, 80, None, False, 4),   # 27 x 27 grid, overlapping bins, P blocks
+    (2, 25, 3, 20, 7, True, 3),         # separate keys (Ck != C), 5 x 5 -> 3 x 3 overlap
+    (1, 1, 4, 9, None, False, 1),       # P = 1
+    (1, 9, 70, 10, None, False, 2),     # Lq = 70: two query chunks (fp32 accumulation)
+    (2, 100, 40, 24, 16, False, 1),     # Lq = 40 (padded 64-row block), 64 x 128 single block
+])
+def test_matches_reference(n, p, lq, c, ck, per_frame, grid, dtype, launched):
+    x, q, k = _inputs(n, p, lq, c, ck, per_frame)
+    _check(x, q, k, grid, dtype, launched)
+
+
+def test_multi_block_path_with_keys(launched):
+    # BLOCK_Q x next_pow2(P) > 8192: the two-pass (online lse) forward; separate keys.
+    x, q, k = _inputs(2, 300, 40, 12, ck=20, per_frame=True)
+    assert not K.fwd_config(40, torch.float32, 300)["SINGLE_BLOCK"]
+    _check(x, q, k, 1, torch.float32, launched)
+
+
+def test_non_contiguous_inputs(launched):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 2, 30, generator=g)[:, :16, 1, 5:26]  # strided frames/patches
+    q = torch.randn(21, 6, generator=g).t()  # strided channel dim (copied once)
+    k = torch.randn(3, 32, 9, generator=g)[:, ::2]
+    qk = torch.randn(3, 9, 6, generator=g).transpose(1, 2)
+    assert not x.is_contiguous() and not k.is_contiguous()
+    _check(x, q, None, 2, torch.float32, launched)
+    _check(x, qk, k, 1, torch.float32, launched)
+
+
+def test_large_scores_stable(launched):
+    x, q, _ = _inputs(2, 30, 4, 8)
+    out, _ = K.context_content_pool_fwd(x * 30, q * 30, None, 8**-0.5, 1)
+    assert torch.isfinite(out).all()
+    want, _ = reference_fwd((x * 30).double(), (q * 30).double(), None, 8**-0.5, 1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-3)

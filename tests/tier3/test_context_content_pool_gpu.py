@@ -1,0 +1,99 @@
+"""Tier 3: context_content_pool on CUDA (Triton) through the public op: bf16/fp16/fp32
+numerics (forward and the three gradients) against the fp64 reference on the CPU at the
+LLaMA-VID shape and awkward ones, the nn module, peak memory and speed vs the seed-style
+baseline. Skips cleanly without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# bf16: inputs and dS are rounded to 8 bits of mantissa before the tensor-core products.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _close(got, want, dtype, name):
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{name}: max err {err:.3g} (scale {scale:.3g})"
+
+
+def _run(fn, x, q, k, go, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, q, k)]
+    out = fn(*leaves, **kw)
+    out.backward(go)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("n", "p", "lq", "c", "ck", "per_frame", "grid"), [
+    (8, 256, 32, 1408, None, False, 1),   # LLaMA-VID (EVA-ViT-G, 224 px)
+    (8, 256, 32, 1408, None, True, 2),    # per-frame queries, grid:2
+    (4, 729, 17, 80, 48, False, 4),       # 27 x 27, separate keys, P blocks, overlapping bins
+    (3, 9, 70, 40, None, True, 3),        # two query chunks
+])
+def test_matches_reference(dtype, n, p, lq, c, ck, per_frame, grid):
+    from lvlm_fast.ops import context_content_pool
+    from lvlm_fast.reference.context_content_pool import context_content_pool as ref_pool
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, p, c, generator=gen, dtype=torch.float64)
+    q = torch.randn(*((n,) if per_frame else ()), lq, ck or c, generator=gen, dtype=torch.float64)
+    k = torch.randn(n, p, ck, generator=gen, dtype=torch.float64) if ck else None
+    want_go = torch.randn(n, 1 + grid * grid, c, generator=gen, dtype=torch.float64)
+    cast = lambda t: t.to(device="cuda", dtype=dtype) if t is not None else None
+    # the reference sees the same rounded inputs
+    d = lambda t: cast(t).double().cpu() if t is not None else None
+    out, grads = _run(context_content_pool, cast(x), cast(q), cast(k), cast(want_go),
+                      content_grid=grid)
+    wout, wgrads = _run(ref_pool, d(x), d(q), d(k), d(want_go), content_grid=grid)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    _close(out, wout, dtype, "out")
+    for name, g, wg in zip(("grad_x", "grad_queries", "grad_keys"), grads, wgrads, strict=True):
+        if wg is not None:
+            _close(g, wg, dtype, name)
+
+
+def test_module_bf16_matches_fp64():
+    from lvlm_fast.nn import ContextContentPooling
+
+    torch.manual_seed(0)
+    m = ContextContentPooling(1408, 256, content_grid=2, frames_per_chunk=5).cuda()
+    x = torch.randn(12, 256, 1408, device="cuda")
+    q = torch.randn(32, 1408, device="cuda")
+    want = m.double()(x.double(), q.double()).float()
+    got = m.to(torch.bfloat16)(x.bfloat16(), q.bfloat16()).float()
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+def test_peak_memory_and_speed_vs_seed():
+    from benchmarks.seed.llamavid import seed_context_content
+    from lvlm_fast.ops import context_content_pool
+
+    n, p, lq, c = 1024, 256, 32, 1408
+    x = torch.randn(n, p, c, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(lq, c, device="cuda", dtype=torch.bfloat16)
+
+    def peak_and_time(fn):
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, start.elapsed_time(end) / 5
+
+    fused_peak, fused_ms = peak_and_time(lambda: context_content_pool(x, q))
+    seed_peak, seed_ms = peak_and_time(lambda: seed_context_content(x, q))
+    assert fused_peak * 8 <= seed_peak, (fused_peak, seed_peak)
+    assert fused_ms < seed_ms, (fused_ms, seed_ms)

@@ -567,9 +567,12 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
           const int64_t pb = std::min(kBlockP, P - p0);
           // grad_K rows of this block: dS[p0:p0+pb, :Lq] @ Q (Lq x Ck).
           gemm_plain<T>(pb, Ck, Lq, Sp + p0 * Lqp, Lqp, qf, Ck, gkb.data(), Ck, false);
-          // grad_Q += dS^T[:, block] @ K[block]
-          auto [kr, ldk] = rows_as<T>(kn, ks1, p0, pb, Ck, kbuf);
-          gemm_plain<T>(Lq, Ck, pb, dST.data() + p0, P, kr, ldk, gq_acc, Ck, true);
+          // grad_Q += dS^T[:, block] @ K[block] (fp16/bf16 keys: per converted block;
+          // same-type keys: one GEMM over all P below, no per-block grad_Q round trips).
+          if constexpr (!std::is_same_v<T, S>) {
+            auto [kr, ldk] = rows_as<T>(kn, ks1, p0, pb, Ck, kbuf);
+            gemm_plain<T>(Lq, Ck, pb, dST.data() + p0, P, kr, ldk, gq_acc, Ck, true);
+          }
           for (int64_t r = 0; r < pb; ++r) {
             const int64_t p = p0 + r;
             const T wp = w[p];
@@ -592,6 +595,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
             S* gxo = gxn + p * C;
             for (int64_t c = 0; c < C; ++c) gxo[c] = static_cast<S>(g[c]);
           }
+        }
+        if constexpr (std::is_same_v<T, S>) {
+          gemm_plain<T>(Lq, Ck, P, dST.data(), P, kn, ks1, gq_acc, Ck, true);
         }
         if (!s.shared_q) {
           S* gqo = gqp + n * Lq * Ck;

@@ -8,6 +8,27 @@ Math (see :mod:`lvlm_fast.reference.diff_weighted_pool`, the spec)::
 Layers: Triton ``kernels/diff_weighted_pool.py`` (CUDA) and C++ ``csrc/diff_weighted_pool.cpp``
 (CPU) implement ``torch.ops.lvlm_fast.diff_weighted_pool`` and its ``_backward``; this
 module owns the schema, input validation, fake (meta) kernels and autograd.
+
+Conventions every kernel follows (tested in tests/tier0/test_diff_weighted_pool.py):
+
+* ``cos(a, b) = a.b / (max(|a|, 1e-8) max(|b|, 1e-8))``: a zero vector has cosine 0, and its
+  gradient drops the (constant) norm term, so zero vectors give finite outputs and grads.
+* NaN policy: NaN is not checked for. A NaN in frame n's ``x``/``rel``/``red`` makes
+  ``out[n]`` and ``lse[n]`` NaN and no other frame; a NaN in bank row k reaches exactly the
+  frames with ``ref_index == k`` (frames with -1 never read the bank). A NaN in a shared
+  ``query`` or in ``tau`` reaches every frame. In the backward, gradients of shared inputs
+  (query, ref_bank rows, tau) sum over frames, so a NaN frame poisons them.
+* ``lse`` (N,) is float32 for every input dtype (the contract shared with the Triton path);
+  the backward rebuilds ``w = exp(s - lse)`` from it, so float64 gradients are accurate to
+  ~1e-7 relative (fine for gradcheck), not to float64 precision.
+* Gradients come back contiguous; ``grad_tau`` is 0-d float32 (autograd casts it to tau's
+  dtype); ``grad_rel``/``grad_red`` are (0,) when those inputs are None. ``rel``/``red``
+  passed to the raw op get their own gradient even if they alias ``x`` (autograd sums them);
+  the public function maps ``rel is x`` to None so x is read once. ``red`` without a bank is
+  never read (zero gradient; the public function rejects it).
+* CPU backward reductions (grad_query, grad_tau) are summed in a fixed per-thread-block
+  order: bitwise deterministic for a given ``torch.get_num_threads()``. The CPU backward is
+  parallel over patches (the forward over frames), so P = 1 (or N = 1) runs on one thread.
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ namespace lvlm_fast {
 namespace {
 
 // ---------------------------------------------------------------- register-blocked GEMM
-// GCC vector extensions: 256-bit vectors (AVX2 with -march=native; two SSE halves else).
+// GCC vector extensions: 256-bit vectors (AVX2 with -march=native; two SSE halves else:
+// the portable wheel build is correct but slower; the dev JIT build uses -march=native).
+// All users are internal (anonymous namespace), so the vector-return ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <typename T>
 struct Vec;
 template <>

@@ -204,8 +204,12 @@ def context_content_pool(
         (N, 1 + g*g, C) in x's dtype: per frame the context token, then the content token(s).
 
     P = 1 gives context = content = X[:, 0]. Non-contiguous inputs are read through their
-    strides (a strided channel dim is copied once on CPU). Gradients flow to x, queries
-    (summed over frames when shared) and keys. NaN/inf inputs propagate to their frames.
+    strides (a strided channel dim is copied once). Gradients flow to x, queries (summed
+    over frames when shared) and keys; ``scale`` gets none. NaN/inf inputs propagate to
+    their frames. Accumulation is fp32 (fp64 for fp64 inputs, which on CUDA run the
+    reference: there is no fp64 Triton path). Working memory beyond the outputs: the CPU
+    kernel's per-thread scratch (P x Lq scores, (1 + g*g) x C accumulators, Lq x Ck packed
+    queries; a 64 x Ck fp32 key copy for fp16/bf16), on CUDA an (N, P) fp32 weight vector.
     """
     if scale is None:
         scale = default_scale(queries) if isinstance(queries, torch.Tensor) else 1.0

@@ -271,10 +271,11 @@ def test_meta_shapes():
     assert o.shape == (5, 17, 12) and lse.shape == (5, 4) and lse.dtype == torch.float64
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_torch_compile_fullgraph(backend):
     x, q, _ = _inputs(3, 16, 4, 8)
     fn = torch.compile(lambda a, b: context_content_pool(a, b, content_grid=2).sum(dim=1),
-                       fullgraph=True, backend="aot_eager")
+                       fullgraph=True, backend=backend)
     xa = x.clone().requires_grad_(True)
     out = fn(xa, q)
     _close(out, ref_pool(x, q, content_grid=2).sum(dim=1), torch.float32)

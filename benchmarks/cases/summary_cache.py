@@ -61,7 +61,9 @@ def _build(p: dict) -> dict:
             torch.randn(1, p["kv"], p["sink"] + retained, hd, generator=g))
            for _ in range(p["layers"])]
     # fused: a cache sized for the whole video, filled up to the last window's start
-    cache = SummaryKVCache.for_model(model, prefix=p["sink"], num_visual=n_vis, ratio=r,
+    # (sized for a video ending with this full-size window: 256 frames end with a partial one)
+    cache = SummaryKVCache.for_model(model, prefix=p["sink"], num_visual=(before + 1) * w,
+                                     ratio=r,
                                      window=w, tail=32)
     for li, (k, v) in enumerate(mem):
         cache.update(k, v, li)

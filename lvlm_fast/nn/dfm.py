@@ -33,9 +33,12 @@ Frames before the first keyframe compare with themselves in both (``before_first
 nothing (``before_first="none"``: the redundancy term is dropped). Keyframes compare with
 themselves (nearest) or frame i (released); tokens at keyframe positions are computed like
 any other row and the caller discards them (ViLAMP keeps all patches of a keyframe).
-An explicit ``ref_index`` (N,) into the reference bank overrides both (-1 = before-first).
-The keyframe-selection helpers in :mod:`lvlm_fast.ops.keyframe_select` produce keyframes;
-this module derives ``ref_index`` from them itself (a ``searchsorted``).
+An explicit ``ref_index`` (N,) into the reference bank overrides both (-1 = before-first),
+e.g. from ``lvlm_fast.ops.keyframe_select.reference_index_from_keyframes``; or ``ref_frame``
+(N,) gives each frame's reference *frame number*, e.g. from
+``lvlm_fast.ops.keyframe_select.released_reference_index`` (only the named frames are
+projected). Without either, this module derives the index itself (a bisect per frame on the
+host, from the keyframe list).
 
 Loading the released weights
 ----------------------------
@@ -83,6 +86,8 @@ _RELEASED_KEYS = (
 DEFAULT_CHUNK_BYTES = 256 << 20  # per-chunk budget for the two (chunk, P, D) projections
 
 Run = tuple[int, int, str]  # (lo, hi, kind) inside a chunk; kind in {"bank", "self"}
+BEFORE_FIRST = -1  # internal per-frame reference codes (besides bank rows >= 0)
+SELF = -2
 
 
 # ---------------------------------------------------------------------- reference index
@@ -205,12 +210,33 @@ class DifferentialFeatureMerging(nn.Module):
 
     def _resolve_reference(
         self, x: torch.Tensor, keyframe_indices, ref_bank, ref_index, reference: str,
+        ref_frame=None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """-> (raw reference bank R (K, P, D), per-frame ref rows as host ints in [-1, K))."""
+        """-> (raw reference bank R (K, P, D), per-frame host ints: a bank row in [0, K),
+        ``BEFORE_FIRST`` (-1, the ``before_first`` policy applies) or ``SELF`` (-2))."""
         n, p, d = x.shape
+        if ref_frame is not None:
+            if keyframe_indices is not None or ref_bank is not None or ref_index is not None:
+                raise ValueError("ref_frame excludes keyframe_indices, ref_bank and ref_index")
+            rf = _as_int_list("ref_frame", ref_frame)
+            if len(rf) != n:
+                raise ValueError(f"ref_frame must be (N={n},), got {len(rf)} entries")
+            bad = [i for i, r in enumerate(rf) if not -1 <= r < n]
+            if bad:
+                raise ValueError(f"ref_frame values must be in [-1, N={n}); "
+                                 f"ref_frame[{bad[0]}] = {rf[bad[0]]}")
+            # Project only the frames some *other* frame refers to; a frame referring to
+            # itself uses its own projection ("self" run), unless it is in the bank anyway.
+            bank_frames = sorted({r for f, r in enumerate(rf) if r >= 0 and r != f})
+            row = {fr: i for i, fr in enumerate(bank_frames)}
+            ref = [row.get(r, SELF) if r >= 0 else BEFORE_FIRST for r in rf]
+            if not bank_frames:  # every frame refers to itself or to nothing: dummy bank
+                bank_frames = [0]
+            idx = torch.tensor(bank_frames, dtype=torch.long, device=x.device)
+            return x.index_select(0, idx), ref
         if (keyframe_indices is None) == (ref_bank is None):
-            raise ValueError("give exactly one of keyframe_indices (K,) frame numbers or "
-                             "ref_bank (K, P, D) reference features")
+            raise ValueError("give exactly one of keyframe_indices (K,) frame numbers, "
+                             "ref_bank (K, P, D) reference features, or ref_frame (N,)")
         if ref_bank is not None:
             if not isinstance(ref_bank, torch.Tensor):
                 raise TypeError(f"ref_bank must be a torch.Tensor, got {type(ref_bank).__name__}")
@@ -251,7 +277,8 @@ class DifferentialFeatureMerging(nn.Module):
         return bank_raw, ref
 
     @staticmethod
-    def _runs(ref: list[int], s: int, e: int, self_frames: bool) -> list[Run]:
+    def _runs(ref: list[int], s: int, e: int, self_frames: bool, before_self: bool
+              ) -> list[Run]:
         """Split chunk [s, e) into maximal runs of frames that compare with the bank or with
         themselves. With the default conventions "self" frames are a prefix of the video, so
         a chunk has at most two runs."""
@@ -259,7 +286,8 @@ class DifferentialFeatureMerging(nn.Module):
             return [(0, e - s, "bank")]
         runs: list[Run] = []
         for f in range(s, e):
-            kind = "self" if ref[f] < 0 else "bank"
+            is_self = ref[f] == SELF or (before_self and ref[f] == BEFORE_FIRST)
+            kind = "self" if is_self else "bank"
             if runs and runs[-1][2] == kind:
                 runs[-1] = (runs[-1][0], f - s + 1, kind)
             else:
@@ -318,6 +346,7 @@ class DifferentialFeatureMerging(nn.Module):
         *,
         ref_bank: torch.Tensor | None = None,
         ref_index: torch.Tensor | Sequence[int] | None = None,
+        ref_frame: torch.Tensor | Sequence[int] | None = None,
         chunk_frames: int | None = None,
         reference: Literal["nearest", "released"] | None = None,
         before_first: Literal["self", "none"] | None = None,
@@ -333,7 +362,13 @@ class DifferentialFeatureMerging(nn.Module):
             ref_bank: alternatively the raw reference frames R (K, P, D) (then ``ref_index``
                 is required).
             ref_index: (N,) bank row per frame in [-1, K); -1 = before the first keyframe.
-                Default: derived from ``keyframe_indices`` by ``reference``.
+                Default: derived from ``keyframe_indices`` by ``reference``. This is what
+                ``lvlm_fast.ops.keyframe_select.reference_index_from_keyframes`` returns.
+            ref_frame: alternatively (N,) the *frame number* each frame compares with, in
+                [-1, N) (-1 = before the first keyframe; a frame naming itself compares with
+                its own projection). Only the frames named by other frames are projected.
+                This is what ``lvlm_fast.ops.keyframe_select.released_reference_index``
+                returns (the release's slip).
             chunk_frames: frames per chunk (default from ``chunk_bytes``).
             reference, before_first: override the module defaults for this call.
             return_weights: also return the softmax weights (N, P) (not differentiable).
@@ -369,13 +404,14 @@ class DifferentialFeatureMerging(nn.Module):
             raise ValueError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
 
         bank_raw, ref = self._resolve_reference(x, keyframe_indices, ref_bank, ref_index,
-                                                reference)
+                                                reference, ref_frame)
         q = self.project_query(text_emb).to(x.dtype)
         if q.dim() == 2 and q.shape[0] == 1:
             q = q[0]
         bank = self.project_reference(bank_raw.to(x.dtype))
         del bank_raw  # the raw K frames are not needed once projected
-        self_frames = before_first == "self" and min(ref) < 0
+        before_self = before_first == "self"
+        self_frames = min(ref) == SELF or (before_self and min(ref) < 0)
         ref_t = torch.tensor(ref, dtype=torch.long, device=x.device)
         ckpt = self.checkpoint and torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -386,7 +422,7 @@ class DifferentialFeatureMerging(nn.Module):
             e = min(n, s + chunk_frames)
             xc = x[s:e]
             qc = q if q.dim() == 1 else q[s:e]
-            runs = self._runs(ref, s, e, self_frames)
+            runs = self._runs(ref, s, e, self_frames, before_self)
             if ckpt:
                 res = _checkpoint(self._pool_chunk, xc, qc, bank, ref_t[s:e], runs,
                                   return_weights, *params, use_reentrant=False)
@@ -479,6 +515,7 @@ def dfm_reference(
     *,
     ref_bank: torch.Tensor | None = None,
     ref_index: Sequence[int] | torch.Tensor | None = None,
+    ref_frame: Sequence[int] | torch.Tensor | None = None,
     reference: str | None = None,
     before_first: str | None = None,
 ) -> torch.Tensor:
@@ -490,7 +527,7 @@ def dfm_reference(
     reference = module.reference if reference is None else reference
     before_first = module.before_first if before_first is None else before_first
     bank_raw, ref = module._resolve_reference(x, keyframe_indices, ref_bank, ref_index,
-                                              reference)
+                                              reference, ref_frame)
     n = x.shape[0]
     k = bank_raw.shape[0]
     q = module.project_query(text_emb).to(x.dtype)
@@ -498,8 +535,9 @@ def dfm_reference(
     rel = module.linear_iq(x) if module.learned else None
     red = module.linear_ik(x) if module.learned else None
     ri = torch.tensor(ref, dtype=torch.long, device=x.device)
-    if before_first == "self":
+    is_self = (ri == SELF) | ((ri == BEFORE_FIRST) & (before_first == "self"))
+    if bool(is_self.any()):
         bank = torch.cat([bank, module.project_reference(x)])  # row K + f = frame f itself
-        ri = torch.where(ri < 0, k + torch.arange(n, device=x.device), ri)
+        ri = torch.where(is_self, k + torch.arange(n, device=x.device), ri)
     return ref_pool(x, q, bank, ri, rel=rel, red=red, tau=module.tau)
 

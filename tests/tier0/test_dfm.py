@@ -119,6 +119,29 @@ def test_explicit_ref_bank_and_index():
     torch.testing.assert_close(out3, out2, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 13])
+def test_ref_frame_conventions(chunk):
+    """``ref_frame`` (per-frame reference frame numbers) as produced by
+    keyframe_select.released_reference_index (prefix frames name themselves, segment i names
+    frame i) and by the nearest-keyframe reading (-1 before the first keyframe)."""
+    m, x, t = _setup(n=13)
+    kf = [2, 6, 9]
+    pos = nearest_preceding_reference(kf, 13)
+    released_frames = [f if r < 0 else r for f, r in enumerate(pos)]
+    nearest_frames = [-1 if r < 0 else kf[r] for r in pos]
+    seed = seed_dfm(seed_from_module(m), x, t, kf, released_slip=True)
+    out = m(x, t, ref_frame=torch.tensor(released_frames), chunk_frames=chunk)
+    torch.testing.assert_close(out, seed, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dfm_reference(m, x, t, ref_frame=released_frames), seed,
+                               rtol=1e-10, atol=1e-10)
+    out2 = m(x, t, ref_frame=nearest_frames, chunk_frames=chunk)
+    torch.testing.assert_close(out2, m(x, t, kf), rtol=1e-12, atol=1e-12)
+    # every frame names itself: no bank at all
+    out3 = m(x, t, ref_frame=list(range(13)), chunk_frames=chunk)
+    torch.testing.assert_close(out3, m(x, t, kf, before_first="self",
+                                       ref_index=[-1] * 13), rtol=1e-12, atol=1e-12)
+
+
 def test_per_frame_text():
     m, x, t = _setup()
     tn = torch.randn(11, 8, dtype=F64)
@@ -282,6 +305,9 @@ def test_released_loader_errors():
         (dict(ref_index=[0, 0, 2, 0]), ValueError, "ref_index"),
         (dict(ref_index=[0, 0]), ValueError, "ref_index"),
         (dict(chunk_frames=0), ValueError, "chunk_frames"),
+        (dict(keyframe_indices=None, ref_frame=[0, 0, 0]), ValueError, r"ref_frame must be \(N=4"),
+        (dict(keyframe_indices=None, ref_frame=[0, 0, 0, 4]), ValueError, "ref_frame"),
+        (dict(ref_frame=[0, 0, 1, 1]), ValueError, "ref_frame excludes"),
         (dict(reference="first"), ValueError, "reference"),
         (dict(before_first="zero"), ValueError, "before_first"),
     ],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_interpreted
-
 from lvlm_fast.kernels.evict_summaries import evict_summaries_fwd
+
 from lvlm_fast.reference.videoxl import evict_summaries as ref_evict
 from lvlm_fast.reference.videoxl import summary_layout
 

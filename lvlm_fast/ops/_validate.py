@@ -61,4 +61,7 @@ def is_meta_or_fake(t: torch.Tensor) -> bool:
 def value_checks_allowed(t: torch.Tensor) -> bool:
     """Value-dependent checks (index ranges, tau > 0) cost a host sync on accelerators and
     are impossible under tracing; we do them only for eager CPU tensors."""
-    return t.device.type == "cpu" and not is_meta_or_fake(t) and not torch.compiler.is_compiling()
+    # is_compiling() first: is_fake() on a traced tensor breaks torch.compile(fullgraph=True).
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" and not is_meta_or_fake(t)

@@ -6,12 +6,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install install-test demo test lint bench
 
+# One build of the C++ extension per target: the extras ride along in the same install.
 install:
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".$(EXTRAS)"
 
-install-test: install
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+install-test:
+	$(MAKE) install EXTRAS="[test]"
 
 demo: install
 	lvlm-fast bench --quick

@@ -261,6 +261,163 @@ void fwd_impl(const at::Tensor& x, const Params& p, const Slots& sl, const scala
   });
 }
 
+// ---------------------------------------------------------------------------------------
+// Window-at-a-time path for the common small slow kernels (1x2: the released 1-D pairwise
+// pool, 2x2, 1x1). A frame is walked band by band (KH rows) and window by window (KW
+// columns); one D-loop reads the KH*KW patches of the window once and, in registers,
+// produces the slow token (written straight to the output: no band accumulator) and the
+// window's per-row partial sums, added once to the row's fast column-bin sums. This cuts
+// the read-modify-write traffic on accumulators by KH*KW compared with the per-patch loop
+// (fwd_impl below), which remains the path for every other kernel size.
+// SM: 0 no slow, 1 avg, 2 max, 3 max + arg-max. NF: fast column bins of the window (0..2).
+template <int KH, int KW, int SM, int NF, typename scalar_t, typename acc>
+inline void window_pass(const scalar_t* const* P, scalar_t* __restrict__ o, int32_t* __restrict__ a,
+                        acc* const* c0, acc* const* c1, acc scale, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    acc rs[KH];
+    for (int r = 0; r < KH; ++r) {
+      acc v = acc(0);
+      for (int c = 0; c < KW; ++c) v += acc(P[r * KW + c][d]);
+      rs[r] = v;
+    }
+    if constexpr (SM == 1) {
+      acc tot = acc(0);
+      for (int r = 0; r < KH; ++r) tot += rs[r];
+      o[d] = scalar_t(tot * scale);
+    }
+    if constexpr (SM >= 2) {  // first max in row-major window order, first NaN wins
+      acc best = acc(P[0][d]);
+      int32_t arg = 0;
+      for (int k = 1; k < KH * KW; ++k) {
+        const acc v = acc(P[k][d]);
+        const bool take = (v > best) || (v != v && best == best);
+        best = take ? v : best;
+        arg = take ? k : arg;
+      }
+      o[d] = scalar_t(best);
+      if constexpr (SM == 3) a[d] = arg;
+    }
+    if constexpr (NF >= 1) {
+      for (int r = 0; r < KH; ++r) c0[r][d] += rs[r];
+    }
+    if constexpr (NF == 2) {
+      for (int r = 0; r < KH; ++r) c1[r][d] += rs[r];
+    }
+  }
+}
+
+template <int KH, int KW, int SM, typename scalar_t, typename acc>
+inline void window_dispatch_nf(int nf, const scalar_t* const* P, scalar_t* o, int32_t* a, acc* const* c0,
+                               acc* const* c1, acc scale, int64_t D) {
+  if (nf == 0) window_pass<KH, KW, SM, 0>(P, o, a, c0, c1, scale, D);
+  else if (nf == 1) window_pass<KH, KW, SM, 1>(P, o, a, c0, c1, scale, D);
+  else window_pass<KH, KW, SM, 2>(P, o, a, c0, c1, scale, D);
+}
+
+template <typename scalar_t, int KH, int KW>
+void fwd_window_impl(const at::Tensor& x, const Params& p, const Slots& sl, const scalar_t* sep,
+                     at::Tensor& out, at::Tensor& argmax, bool need_argmax) {
+  using acc = acc_t<scalar_t>;
+  const int64_t D = p.D, W = p.W, H = p.H, SW = p.SW;
+  const int64_t sT = x.stride(0), sH = x.stride(1), sW = x.stride(2);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  int32_t* ap = need_argmax ? argmax.data_ptr<int32_t>() : nullptr;
+  std::vector<int64_t> cfirst, clast, rfirst, rlast;
+  bin_table(W, p.fw, cfirst, clast);
+  bin_table(H, p.fh, rfirst, rlast);
+  // per window column: its columns' fast bins, if they agree (else -1: per-patch adds)
+  std::vector<int64_t> wj0(SW, -1), wj1(SW, -1);
+  for (int64_t sw = 0; sw < SW; ++sw) {
+    bool same = true;
+    for (int64_t c = 1; c < KW; ++c)
+      same = same && cfirst[sw * KW + c] == cfirst[sw * KW] && clast[sw * KW + c] == clast[sw * KW];
+    if (same) { wj0[sw] = cfirst[sw * KW]; wj1[sw] = clast[sw * KW]; }
+  }
+  std::vector<acc> inv_cnt(p.F);
+  for (int64_t i = 0; i < p.fh; ++i)
+    for (int64_t j = 0; j < p.fw; ++j)
+      inv_cnt[i * p.fw + j] = acc(1) / acc((bin_end(i, H, p.fh) - bin_start(i, H, p.fh)) *
+                                          (bin_end(j, W, p.fw) - bin_start(j, W, p.fw)));
+  const acc inv_win = acc(1) / acc(KH * KW);
+  const int slow_mode = p.is_max ? (ap != nullptr ? 3 : 2) : 1;
+
+  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc> colsum(KH * p.fw * D), facc(p.F * D);
+    const scalar_t* P[KH * KW];
+    acc* c0[KH] = {};
+    acc* c1[KH] = {};
+    for (int64_t t = t0; t < t1; ++t) {
+      const bool slow = sl.slow[t] >= 0, fast = sl.fast[t] >= 0;
+      const int sm = slow ? slow_mode : 0;
+      if (fast) std::fill(facc.begin(), facc.end(), acc(0));
+      for (int64_t h0 = 0; h0 < H; h0 += KH) {
+        if (fast) std::fill(colsum.begin(), colsum.end(), acc(0));
+        for (int64_t sw = 0; sw < SW; ++sw) {
+          for (int r = 0; r < KH; ++r)
+            for (int c = 0; c < KW; ++c) P[r * KW + c] = xp + t * sT + (h0 + r) * sH + (sw * KW + c) * sW;
+          const int64_t tok = (h0 / KH) * SW + sw;
+          scalar_t* o = slow ? op + (sl.slow[t] + tok) * D : nullptr;
+          int32_t* a = (sm == 3) ? ap + (sl.rank[t] * p.S + tok) * D : nullptr;
+          int nf = 0;
+          if (fast && wj0[sw] >= 0) {
+            nf = wj1[sw] != wj0[sw] ? 2 : 1;
+            for (int r = 0; r < KH; ++r) {
+              c0[r] = colsum.data() + (r * p.fw + wj0[sw]) * D;
+              c1[r] = colsum.data() + (r * p.fw + wj1[sw]) * D;
+            }
+          }
+          switch (sm) {
+            case 0: window_dispatch_nf<KH, KW, 0>(nf, P, o, a, c0, c1, inv_win, D); break;
+            case 1: window_dispatch_nf<KH, KW, 1>(nf, P, o, a, c0, c1, inv_win, D); break;
+            case 2: window_dispatch_nf<KH, KW, 2>(nf, P, o, a, c0, c1, inv_win, D); break;
+            default: window_dispatch_nf<KH, KW, 3>(nf, P, o, a, c0, c1, inv_win, D); break;
+          }
+          if (fast && wj0[sw] < 0) {  // window straddles a bin edge: per-patch adds (cache hits)
+            for (int r = 0; r < KH; ++r)
+              for (int c = 0; c < KW; ++c) {
+                const int64_t w = sw * KW + c;
+                const scalar_t* __restrict__ xv = P[r * KW + c];
+                acc* __restrict__ d0 = colsum.data() + (r * p.fw + cfirst[w]) * D;
+                acc* __restrict__ d1 = colsum.data() + (r * p.fw + clast[w]) * D;
+                if (clast[w] != cfirst[w]) {
+#pragma omp simd
+                  for (int64_t d = 0; d < D; ++d) { const acc v = acc(xv[d]); d0[d] += v; d1[d] += v; }
+                } else {
+#pragma omp simd
+                  for (int64_t d = 0; d < D; ++d) d0[d] += acc(xv[d]);
+                }
+              }
+          }
+        }
+        if (fast) {
+          for (int r = 0; r < KH; ++r) {
+            const int64_t h = h0 + r;
+            const acc* __restrict__ cs = colsum.data() + r * p.fw * D;
+            for (int64_t i = rfirst[h]; i <= rlast[h]; ++i) {
+              acc* __restrict__ fr = facc.data() + i * p.fw * D;
+#pragma omp simd
+              for (int64_t e = 0; e < p.fw * D; ++e) fr[e] += cs[e];
+            }
+          }
+        }
+      }
+      if (fast) {
+        for (int64_t f = 0; f < p.F; ++f) {
+          scalar_t* __restrict__ o = op + (sl.fast[t] + f) * D;
+          const acc* __restrict__ src = facc.data() + f * D;
+          const acc c = inv_cnt[f];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] = scalar_t(src[d] * c);
+        }
+      }
+      if (sl.sep[t] >= 0) std::copy(sep, sep + D, op + sl.sep[t] * D);
+    }
+  });
+}
+
+
 std::tuple<at::Tensor, at::Tensor> slowfast_pool_cpu(const at::Tensor& x_in, const at::Tensor& slow_index,
                                                      const std::optional<at::Tensor>& separator,
                                                      at::IntArrayRef slow_kernel, c10::string_view slow_mode,
@@ -288,7 +445,14 @@ std::tuple<at::Tensor, at::Tensor> slowfast_pool_cpu(const at::Tensor& x_in, con
   advise_huge_pages(out);
   if (want_arg) advise_huge_pages(argmax);
   LVLM_DISPATCH_FLOATS(x.scalar_type(), "slowfast_pool_cpu", [&] {
-    fwd_impl<scalar_t>(x, p, sl, has_sep ? sep.data_ptr<scalar_t>() : nullptr, out, argmax, want_arg);
+    const scalar_t* sp = has_sep ? sep.data_ptr<scalar_t>() : nullptr;
+    if (p.kh == 1 && p.kw == 2) {
+      fwd_window_impl<scalar_t, 1, 2>(x, p, sl, sp, out, argmax, want_arg);
+    } else if (p.kh == 2 && p.kw == 2) {
+      fwd_window_impl<scalar_t, 2, 2>(x, p, sl, sp, out, argmax, want_arg);
+    } else {
+      fwd_impl<scalar_t>(x, p, sl, sp, out, argmax, want_arg);
+    }
   });
   return {out, argmax};
 }

@@ -135,6 +135,19 @@ def test_released_setting_27x27_grid(dtype):
     _assert_same(x, torch.tensor([0]), slow_kernel=(3, 3), slow_mode="avg", fast_grid=(5, 4))
 
 
+@pytest.mark.parametrize("kernel", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("hw,fast", [((6, 6), (4, 4)), ((24, 24), (5, 5)), ((8, 10), (3, 4))])
+def test_window_path_bins_straddling_windows(kernel, mode, hw, fast):
+    # the C++ window-at-a-time path (1x2, 2x2): windows whose columns fall in different
+    # (overlapping) fast bins take the per-patch fallback inside the same frame
+    x = torch.randn(3, *hw, 24, dtype=torch.float64)
+    if mode == "max":
+        x = x.round()
+    _assert_same(x, torch.tensor([0, 2]), torch.randn(24, dtype=torch.float64),
+                 slow_kernel=kernel, slow_mode=mode, fast_grid=fast, order="interleaved")
+
+
 def test_one_frame_non_square_odd_d():
     x = torch.randn(1, 4, 10, 37, dtype=torch.float64)
     _assert_same(x, torch.tensor([0]), slow_kernel=(1, 2), slow_mode="max", fast_grid=(3, 4))

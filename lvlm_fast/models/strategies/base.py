@@ -1,0 +1,115 @@
+"""The strategy contract: how a long video becomes LLM input.
+
+A strategy is one small module in this package: a ``@dataclass`` of knobs (subclass of
+:class:`StrategyConfig`) and a :class:`Strategy` subclass registered by name with
+:func:`register`. The wrapper (:class:`lvlm_fast.models.LongVideoVLM`) owns the model, the
+chunked vision encoder and the chunked LLM prefill; a strategy decides which frames are
+encoded, how their features are reduced, and how they reach the LLM.
+
+Most strategies only turn frames into visual token embeddings and let the wrapper prefill
+``[prefix ; visual ; question]`` (:class:`EmbeddingStrategy`). A strategy that must drive
+the LLM itself (``videoxl``: windows + KV eviction) overrides :meth:`Strategy.prefill`.
+
+Everything here must also run on meta tensors (the profiler simulates 7B models that way):
+no ``.item()``/``.tolist()`` on device values, no Python branching on tensor contents,
+only ops with fake implementations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's knobs (a dataclass; defaults are the published ones)."""
+
+
+@dataclass
+class VideoPrompt:
+    """One request: preprocessed frames and the prompt split around the video.
+
+    ``pixel_values``: (T, 3, H, W) frames already normalised for the vision tower, in the
+    model's dtype, on its device (or meta). ``prefix_ids``: (1, P) tokens before the
+    video; ``question_ids``: (1, Q) tokens after it (question + assistant header).
+    """
+
+    pixel_values: torch.Tensor
+    prefix_ids: torch.Tensor
+    question_ids: torch.Tensor
+
+
+@dataclass
+class PrefillResult:
+    """What every strategy returns: enough to take the first answer token and go on."""
+
+    last_hidden: torch.Tensor  # (1, 1, hidden): decoder output at the last prompt position
+    cache: Any  # a transformers Cache holding the prompt, ready for decoding
+    llm_tokens: int  # tokens the LLM read (prefix + visual + question, incl. summaries)
+    visual_tokens: int  # of which visual
+    frames_encoded: int  # frames that went through the vision tower
+
+
+class Strategy:
+    """Base class. Subclasses set ``name``, ``config_class``, ``holds_all_patch_features``
+    (True if it keeps every frame's patch features alive at once; documented per strategy)
+    and implement :meth:`prefill` (or :meth:`EmbeddingStrategy.visual_embeds`)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    holds_all_patch_features: ClassVar[bool] = False
+
+    def __init__(self, config: StrategyConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class(**overrides)
+        elif overrides:
+            raise TypeError("pass either a config object or keyword overrides, not both")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"strategy {self.name!r} takes a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement prefill()")
+
+
+class EmbeddingStrategy(Strategy):
+    """A strategy that only produces visual token embeddings; the wrapper prefills."""
+
+    def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
+        """(visual embeddings (1, N, hidden) in time order, frames encoded)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement visual_embeds()")
+
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        visual, frames = self.visual_embeds(vlm, prompt)
+        return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
+                                  frames_encoded=frames)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"strategy name {cls.name!r} is already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str | Strategy, config: StrategyConfig | None = None,
+                 **overrides: Any) -> Strategy:
+    """A strategy instance from its registered name (ValueError lists the names)."""
+    if isinstance(name, Strategy):
+        return name
+    from lvlm_fast.models import strategies  # noqa: F401  (imports register every strategy)
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](config, **overrides)

@@ -23,6 +23,7 @@ PACKAGES = [
     "lvlm_fast.reference",
     "lvlm_fast.nn",
     "lvlm_fast.models",
+    "lvlm_fast.models.strategies",
     "lvlm_fast.profile",
 ]
 

@@ -1,0 +1,560 @@
+"""``LongVideoVLM``: a transformers LLaVA-OneVision model driven for long videos.
+
+The wrapper owns the model, the chunked vision encoder and the chunked LLM prefill; a
+strategy (:mod:`lvlm_fast.models.strategies`) decides which frames are encoded and how
+their features reach the LLM. Supported classes: :data:`SUPPORTED_MODEL_CLASSES`
+(``LlavaOnevisionForConditionalGeneration``; LLaVA-Video and Video-XL checkpoints in the
+transformers layout use the same class).
+
+What the wrapper guarantees (the contract strategies rely on):
+
+- **Vision in chunks.** :meth:`LongVideoVLM.iter_patch_features` runs the vision tower
+  only up to ``vision_feature_layer`` (embeddings, CLIP's pre-norm if any, then the
+  encoder layers that layer needs: no all-layer hidden-state list, no post-norm), drops
+  CLS for the ``"default"`` select strategy, applies the projector, and yields one chunk
+  of ``vision_chunk_frames`` frames at a time as (t, h, w, hidden). This equals
+  transformers' ``hidden_states[vision_feature_layer]`` path exactly (tested).
+- **Chunked prefill into a preallocated cache.** :meth:`LongVideoVLM.prefill_embeds`
+  feeds ``[prefix ; visual ; question]`` through the decoder ``prefill_chunk_tokens`` at a
+  time into a :class:`PreallocatedKVCache` sized ``prefix + N + question + reserve`` (one
+  allocation; no ``torch.cat`` growth). Chunks are cut from the three segments without
+  materialising their concatenation. The decoder output of every chunk but the last
+  position is dropped at once; the LM head never runs on the prompt except at its last
+  position (in :meth:`first_token` / :meth:`generate`).
+- **Greedy decoding without host syncs.** :meth:`generate` writes each argmax into a
+  preallocated device tensor and feeds it back as a device tensor; positions come from
+  the cache's host-side length. Tokens after the first ``eos_token_id`` are replaced by
+  it (masking on device, no early stop), so the loop always runs ``max_new_tokens`` steps.
+- **Meta tensors.** Nothing reads device values (no ``.item()``, ``.tolist()``, no
+  branching on tensor contents), so the whole pipeline runs on a model built on the meta
+  device (the profiler simulates 7B models that way).
+
+Chunk sizes. ``vision_chunk_frames`` and ``prefill_chunk_tokens`` default from
+``memory_budget_bytes`` (default :data:`DEFAULT_MEMORY_BUDGET` = 1 GiB), the working
+memory one chunk may use on top of the weights and the KV cache, using the estimates of
+:meth:`LongVideoVLM.vision_bytes_per_frame` (activations of one encoder layer, the
+attention score matrix in fp32 as a worst case for non-flash attention, and the
+projector) and :meth:`LongVideoVLM.prefill_bytes_per_token` (one decoder layer's
+activations incl. the MLP). A budget smaller than one frame (or one token) raises
+``ValueError`` stating the bytes needed. ``prefill_chunk_tokens`` is capped at
+:data:`MAX_PREFILL_CHUNK` (attention masks grow with chunk x context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
+
+# Class names (for messages and docs); the check is an isinstance on the classes.
+SUPPORTED_MODEL_CLASSES: tuple[str, ...] = ("LlavaOnevisionForConditionalGeneration",)
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MAX_PREFILL_CHUNK = 4096
+
+_CHECKPOINT_MODEL_TYPES = ("llava_onevision",)
+
+
+def _supported_classes() -> tuple[type, ...]:
+    return (LlavaOnevisionForConditionalGeneration,)
+
+
+# --------------------------------------------------------------------------- KV cache
+class _PreallocatedLayer(CacheLayerMixin):
+    """One layer's K/V buffer of ``capacity`` rows, allocated on the first update;
+    ``keys``/``values`` are views of the filled rows."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_buffer = key_states.new_empty((b, h, self.capacity, d))
+        self.value_buffer = value_states.new_empty((b, h, self.capacity, value_states.shape[3]))
+        self.is_initialized = True
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[2]
+        if self.length + n > self.capacity:
+            raise ValueError(f"PreallocatedKVCache capacity exceeded: {self.length} cached + "
+                             f"{n} new > capacity {self.capacity}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.key_buffer[:, :, self.length : self.length + n].copy_(key_states)
+        self.value_buffer[:, :, self.length : self.length + n].copy_(value_states)
+        self.length += n
+        self._refresh()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._refresh()
+
+
+class PreallocatedKVCache(Cache):
+    """A transformers ``Cache`` with one preallocated K/V buffer per layer.
+
+    ``update`` copies the new rows in place and returns views of the filled rows, so the
+    stock attention sees exactly the keys a ``DynamicCache`` would hold, without the
+    copy-and-double of growing by concatenation. ``get_seq_length`` is a host int
+    (positions never depend on device values)."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        super().__init__(layers=[_PreallocatedLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
+
+    def bytes(self) -> int:
+        """Bytes of the allocated K/V buffers (all ``capacity`` rows)."""
+        return sum(layer.key_buffer.nbytes + layer.value_buffer.nbytes
+                   for layer in self.layers if layer.is_initialized)
+
+
+# --------------------------------------------------------------------------- wrapper
+class LongVideoVLM:
+    """A LLaVA-OneVision-class model plus a long-video strategy (see module doc).
+
+    ``LongVideoVLM(model, strategy="full", **knobs)`` wraps a model instance;
+    :meth:`from_pretrained` loads a local checkpoint; :meth:`from_config` builds one
+    from a config (or a shipped config name) with random weights or on the meta device.
+    ``strategy`` is a registered name or a :class:`Strategy`; extra keyword arguments
+    override that strategy's config fields.
+    """
+
+    def __init__(self, model: torch.nn.Module, strategy: str | Strategy = "full", *,
+                 memory_budget_bytes: int | None = None,
+                 vision_chunk_frames: int | None = None,
+                 prefill_chunk_tokens: int | None = None,
+                 **strategy_overrides: Any) -> None:
+        if not isinstance(model, _supported_classes()):
+            raise TypeError(f"unsupported model class {type(model).__name__}; supported: "
+                            f"{', '.join(SUPPORTED_MODEL_CLASSES)} (LLaVA-OneVision, "
+                            "LLaVA-Video and Video-XL in the transformers layout)")
+        self.model = model
+        self.config = model.config
+        if memory_budget_bytes is None:
+            memory_budget_bytes = DEFAULT_MEMORY_BUDGET
+        if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
+            raise ValueError(f"memory_budget_bytes must be a positive int, got "
+                             f"{memory_budget_bytes!r}")
+        self.memory_budget_bytes = memory_budget_bytes
+        self.vision_chunk_frames = self._chunk_from_budget(
+            "vision_chunk_frames", vision_chunk_frames, self.vision_bytes_per_frame(),
+            "frame", "vision chunk", cap=None)
+        self.prefill_chunk_tokens = self._chunk_from_budget(
+            "prefill_chunk_tokens", prefill_chunk_tokens, self.prefill_bytes_per_token(),
+            "token", "prefill chunk", cap=MAX_PREFILL_CHUNK)
+        # Tokens to reserve in the KV cache after the prompt (generate sets it to
+        # max_new_tokens - 1 while its prefill runs; strategies that size their own cache
+        # read it too).
+        self.decode_reserve = 0
+        # Seconds per stage of the last call; CUDA syncs only if ``sync_timings``.
+        self.timings: dict[str, float] = {}
+        self.sync_timings = False
+        self.last_prefill: PrefillResult | None = None
+        self.strategy = get_strategy(strategy, **strategy_overrides)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, strategy: str | Strategy = "full", *,
+                        dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None,
+                        **kwargs: Any) -> LongVideoVLM:
+        """Load a local transformers checkpoint folder (``config.json`` + weights).
+
+        ``dtype`` None keeps the checkpoint's dtype. Errors: ``FileNotFoundError`` if the
+        folder or its ``config.json`` is missing, ``ValueError`` if the config or the
+        weights cannot be read or weights are missing, ``TypeError`` for a model class
+        other than :data:`SUPPORTED_MODEL_CLASSES`; each names ``path``."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path!r}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint {path!r} is not a folder (expected a "
+                                    "transformers checkpoint folder with config.json)")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"checkpoint {path!r} has no config.json (not a "
+                                    "transformers checkpoint folder)")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:
+            raise ValueError(f"cannot read the config of checkpoint {path!r}: {exc}") from exc
+        model_type = getattr(config, "model_type", None)
+        if model_type not in _CHECKPOINT_MODEL_TYPES:
+            archs = getattr(config, "architectures", None) or [model_type]
+            raise TypeError(f"checkpoint {path!r} holds a {', '.join(map(str, archs))} model; "
+                            f"supported: {', '.join(SUPPORTED_MODEL_CLASSES)}")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        try:
+            model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                path, dtype=dtype if dtype is not None else "auto", output_loading_info=True)
+        except Exception as exc:
+            raise ValueError(f"cannot load the weights of checkpoint {path!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        missing = list(info.get("missing_keys", ()))
+        if missing:
+            raise ValueError(f"checkpoint {path!r} is incomplete: {len(missing)} weights "
+                             f"missing (e.g. {', '.join(sorted(missing)[:3])})")
+        if device is not None:
+            model = model.to(device)
+        return cls(model.eval(), strategy, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any, strategy: str | Strategy = "full", *,
+                    dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None,
+                    **kwargs: Any) -> LongVideoVLM:
+        """Random weights from a ``LlavaOnevisionConfig`` or a shipped config name
+        (:data:`lvlm_fast.models.MODEL_CONFIGS`); ``device="meta"`` allocates nothing."""
+        if isinstance(config, str):
+            from lvlm_fast.models.configs import get_config
+
+            config = get_config(config)
+        with torch.device(device if device is not None else "cpu"):
+            model = LlavaOnevisionForConditionalGeneration(config)
+        if dtype is not None:
+            model = model.to(dtype)
+        return cls(model.eval(), strategy, **kwargs)
+
+    def set_strategy(self, strategy: str | Strategy, **overrides: Any) -> Strategy:
+        """Switch the default strategy (name + config overrides, or an instance)."""
+        self.strategy = get_strategy(strategy, **overrides)
+        return self.strategy
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.text_config.vocab_size
+
+    @property
+    def image_newline(self) -> torch.nn.Parameter:
+        return self.model.model.image_newline
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side of one frame (image_size // patch_size)."""
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    @property
+    def pooled_grid(self) -> int:
+        return math.ceil(self.patch_grid / 2)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame after 2x2 pooling (the newline not included)."""
+        return self.pooled_grid ** 2
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    # ------------------------------------------------------------------ sizing
+    def _has_cls(self) -> bool:
+        return hasattr(self._vision_inner(), "pre_layrnorm") or \
+            self.config.vision_config.model_type.startswith("clip")
+
+    def vision_bytes_per_frame(self) -> int:
+        """Estimated working bytes to encode one frame (see module doc)."""
+        vc = self.config.vision_config
+        item = self.dtype.itemsize
+        n = self.patch_grid ** 2 + (1 if self._has_cls() else 0)
+        acts = n * (6 * vc.hidden_size + vc.intermediate_size) * item
+        scores = vc.num_attention_heads * n * n * 4
+        proj = n * 2 * self.hidden_size * item
+        pixels = 3 * vc.image_size ** 2 * item
+        return int(acts + scores + proj + pixels)
+
+    def prefill_bytes_per_token(self) -> int:
+        """Estimated working bytes per prefill token (one decoder layer's activations)."""
+        tc = self.config.text_config
+        return int((6 * tc.hidden_size + 3 * tc.intermediate_size) * self.dtype.itemsize)
+
+    def _chunk_from_budget(self, name: str, given: int | None, per_item: int, unit: str,
+                           what: str, cap: int | None) -> int:
+        if given is not None:
+            if not isinstance(given, int) or given < 1:
+                raise ValueError(f"{name} must be a positive int, got {given!r}")
+            return given
+        n = self.memory_budget_bytes // per_item
+        if n < 1:
+            raise ValueError(f"memory_budget_bytes={self.memory_budget_bytes} is too small for "
+                             f"even one {what}: one {unit} needs {per_item} bytes "
+                             f"(pass memory_budget_bytes >= {per_item} or set {name})")
+        return min(n, cap) if cap is not None else n
+
+    # ------------------------------------------------------------------ timing
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        if self.sync_timings and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync_timings and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ vision
+    def _vision_inner(self) -> torch.nn.Module:
+        vt = self.model.model.vision_tower
+        return getattr(vt, "vision_model", vt)
+
+    def _feature_layers(self) -> list[int]:
+        """Feature layers as hidden_states indices in [0, num_layers]."""
+        n = len(self._vision_inner().encoder.layers)
+        layer = self.config.vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        out = []
+        for li in layers:
+            idx = li if li >= 0 else n + 1 + li
+            if not 0 <= idx <= n:
+                raise ValueError(f"vision_feature_layer {li} is out of range for a vision tower "
+                                 f"with {n} layers")
+            out.append(idx)
+        return out
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        s = self.config.vision_config.image_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 \
+                or pixel_values.shape[1] != 3 or pixel_values.shape[2] != s \
+                or pixel_values.shape[3] != s:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) \
+                else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be (T, 3, {s}, {s}) (frames resized to the "
+                             f"vision tower's image_size), got {got}")
+        if pixel_values.shape[0] < 1:
+            raise ValueError("pixel_values holds no frames (T = 0)")
+
+    @torch.no_grad()
+    def encode_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(t, 3, H, W) frames -> projector output on the patch grid (t, h, w, hidden)."""
+        inner = self._vision_inner()
+        layers = self._feature_layers()
+        h = inner.embeddings(pixels.to(self.dtype))
+        if hasattr(inner, "pre_layrnorm"):  # CLIP: hidden_states[0] is after the pre-norm
+            h = inner.pre_layrnorm(h)
+        picked: dict[int, torch.Tensor] = {}
+        if 0 in layers:
+            picked[0] = h
+        for i, layer in enumerate(inner.encoder.layers[: max(layers)], start=1):
+            h = layer(h, None)
+            if isinstance(h, tuple):  # older transformers return (hidden, attn)
+                h = h[0]
+            if i in layers:
+                picked[i] = h
+        feats = picked[layers[0]] if len(layers) == 1 else \
+            torch.cat([picked[i] for i in layers], dim=-1)
+        del picked, h
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        feats = self.model.model.multi_modal_projector(feats)
+        g = self.patch_grid
+        return feats.view(feats.shape[0], g, g, feats.shape[-1])
+
+    def iter_patch_features(self, pixel_values: torch.Tensor,
+                            frame_index: torch.Tensor | None = None
+                            ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, feats)`` per chunk of ``vision_chunk_frames`` frames.
+
+        ``feats``: (t, h, w, hidden) projector output before pooling, model dtype.
+        ``frame_index``: optional int64 tensor of frames to encode (``index_select``, no
+        host sync); ``start`` is the chunk's position in the selected sequence."""
+        self._check_pixels(pixel_values)
+        total = pixel_values.shape[0] if frame_index is None else frame_index.shape[0]
+        step = self.vision_chunk_frames
+        for start in range(0, total, step):
+            with self._stage("vision"):
+                if frame_index is None:
+                    px = pixel_values[start : start + step]
+                else:
+                    idx = frame_index[start : start + step].to(pixel_values.device)
+                    px = pixel_values.index_select(0, idx)
+                feats = self.encode_patches(px)
+                del px
+            yield start, feats
+
+    def pool_2x2(self, feats: torch.Tensor) -> torch.Tensor:
+        """(t, h, w, D) -> (t, ceil(h/2), ceil(w/2), D): transformers' ``apply_pooling``
+        (bilinear resize); the result is a channels-last view."""
+        h, w = feats.shape[1], feats.shape[2]
+        x = feats.permute(0, 3, 1, 2).contiguous()
+        x = F.interpolate(x, size=[math.ceil(h / 2), math.ceil(w / 2)], mode="bilinear")
+        return x.permute(0, 2, 3, 1)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, L) ids -> (1, L, hidden) input embeddings."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    # ------------------------------------------------------------------ LLM
+    def make_cache(self, capacity: int):
+        """A :class:`PreallocatedKVCache` with ``capacity`` rows for this model's LLM."""
+        return PreallocatedKVCache(self.config.text_config.num_hidden_layers, capacity)
+
+    @torch.no_grad()
+    def run_llm(self, embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+        """One decoder forward of (1, L, hidden) embeddings appended to ``cache``;
+        returns the final-normed hidden states (1, L, hidden). No LM head."""
+        return self.language_model(inputs_embeds=embeds, past_key_values=cache,
+                                   use_cache=True).last_hidden_state
+
+    @staticmethod
+    def _check_ids(name: str, ids: torch.Tensor) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 \
+                or ids.shape[1] < 1:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name} must be a (1, L>=1) token id tensor, got {got}")
+
+    @torch.no_grad()
+    def prefill_embeds(self, prefix_ids: torch.Tensor, visual: torch.Tensor,
+                       question_ids: torch.Tensor, *, frames_encoded: int,
+                       reserve: int | None = None) -> PrefillResult:
+        """Chunked prefill of ``[prefix ; visual ; question]`` (see module doc).
+
+        ``visual`` (1, N, hidden), N >= 0. ``reserve``: extra cache rows for decoding
+        (default :attr:`decode_reserve`)."""
+        self._check_ids("prefix_ids", prefix_ids)
+        self._check_ids("question_ids", question_ids)
+        if not isinstance(visual, torch.Tensor) or visual.dim() != 3 or visual.shape[0] != 1 \
+                or visual.shape[2] != self.hidden_size:
+            got = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual)
+            raise ValueError(f"visual must be (1, N, hidden={self.hidden_size}), got {got}")
+        reserve = self.decode_reserve if reserve is None else reserve
+        p, n, q = prefix_ids.shape[1], visual.shape[1], question_ids.shape[1]
+        total = p + n + q
+        with self._stage("prefill"):
+            cache = self.make_cache(total + reserve)
+            segments = [(self.embed_tokens(prefix_ids), p),
+                        (visual.to(self.dtype), n),
+                        (None, q)]  # question embedded when reached
+            step = self.prefill_chunk_tokens
+            last = None
+            for a in range(0, total, step):
+                b = min(a + step, total)
+                pieces, off = [], 0
+                for si, (seg, length) in enumerate(segments):
+                    lo, hi = max(a - off, 0), min(b - off, length)
+                    if lo < hi:
+                        if seg is None:
+                            seg = self.embed_tokens(question_ids)
+                            segments[si] = (seg, length)
+                        pieces.append(seg[:, lo:hi])
+                    off += length
+                x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+                del pieces
+                out = self.run_llm(x, cache)
+                del x
+                last = out[:, -1:].clone() if b == total else None
+                del out
+            del segments
+        return PrefillResult(last_hidden=last, cache=cache, llm_tokens=total, visual_tokens=n,
+                             frames_encoded=frames_encoded)
+
+    # ------------------------------------------------------------------ end to end
+    def _check_prompt(self, prompt: VideoPrompt) -> None:
+        if not isinstance(prompt, VideoPrompt):
+            raise TypeError(f"prompt must be a VideoPrompt, got {type(prompt).__name__}")
+        self._check_pixels(prompt.pixel_values)
+        self._check_ids("prompt.prefix_ids", prompt.prefix_ids)
+        self._check_ids("prompt.question_ids", prompt.question_ids)
+
+    def prefill(self, prompt: VideoPrompt, strategy: str | Strategy | None = None,
+                **overrides: Any) -> PrefillResult:
+        """Run a strategy's prefill on ``prompt`` (the default strategy if None)."""
+        self._check_prompt(prompt)
+        strat = self.strategy if strategy is None and not overrides else \
+            get_strategy(strategy if strategy is not None else self.strategy.name, **overrides)
+        res = strat.prefill(self, prompt)
+        self.last_prefill = res
+        return res
+
+    @torch.no_grad()
+    def first_token(self, prompt: VideoPrompt, strategy: str | Strategy | None = None,
+                    **overrides: Any) -> torch.Tensor:
+        """Video in, logits of the first answer token out: (1, vocab) fp32."""
+        self.timings = {}
+        res = self.prefill(prompt, strategy, **overrides)
+        with self._stage("lm_head"):
+            return self.model.lm_head(res.last_hidden[:, -1]).float()
+
+    @torch.no_grad()
+    def generate(self, prompt: VideoPrompt, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None, strategy: str | Strategy | None = None,
+                 **overrides: Any) -> torch.Tensor:
+        """Greedy answer (1, max_new_tokens) int64; tokens after the first EOS are EOS."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self.timings = {}
+        old = self.decode_reserve
+        self.decode_reserve = max_new_tokens - 1
+        try:
+            res = self.prefill(prompt, strategy, **overrides)
+        finally:
+            self.decode_reserve = old
+        tokens = self.decode(res, max_new_tokens)
+        if eos_token_id is not None:
+            is_eos = tokens == eos_token_id
+            after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+            tokens = torch.where(after, torch.full_like(tokens, eos_token_id), tokens)
+        return tokens
+
+    @torch.no_grad()
+    def decode(self, res: PrefillResult, max_new_tokens: int) -> torch.Tensor:
+        """Greedy tokens (1, max_new_tokens) continuing a prefill (no host sync)."""
+        with self._stage("decode"):
+            h = res.last_hidden
+            tokens = torch.empty((1, max_new_tokens), dtype=torch.long, device=h.device)
+            for t in range(max_new_tokens):
+                tok = self.model.lm_head(h[:, -1]).float().argmax(-1)  # (1,)
+                tokens[:, t] = tok
+                if t + 1 < max_new_tokens:
+                    h = self.run_llm(self.embed_tokens(tok.view(1, 1)), res.cache)
+        return tokens

@@ -1,0 +1,58 @@
+"""``uniform``: a fixed number of uniformly sampled frames, then exactly like ``full``.
+
+Frames ``round(linspace(0, T - 1, num_frames))`` (round half to even, the same rule as
+:func:`lvlm_fast.video.sample_indices` ``mode="uniform"``), computed on the frames' device
+and applied with ``index_select`` chunk by chunk (no host sync). A video with
+``T <= num_frames`` frames is used whole (no repetition). The pooled tokens of the sampled
+frames are held (``num_frames * tokens_per_frame + 1`` rows), patch features one chunk
+at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lvlm_fast.models.strategies.base import (
+    EmbeddingStrategy,
+    StrategyConfig,
+    VideoPrompt,
+    register,
+)
+from lvlm_fast.models.strategies.full import pooled_video_embeds
+
+if TYPE_CHECKING:
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+
+@dataclass
+class UniformConfig(StrategyConfig):
+    num_frames: int = 32  # frames kept (LLaVA-OneVision's video evaluation default)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_frames, int) or self.num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {self.num_frames!r}")
+
+
+def uniform_index(num_frames: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """int64 (count,) frame numbers ``round(linspace(0, num_frames - 1, count))``."""
+    return torch.linspace(0, num_frames - 1, count, dtype=torch.float64,
+                          device=device).round().long()
+
+
+@register
+class UniformStrategy(EmbeddingStrategy):
+    """``num_frames`` uniformly spaced frames, all their pooled tokens + one newline."""
+
+    name = "uniform"
+    config_class = UniformConfig
+    holds_all_patch_features = False
+
+    def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
+        t = prompt.pixel_values.shape[0]
+        if t <= self.config.num_frames:
+            return pooled_video_embeds(vlm, prompt.pixel_values)
+        idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
+        return pooled_video_embeds(vlm, prompt.pixel_values, idx)

@@ -1,0 +1,180 @@
+"""``videoxl``: Video-XL's visual summary tokens with KV eviction, streamed frame by frame.
+
+The visual token stream is ``full``'s (every frame's pooled tokens, then one newline), but
+it never exists as a whole: frames go through the vision tower ``vision_chunk_frames`` at
+a time, their pooled tokens are copied into one preallocated window buffer of ``window``
+raw tokens, and each full window is sent through the decoder by
+:func:`lvlm_fast.models.videoxl_driver.run_window` (summary tokens interleaved every
+``ratio`` raw tokens with the carried remainder, summary q/k/v projections on the
+summary rows, then the window's raw KV rows evicted and its summaries kept, re-rotated to
+``sink + j``). Window boundaries are exactly ``run_videoxl``'s (``visual[:, s : s + W]``),
+so the result equals the driver run on the fully materialised stream (tested).
+
+Memory: the KV cache is a :class:`lvlm_fast.cache.SummaryKVCache` sized from the frame
+count: ``prefix + N // ratio + max(min(window, N), question + decode reserve)`` rows with
+eviction (``prefix + N + N // ratio + tail`` without), N = T * tokens_per_frame + 1. Live
+visual data: one vision chunk and one window buffer.
+
+Knobs (:class:`VideoXLConfig`): ``ratio`` (16, the published needle-test setting),
+``window`` (1,440 raw tokens = 10 frames of 144, the released value), ``evict`` (True;
+False keeps raw rows too: the same sequence without the memory saving, for testing),
+``summary_embed`` (the learned summary-token vector if the checkpoint has one; else one
+vector initialised from the EOS embedding, zeros when there is no EOS id, as
+:class:`lvlm_fast.nn.summary_proj.SummaryEmbedding` does). Summary projections are
+installed on the decoder on first use (copies of the base q/k/v unless already there);
+outside a window they are exactly the base layers, so other strategies are unaffected.
+
+Attention: prefix, windows and question run with the fused
+:func:`lvlm_fast.ops.summary_attention` (``"lvlm_summary"``: bottom-right causal, no mask
+tensor) when the decoder's head dim is one it supports (64, 80, 96, 128; every shipped
+7B config). Other head dims (the toy configs: 16) keep the model's own attention with
+transformers' causal mask built from the cache's length: the same bottom-right causal
+attention, only slower and with a mask tensor. Decoding after the prompt uses the
+model's own attention either way (one query row).
+
+``PrefillResult.visual_tokens`` counts what the LLM read of the video: N raw tokens plus
+the summary tokens; ``llm_tokens`` adds prefix and question.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lvlm_fast.cache import ATTN_NAME, SummaryKVCache, _check_ratio_window
+from lvlm_fast.models import videoxl_driver
+from lvlm_fast.models.strategies.base import (
+    PrefillResult,
+    Strategy,
+    StrategyConfig,
+    VideoPrompt,
+    register,
+)
+from lvlm_fast.nn.summary_proj import SummaryEmbedding, install_summary_projections
+from lvlm_fast.ops.summary_attention import HEAD_DIMS
+
+if TYPE_CHECKING:
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+
+@dataclass
+class VideoXLConfig(StrategyConfig):
+    ratio: int = 16  # one summary token per `ratio` raw tokens
+    window: int = 1440  # raw visual tokens per window
+    evict: bool = True  # drop each window's raw KV rows after the window
+    summary_embed: torch.Tensor | None = None  # learned summary-token embedding (hidden,)
+
+    def __post_init__(self) -> None:
+        _check_ratio_window(self.ratio, self.window)
+
+
+class DecoderView:
+    """The LLaVA model seen as the causal LM the Video-XL driver expects: ``.model`` is
+    the Qwen2 decoder, ``.config`` its config, plus the shared LM head and embeddings."""
+
+    def __init__(self, vlm: LongVideoVLM) -> None:
+        self.model = vlm.language_model
+        self.config = vlm.config.text_config
+        self.lm_head = vlm.model.lm_head
+        self._embed = vlm.model.get_input_embeddings()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self._embed
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.model.set_attn_implementation(name)
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _summary_vector(vlm: LongVideoVLM, view: DecoderView, given: torch.Tensor | None
+                    ) -> torch.Tensor:
+    if given is not None:
+        if given.shape != (vlm.hidden_size,):
+            raise ValueError(f"summary_embed must be ({vlm.hidden_size},), got "
+                             f"{tuple(given.shape)}")
+        return given.to(vlm.device, vlm.dtype)
+    cached = getattr(vlm, "_videoxl_summary_embed", None)
+    if cached is None:
+        cached = SummaryEmbedding.from_model(view).weight.detach()
+        vlm._videoxl_summary_embed = cached
+    return cached
+
+
+@register
+class VideoXLStrategy(Strategy):
+    """Summary tokens + per-window KV eviction (drives the LLM itself)."""
+
+    name = "videoxl"
+    config_class = VideoXLConfig
+    holds_all_patch_features = False
+
+    def __init__(self, config: VideoXLConfig | None = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        # Cache rows right after the last window (sink + summaries with eviction): host int,
+        # for tests and reports.
+        self.rows_after_video: int | None = None
+
+    @torch.no_grad()
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        cfg = self.config
+        view = DecoderView(vlm)
+        layout = install_summary_projections(view)
+        vst = _summary_vector(vlm, view, cfg.summary_embed)
+        ratio, window = cfg.ratio, cfg.window
+        t_frames = prompt.pixel_values.shape[0]
+        per = vlm.tokens_per_frame
+        n_vis = t_frames * per + 1  # + the newline after the last frame
+        p, q = prompt.prefix_ids.shape[1], prompt.question_ids.shape[1]
+        cache = SummaryKVCache.for_model(view, prefix=p, num_visual=n_vis, ratio=ratio,
+                                         window=window, tail=q + vlm.decode_reserve,
+                                         evict=cfg.evict)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            cache.check_room(x.shape[1])
+            return vlm.run_llm(x, cache)
+
+        buf = torch.empty((1, min(window, n_vis), vlm.hidden_size), dtype=vlm.dtype,
+                          device=vlm.device)
+        fill = 0
+
+        def push(tokens: torch.Tensor) -> None:
+            """Copy (1, n, D) tokens into the window buffer, running every full window."""
+            nonlocal fill
+            off, n = 0, tokens.shape[1]
+            while off < n:
+                take = min(buf.shape[1] - fill, n - off)
+                buf[:, fill : fill + take] = tokens[:, off : off + take]
+                fill, off = fill + take, off + take
+                if fill == buf.shape[1]:
+                    with vlm._stage("prefill"):
+                        videoxl_driver.run_window(view, cache, layout, buf, vst, ratio)
+                    fill = 0
+
+        fused = view.head_dim in HEAD_DIMS
+        attn = videoxl_driver.AttnImpl(view, ATTN_NAME) if fused else contextlib.nullcontext()
+        with attn:
+            with vlm._stage("prefill"):
+                step(vlm.embed_tokens(prompt.prefix_ids))
+                cache.mark_sink()
+            for _start, feats in vlm.iter_patch_features(prompt.pixel_values):
+                pooled = vlm.pool_2x2(feats)
+                del feats
+                push(pooled.reshape(1, -1, vlm.hidden_size))
+                del pooled
+            push(vlm.image_newline.to(vlm.dtype).view(1, 1, -1))
+            if fill:
+                with vlm._stage("prefill"):
+                    videoxl_driver.run_window(view, cache, layout, buf[:, :fill], vst, ratio)
+            self.rows_after_video = cache.get_seq_length()
+            with vlm._stage("prefill"):
+                last = step(vlm.embed_tokens(prompt.question_ids))[:, -1:].clone()
+        s = cache.num_summaries
+        return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n_vis + s + q,
+                             visual_tokens=n_vis + s, frames_encoded=t_frames)

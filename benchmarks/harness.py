@@ -65,7 +65,8 @@ class Case:
     impl of it; state the model in the case module's docstring), or None if not meaningful.
     ``setup``/``teardown`` are called once per group around timing; shared inputs go there.
     ``skip`` (a reason) marks a case that cannot run here: it is printed, stored in the
-    metadata, and produces no row.
+    metadata, and produces no row. ``repeats`` caps the timed rounds of the case's group
+    (for cases that take minutes, e.g. a whole-video pass); the smallest in a group wins.
     """
 
     op: str
@@ -82,6 +83,7 @@ class Case:
     atol: float = 1e-5
     skip: str | None = None
     note: str = ""
+    repeats: int | None = None  # timed rounds for this group (overrides the run's; slow cases)
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -294,7 +296,8 @@ def run_group(
             peaks[c.impl] = _peak_bytes(c.fn, device) if c.track_peak else None
             gc.collect()
         samples: dict[str, list[float]] = {c.impl: [] for c in group}
-        for _ in range(repeats):
+        caps = [c.repeats for c in group if c.repeats]
+        for _ in range(min([repeats, *caps])):
             for c in group:  # interleaved: one sample of every impl per round
                 samples[c.impl].append(_time_call(c.fn, number[c.impl], device))
     finally:

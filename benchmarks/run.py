@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(harness.format_table(res.rows))
+    derived = []  # figures a case module computes from several rows (e.g. a growth rate)
+    for mod in mods:
+        if hasattr(mod, "summarize"):
+            derived.extend(mod.summarize(res.rows))
+    for line in derived:
+        print(line)
     if args.gpu_bw:
         print(
             f"\n{harness.GPU_EST_FIELD}: bytes / {args.gpu_bw:g} GB/s -- a roofline ESTIMATE, "
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": res.skipped,
         "verify": res.verify,
         "notes": sorted({f"{c.op}/{c.impl}: {c.note}" for c in cases if c.note}),
+        "derived": derived,
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -29,6 +30,10 @@ import torch
 from benchmarks.harness import Case, Lazy, skipped
 
 OPS = ("toy_sum",)
+
+def summarize(rows):
+    return [f"toy: {len(rows)} rows, {len({r['shape'] for r in rows})} shapes"]
+
 BUILT = []
 RELEASED = []
 TEMP_BYTES = 4 << 20
@@ -146,6 +151,8 @@ def test_rows_fields_speedups_and_files(toy_dir, tmp_path, capsys):
     assert meta["fields"] == list(harness.ROW_FIELDS)
     assert {s["impl"] for s in meta["skipped"]} == {"missing"}
     assert any("toy note" in n for n in meta["notes"])
+    assert meta["derived"] == ["toy: 8 rows, 2 shapes"]  # the module's summarize() hook
+    assert "toy: 8 rows, 2 shapes" in printed
     verdict = {(v["shape"], v["impl"]): v["result"] for v in meta["verify"]}
     assert verdict[("N=64,D=256", "fused")] == "ok"
     assert verdict[("N=64,D=256", "seed")] == "ok"
@@ -169,6 +176,15 @@ def test_gpu_roofline_estimate_column(toy_dir, tmp_path):
     assert harness.GPU_EST_FIELD in csv_rows[0]
     assert "estimate" in data["metadata"]["gpu_roofline_note"]
     assert data["metadata"]["repeats"] == 1
+
+
+def test_case_repeats_caps_its_group():
+    calls = []
+    c = harness.Case(op="t", impl="fused", shape="s", dtype="fp32", verify=False, repeats=2,
+                     fn=lambda: calls.append(1) or time.sleep(0.6))
+    rows, _ = harness.run_group([c], "cpu", repeats=5)
+    # one warm-up call (slow enough to need no calibration) + 2 timed rounds, not 5
+    assert len(calls) == 3 and rows[0]["median_ms"] >= 600
 
 
 def test_unknown_op_fails(toy_dir):

@@ -251,3 +251,25 @@ def test_eos_masks_tokens_after_first_eos():
     first = int((out.tokens == eos).nonzero()[0, 0])
     assert (out2.tokens[first:] == eos).all()
     assert torch.equal(out2.tokens[:first], out.tokens[:first])
+
+
+def test_benchmark_whole_video_pass_peak_growth():
+    """The summary_cache benchmark's whole-video passes (quick model): the fused pass's
+    peak grows by exactly the summary rows it keeps per frame, the seed-style pass (all
+    frames' features and the whole input sequence up front) by much more."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    from benchmarks.cases import summary_cache as sc
+    from lvlm_fast.profile.tracker import peak_live_bytes
+
+    p = dict(sc.QUICK)
+    s = sc._build(p)
+    growth = {}
+    for name, fn in (("fused", sc.fused_pass), ("seed", sc.seed_pass)):
+        lo, hi = (peak_live_bytes(lambda f=f, fn=fn: fn(s, p, f)) for f in (8, 16))
+        growth[name] = (hi - lo) / 8
+    per_frame_rows = p["per_frame"] / p["ratio"]  # summaries kept per frame
+    assert growth["fused"] == per_frame_rows * s["row_bytes"]
+    assert growth["seed"] > 4 * growth["fused"]

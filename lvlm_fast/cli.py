@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="show which kernels are loaded")
     info.set_defaults(func=_info)
+    from lvlm_fast.models import command as _run_cmd
+
+    _run_cmd.add_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.cmd != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,0 +1,365 @@
+"""``lvlm-fast run``: answer a question about a video file with a long-video strategy.
+
+    lvlm-fast run VIDEO --model PATH --question "..." [--strategy NAME] [--frames N | --fps F]
+                  [--set KEY=VALUE ...] [--max-new-tokens N] [--budget BYTES] ...
+
+Pipeline: probe the video, pick frame numbers (``--frames N``: N uniformly spaced frames;
+``--fps F``: one frame every 1/F s; neither: 32 uniform frames, or every frame of a shorter
+video), decode them in chunks (:func:`lvlm_fast.video.iter_frames`, never the whole video
+at once), preprocess each chunk straight into one preallocated (T, 3, S, S) tensor, build
+the prompt with the checkpoint's tokenizer, run the strategy and greedy decoding
+(:class:`lvlm_fast.models.LongVideoVLM`), print the answer and a short report.
+
+Preprocessing (documented approximation of the transformers processor): frames are
+resized to the vision tower's ``image_size`` squared (S x S, aspect ratio not kept, as
+LLaVA-OneVision's video processor does) with torch bicubic + antialias (the processor
+uses PIL bicubic: values can differ slightly), scaled by ``rescale_factor`` (1/255) and
+normalised with ``image_mean``/``image_std``. Those three come from the checkpoint's
+``video_preprocessor_config.json``, ``preprocessor_config.json`` or
+``processor_config.json`` (first found), else from the vision tower's family: SigLIP
+mean = std = 0.5; CLIP the OpenAI CLIP mean/std.
+
+Prompt: if the tokenizer has a chat template, the user turn is ``<video>\\n{question}``
+rendered with it (generation prompt added) and split at the video; otherwise the
+ChatML layout of the Qwen2-based LLaVA-OneVision models:
+``<|im_start|>user\\n`` + video + ``\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``.
+
+Report: frames read, tokens given to the LLM (prefix + visual + question, summaries
+included), peak memory (CUDA: the allocator's peak above the level after loading the
+weights; CPU: :class:`lvlm_fast.profile.LiveTensorTracker`, live tensors above the
+weights), and time per stage. Errors (missing or corrupt checkpoint or video, unknown
+strategy or knob, a budget too small for one chunk, more frames than the video has)
+print ``lvlm-fast run: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+VIDEO_SENTINEL = "<lvlm_fast_video>"
+DEFAULT_FRAMES = 32
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json",
+                       "processor_config.json")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class RunError(Exception):
+    """A user-facing error: printed as ``lvlm-fast run: error: ...``, exit status 2."""
+
+
+# --------------------------------------------------------------------------- parsing
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512 MiB', '1.5e9', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 2GiB, 512MiB, 1e9)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_knob(text: str) -> tuple[str, Any]:
+    """'ratio=16' -> ('ratio', 16); values are Python literals, else strings."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = {"true": True, "false": False}.get(raw.lower(), raw)
+    return key.strip(), value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``run`` on the ``lvlm-fast`` subcommand parser."""
+    p = sub.add_parser(
+        "run", help="answer a question about a video with a long-video strategy",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("video", help="video file (anything PyAV/FFmpeg decodes)")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="local transformers checkpoint folder of a "
+                        "LlavaOnevisionForConditionalGeneration model (LLaVA-OneVision, "
+                        "LLaVA-Video) with its tokenizer")
+    p.add_argument("--question", required=True, help="the question about the video")
+    p.add_argument("--strategy", default="full", metavar="NAME",
+                   help="long-video strategy: full, uniform, vilamp, slowfast, llamavid, "
+                        "videoxl, ... (default full)")
+    p.add_argument("--set", dest="knobs", action="append", default=[], type=parse_knob,
+                   metavar="KEY=VALUE",
+                   help="strategy knob override, repeatable (e.g. --set ratio=8)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--frames", type=int, metavar="N",
+                   help="read N uniformly spaced frames (error if the video has fewer)")
+    g.add_argument("--fps", type=float, metavar="F",
+                   help="read one frame every 1/F seconds")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="answer length limit (default 64; greedy, stops at EOS)")
+    p.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
+                   help="working-memory budget per chunk (vision and prefill chunk sizes "
+                        "are derived from it), e.g. 2GiB (default 1GiB)")
+    p.add_argument("--vision-chunk", type=int, default=None, metavar="FRAMES",
+                   help="frames per vision-tower chunk (overrides the budget)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tokens per LLM prefill chunk (overrides the budget)")
+    p.add_argument("--decode-chunk", type=int, default=64, metavar="FRAMES",
+                   help="frames decoded from the file per chunk (default 64)")
+    p.add_argument("--device", default=None,
+                   help="cuda, cuda:1, cpu, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: the checkpoint's on CUDA, float32 on CPU)")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help="also write the answer and the report as JSON to OUT")
+    p.add_argument("--progress", action="store_true", help="progress bar while decoding")
+    p.set_defaults(func=main_run)
+    return p
+
+
+# --------------------------------------------------------------------------- pieces
+def preprocess_config(path: str, vision_config: Any) -> dict[str, Any]:
+    """rescale_factor, image_mean, image_std (and where they came from)."""
+    for name in _PREPROCESSOR_FILES:
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            try:
+                with open(f) as fh:
+                    d = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise RunError(f"cannot read {f!r}: {exc}") from exc
+            d = d.get("video_processor", d.get("image_processor", d))
+            if "image_mean" in d and "image_std" in d:
+                return {"rescale_factor": float(d.get("rescale_factor", 1 / 255)),
+                        "image_mean": tuple(d["image_mean"]), "image_std": tuple(d["image_std"]),
+                        "source": name}
+    clip = str(getattr(vision_config, "model_type", "")).startswith("clip")
+    mean, std = (_CLIP_MEAN, _CLIP_STD) if clip else ((0.5,) * 3, (0.5,) * 3)
+    return {"rescale_factor": 1 / 255, "image_mean": mean, "image_std": std,
+            "source": f"{'CLIP' if clip else 'SigLIP'} defaults"}
+
+
+def preprocess(frames_u8, size: int, pre: dict[str, Any], out) -> None:
+    """uint8 (t, H, W, 3) -> normalised (t, 3, size, size) written into ``out``."""
+    import torch
+    import torch.nn.functional as F
+
+    x = frames_u8.to(out.device).permute(0, 3, 1, 2).float()
+    if x.shape[2] != size or x.shape[3] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=True)
+    x = x.clamp_(0, 255).mul_(pre["rescale_factor"])
+    mean = torch.tensor(pre["image_mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["image_std"], device=x.device).view(1, 3, 1, 1)
+    out.copy_((x - mean) / std)
+
+
+def build_prompt(tokenizer, question: str) -> tuple[list[int], list[int], str]:
+    """(prefix ids, question ids, template used) around the video."""
+    template = "chat template"
+    text = None
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{VIDEO_SENTINEL}\n{question}"}],
+                tokenize=False, add_generation_prompt=True)
+        except Exception:
+            text = None
+        if text is not None and text.count(VIDEO_SENTINEL) != 1:
+            text = None
+    if text is None:
+        template = "ChatML"
+        text = (f"<|im_start|>user\n{VIDEO_SENTINEL}\n{question}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    before, after = text.split(VIDEO_SENTINEL)
+    pre = tokenizer(before, add_special_tokens=False)["input_ids"]
+    post = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not pre:  # the LLM needs at least one token before the video (the attention sink)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
+            tokenizer.eos_token_id
+        pre = [bos if bos is not None else 0]
+    if not post:
+        raise RunError("the prompt after the video is empty (empty question?)")
+    return pre, post, template
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _dtype(name: str, device) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else None
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Do the work; returns the answer and the report (raises RunError on bad input)."""
+    import torch
+
+    from lvlm_fast import video as lv
+    from lvlm_fast.models import LongVideoVLM, get_strategy
+    from lvlm_fast.models.strategies.base import VideoPrompt
+    from lvlm_fast.profile import LiveTensorTracker
+
+    if not args.progress:  # transformers' weight-loading bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    t_start = time.perf_counter()
+    stages: dict[str, float] = {}
+    knobs = dict(args.knobs)
+    try:  # fail on a bad strategy/knob before loading anything
+        strategy = get_strategy(args.strategy, **knobs)
+    except TypeError as exc:
+        raise RunError(f"bad --set for strategy {args.strategy!r}: {exc}") from exc
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    if args.max_new_tokens < 1:
+        raise RunError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.frames is not None and args.frames < 1:
+        raise RunError(f"--frames must be >= 1, got {args.frames}")
+    if args.fps is not None and args.fps <= 0:
+        raise RunError(f"--fps must be > 0, got {args.fps}")
+
+    t0 = time.perf_counter()
+    try:
+        info = lv.probe(args.video)
+        if args.fps is not None:
+            indices = lv.sample_indices(info.num_frames, "fps", fps=args.fps,
+                                        source_fps=info.fps)
+        elif args.frames is not None:
+            indices = lv.sample_indices(info.num_frames, "uniform", count=args.frames)
+        else:
+            indices = lv.sample_indices(info.num_frames, "uniform", count=DEFAULT_FRAMES,
+                                        on_short="all")
+    except ValueError as exc:  # VideoReadError is a ValueError
+        raise RunError(str(exc)) from exc
+    stages["probe"] = time.perf_counter() - t0
+
+    device = torch.device(args.device) if args.device else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    try:
+        vlm = LongVideoVLM.from_pretrained(
+            args.model, strategy, dtype=_dtype(args.dtype, device), device=device,
+            memory_budget_bytes=args.budget, vision_chunk_frames=args.vision_chunk,
+            prefill_chunk_tokens=args.prefill_chunk)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise RunError(str(exc)) from exc
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except Exception as exc:
+        raise RunError(f"cannot load a tokenizer from {args.model!r}: {exc}") from exc
+    stages["load model"] = time.perf_counter() - t0
+    weights = sum(p.nbytes for p in vlm.model.parameters())
+
+    pre_ids, post_ids, template = build_prompt(tokenizer, args.question)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(vlm.model.generation_config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pre = preprocess_config(args.model, vlm.config.vision_config)
+    size = vlm.config.vision_config.image_size
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_base = torch.cuda.memory_allocated(device)
+    vlm.sync_timings = cuda
+    tracker = LiveTensorTracker(cuda_allocator=False)
+    with tracker:
+        pixels = torch.empty((len(indices), 3, size, size), dtype=vlm.dtype, device=device)
+        t_dec = t_pre = 0.0
+        pos = 0
+        t0 = time.perf_counter()
+        try:
+            for _idx, chunk in lv.iter_frames(args.video, indices, chunk_size=args.decode_chunk,
+                                              progress=args.progress):
+                t1 = time.perf_counter()
+                t_dec += t1 - t0
+                preprocess(chunk, size, pre, pixels[pos : pos + chunk.shape[0]])
+                pos += chunk.shape[0]
+                t0 = time.perf_counter()
+                t_pre += t0 - t1
+        except ValueError as exc:
+            raise RunError(str(exc)) from exc
+        stages["decode video"], stages["preprocess"] = t_dec, t_pre
+        prompt = VideoPrompt(pixels, torch.tensor([pre_ids], device=device),
+                             torch.tensor([post_ids], device=device))
+        t0 = time.perf_counter()
+        try:
+            tokens = vlm.generate(prompt, args.max_new_tokens, eos_token_id=eos)
+        except ValueError as exc:
+            raise RunError(str(exc)) from exc
+        ids = tokens[0].tolist()  # one host sync, after generation
+        t_model = time.perf_counter() - t0
+    for k in ("vision", "prefill", "decode"):
+        stages[{"decode": "generate"}.get(k, k)] = vlm.timings.get(k, 0.0)
+    stages["strategy (other)"] = max(0.0, t_model - sum(vlm.timings.values()))
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    res = vlm.last_prefill
+    peak = (torch.cuda.max_memory_allocated(device) - cuda_base) if cuda else tracker.peak_bytes
+    stages["total"] = time.perf_counter() - t_start
+    return {
+        "answer": answer, "answer_ids": ids, "video": args.video, "model": args.model,
+        "strategy": strategy.name, "config": {k: v for k, v in vars(strategy.config).items()
+                                              if isinstance(v, (int, float, str, bool))},
+        "video_frames": info.num_frames, "video_fps": info.fps,
+        "frames_read": len(indices), "frames_encoded": res.frames_encoded,
+        "llm_tokens": res.llm_tokens, "visual_tokens": res.visual_tokens,
+        "prompt_template": template, "preprocess": pre["source"],
+        "device": str(device), "dtype": str(vlm.dtype).replace("torch.", ""),
+        "weights_bytes": weights, "peak_bytes": peak,
+        "peak_source": "CUDA allocator peak above weights" if cuda
+        else "live-tensor tracker (CPU), above weights",
+        "vision_chunk_frames": vlm.vision_chunk_frames,
+        "prefill_chunk_tokens": vlm.prefill_chunk_tokens,
+        "seconds": stages,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"strategy         {r['strategy']} {r['config']}",
+        f"frames read      {r['frames_read']} of {r['video_frames']} "
+        f"({r['frames_encoded']} through the vision tower)",
+        f"LLM tokens       {r['llm_tokens']} ({r['visual_tokens']} visual)",
+        f"peak memory      {_fmt_bytes(r['peak_bytes'])} ({r['peak_source']}; weights "
+        f"{_fmt_bytes(r['weights_bytes'])}, {r['dtype']} on {r['device']})",
+        f"chunks           {r['vision_chunk_frames']} frames / vision chunk, "
+        f"{r['prefill_chunk_tokens']} tokens / prefill chunk",
+        "time (s)         " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def main_run(args: argparse.Namespace, _rest: list[str] | None = None) -> int:
+    try:
+        report = run(args)
+    except RunError as exc:
+        print(f"lvlm-fast run: error: {exc}", file=sys.stderr)
+        return 2
+    print(report["answer"])
+    print("--")
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+    return 0

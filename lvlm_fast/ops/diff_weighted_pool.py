@@ -173,12 +173,6 @@ CPU_FALLBACKS = {"diff_weighted_pool": reference_fwd, "diff_weighted_pool_backwa
 
 
 # --------------------------------------------------------------------------- public API
-def _values_checkable(t: torch.Tensor) -> bool:
-    # is_compiling() first: under torch.compile, v.value_checks_allowed would reach
-    # fake_tensor.is_fake, which dynamo refuses to trace (a graph break under fullgraph).
-    return not torch.compiler.is_compiling() and v.value_checks_allowed(t)
-
-
 def _validate(x, query, ref_bank, ref_index, rel, red, tau):
     v.check_tensor("x", x, 3)
     n, p, d = x.shape
@@ -215,14 +209,14 @@ def _validate(x, query, ref_bank, ref_index, rel, red, tau):
     v.check_same("dtype", "x", x, query=query, ref_bank=ref_bank, rel=rel, red=red)
     if tau.dim() != 0 or not tau.is_floating_point():
         raise ValueError(f"tau must be a positive float or a 0-d float tensor, got {tau!r}")
-    if ref_index is not None and _values_checkable(ref_index):
+    if ref_index is not None and v.value_checks_allowed(ref_index):
         k = ref_bank.shape[0]
         lo, hi = torch.aminmax(ref_index)  # one cheap reduction; locate the culprit only on error
         if int(lo) < -1 or int(hi) >= k:
             first = int(((ref_index < -1) | (ref_index >= k)).nonzero()[0, 0])
             raise ValueError(f"ref_index values must be in [-1, {k}) (K = ref_bank.shape[0]); "
                              f"ref_index[{first}] = {int(ref_index[first])}")
-    if _values_checkable(tau) and not bool(tau > 0):
+    if v.value_checks_allowed(tau) and not bool(tau > 0):
         raise ValueError(f"tau must be > 0, got {float(tau)}")
 
 

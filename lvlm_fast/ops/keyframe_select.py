@@ -89,8 +89,7 @@ def _check_indices(indices: object, num_frames: object) -> None:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     v.check_int_tensor("indices", indices, 1)
-    if (indices.numel() and not torch.compiler.is_compiling()
-            and v.value_checks_allowed(indices)):
+    if indices.numel() and v.value_checks_allowed(indices):
         idx = indices.long()
         valid = idx >= 0
         m = int(valid.sum())

@@ -281,9 +281,7 @@ def _validate_index(slow_index: torch.Tensor, t: int) -> None:
     if slow_index.shape[0] > t:
         raise ValueError(f"slow_index must hold at most T = {t} strictly increasing frame "
                          f"indices, got shape {tuple(slow_index.shape)}")
-    # is_compiling() first: dynamo cannot trace the fake-tensor probe inside the helper
-    if (slow_index.numel() and not torch.compiler.is_compiling()
-            and v.value_checks_allowed(slow_index)):
+    if slow_index.numel() and v.value_checks_allowed(slow_index):
         vals = slow_index.tolist()  # eager CPU only; Ns <= T values, cheaper than tensor ops
         lo, hi = min(vals), max(vals)
         if lo < 0 or hi >= t:

@@ -1,0 +1,127 @@
+"""``llamavid``: LLaMA-VID's two tokens per frame (context, content), streamed.
+
+Per frame, on the projector output of its full patch grid X (P = h*w patches, LLM width D;
+729 patches on LLaVA-OneVision, before the 2x2 pooling):
+
+    context = sum_p mean_q softmax_p(Q X^T / sqrt(D))[q, p] X[p]     (text-guided)
+    content = mean_p X[p]                                             (or a g x g grid)
+
+through the fused :func:`lvlm_fast.ops.context_content_pool` (the ``(frames, Lq, P)``
+attention is never built). Tokens: ``[context, content]`` per frame in time order
+(``1 + content_grid**2`` per frame), then one ``image_newline``: ``2 T + 1`` by default.
+
+Text queries Q (documented choice; LLaVA-OneVision has no LLaMA-VID Q-Former):
+
+* default: the question's own token embeddings, ``vlm.embed_tokens(question_ids)`` (Lq = the
+  question's length, the whole ``question_ids`` incl. any chat-template tokens); no key
+  projection (keys = X), scale 1/sqrt(D). The features are already in the LLM space (after
+  the model's projector), so context and content need no further projection.
+* ``query_module``: a Q-Former-style callable ``(frame_feats (t, P, D), question_embeds
+  (Lq, D)) -> queries`` returning ``(Lq', D)`` shared or ``(t, Lq', D)`` per frame (LLaMA-VID's
+  Q-Former reads the instruction and the frame).
+* ``pooling``: a :class:`lvlm_fast.nn.ContextContentPooling` with ``vision_dim = D`` and
+  ``llm_dim = D`` (e.g. LLaMA-VID-style learned key / value / content projectors trained
+  on this model's features) replaces the parameter-free pooling; its ``content_grid``
+  then sets the tokens per frame.
+
+Held in memory (``holds_all_patch_features = False``): the output ``(T * (1 + g*g) + 1, D)``,
+the question embeddings and one vision chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lvlm_fast.models.strategies.base import (
+    EmbeddingStrategy,
+    StrategyConfig,
+    VideoPrompt,
+    register,
+)
+from lvlm_fast.models.strategies.vilamp import _check_int
+from lvlm_fast.nn.context_content import ContextContentPooling
+from lvlm_fast.ops import context_content_pool
+
+if TYPE_CHECKING:
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+
+@dataclass
+class LlamaVIDConfig(StrategyConfig):
+    """``content_grid`` g (1 = one content token, LLaMA-VID's default ``"mean"``);
+    ``query_module`` / ``pooling``: see the module docstring; ``scale`` of the scores
+    (None = 1/sqrt(D)); ``newline``: one ``image_newline`` after the video."""
+
+    content_grid: int = 1
+    query_module: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    pooling: ContextContentPooling | None = None
+    scale: float | None = None
+    newline: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("content_grid", self.content_grid, 1)
+        if self.query_module is not None and not callable(self.query_module):
+            raise TypeError(f"query_module must be callable (frame_feats, question_embeds) -> "
+                            f"queries, got {type(self.query_module).__name__}")
+        if self.pooling is not None and not isinstance(self.pooling, ContextContentPooling):
+            raise TypeError(f"pooling must be a ContextContentPooling, got "
+                            f"{type(self.pooling).__name__}")
+        if self.scale is not None and (isinstance(self.scale, bool)
+                                       or not isinstance(self.scale, (int, float))
+                                       or not math.isfinite(self.scale)):
+            raise ValueError(f"scale must be a finite float or None, got {self.scale!r}")
+
+
+@register
+class LlamaVID(EmbeddingStrategy):
+    """Context + content tokens per frame (``holds_all_patch_features = False``)."""
+
+    name = "llamavid"
+    config_class = LlamaVIDConfig
+    holds_all_patch_features = False
+
+    def tokens_per_frame(self) -> int:
+        cfg: LlamaVIDConfig = self.config
+        g = cfg.pooling.content_grid if cfg.pooling is not None else cfg.content_grid
+        return 1 + g * g
+
+    def _check_pooling(self, vlm: LongVideoVLM) -> None:
+        pool = self.config.pooling
+        if pool is not None and (pool.vision_dim != vlm.hidden_size
+                                 or pool.llm_dim != vlm.hidden_size):
+            raise ValueError(f"pooling must map D={vlm.hidden_size} features to D="
+                             f"{vlm.hidden_size} (got vision_dim={pool.vision_dim}, "
+                             f"llm_dim={pool.llm_dim}): it runs on the model's projected "
+                             "patch features")
+
+    @torch.no_grad()
+    def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
+        cfg: LlamaVIDConfig = self.config
+        self._check_pooling(vlm)
+        pv = prompt.pixel_values
+        t = pv.shape[0]
+        d = vlm.hidden_size
+        per = self.tokens_per_frame()
+        question = vlm.embed_tokens(prompt.question_ids)[0].to(vlm.dtype)  # (Lq, D)
+        scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(d)
+        out = torch.empty((t * per + int(cfg.newline), d), dtype=vlm.dtype, device=vlm.device)
+        for s, feats in vlm.iter_patch_features(pv):
+            n = feats.shape[0]
+            x = feats.reshape(n, -1, d)
+            queries = question if cfg.query_module is None else \
+                cfg.query_module(x, question).to(x.dtype)
+            if cfg.pooling is not None:
+                tok = cfg.pooling(x, queries)
+            else:
+                tok = context_content_pool(x, queries, scale=scale,
+                                           content_grid=cfg.content_grid)
+            out[s * per:(s + n) * per] = tok.reshape(n * per, d).to(out.dtype)
+            del feats, x, tok
+        if cfg.newline:
+            out[-1] = vlm.image_newline.to(vlm.dtype)
+        return out.unsqueeze(0), t

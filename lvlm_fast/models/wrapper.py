@@ -21,6 +21,16 @@ What the wrapper guarantees (the contract strategies rely on):
   materialising their concatenation. The decoder output of every chunk but the last
   position is dropped at once; the LM head never runs on the prompt except at its last
   position (in :meth:`first_token` / :meth:`generate`).
+- **Fused LLM attention.** Prefill chunks and decode steps attend to everything cached
+  plus causally within the chunk: bottom-right causal attention, which is exactly
+  :func:`lvlm_fast.ops.summary_attention` (no mask tensor, no score matrix; C++ on CPU,
+  Triton on CUDA, shape-only on meta). ``attention="auto"`` (default) switches the
+  decoder to it (transformers attention name ``"lvlm_summary"``) for the call when the
+  head dim is supported (64, 80, 96, 128: every shipped 7B config) and keeps the
+  model's own attention (e.g. SDPA with transformers' causal mask) otherwise (the toy
+  configs, head dim 16); ``"fused"`` requires it, ``"model"`` never uses it. On meta
+  tensors this matters: SDPA there falls back to its math path and would simulate a
+  (heads, chunk, context) score matrix that no real flash kernel allocates.
 - **Greedy decoding without host syncs.** :meth:`generate` writes each argmax into a
   preallocated device tensor and feeds it back as a device tensor; positions come from
   the cache's host-side length. Tokens after the first ``eos_token_id`` are replaced by
@@ -54,7 +64,9 @@ import torch.nn.functional as F
 from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from lvlm_fast.cache import ATTN_NAME
 from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
+from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
 # Class names (for messages and docs); the check is an isinstance on the classes.
 SUPPORTED_MODEL_CLASSES: tuple[str, ...] = ("LlavaOnevisionForConditionalGeneration",)
@@ -159,6 +171,7 @@ class LongVideoVLM:
                  memory_budget_bytes: int | None = None,
                  vision_chunk_frames: int | None = None,
                  prefill_chunk_tokens: int | None = None,
+                 attention: str = "auto",
                  **strategy_overrides: Any) -> None:
         if not isinstance(model, _supported_classes()):
             raise TypeError(f"unsupported model class {type(model).__name__}; supported: "
@@ -166,6 +179,15 @@ class LongVideoVLM:
                             "LLaVA-Video and Video-XL in the transformers layout)")
         self.model = model
         self.config = model.config
+        if attention not in ("auto", "fused", "model"):
+            raise ValueError(f"attention must be 'auto', 'fused' or 'model', got {attention!r}")
+        tc = self.config.text_config
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        if attention == "fused" and head_dim not in HEAD_DIMS:
+            raise ValueError(f"attention='fused' needs a head dim in {HEAD_DIMS}, this model's "
+                             f"is {head_dim} (use attention='auto' or 'model')")
+        self.fused_attention = attention == "fused" or (attention == "auto"
+                                                        and head_dim in HEAD_DIMS)
         if memory_budget_bytes is None:
             memory_budget_bytes = DEFAULT_MEMORY_BUDGET
         if not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 1:
@@ -435,6 +457,24 @@ class LongVideoVLM:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     # ------------------------------------------------------------------ LLM
+    @contextlib.contextmanager
+    def llm_attention(self) -> Iterator[None]:
+        """Run the decoder with the fused bottom-right causal attention if enabled
+        (restores the model's attention implementation afterwards)."""
+        if not self.fused_attention:
+            yield
+            return
+        lm = self.language_model
+        old = lm.config._attn_implementation
+        if old == ATTN_NAME:  # already switched (nested call)
+            yield
+            return
+        lm.set_attn_implementation(ATTN_NAME)
+        try:
+            yield
+        finally:
+            lm.set_attn_implementation(old)
+
     def make_cache(self, capacity: int):
         """A :class:`PreallocatedKVCache` with ``capacity`` rows for this model's LLM."""
         return PreallocatedKVCache(self.config.text_config.num_hidden_layers, capacity)
@@ -470,7 +510,7 @@ class LongVideoVLM:
         reserve = self.decode_reserve if reserve is None else reserve
         p, n, q = prefix_ids.shape[1], visual.shape[1], question_ids.shape[1]
         total = p + n + q
-        with self._stage("prefill"):
+        with self._stage("prefill"), self.llm_attention():
             cache = self.make_cache(total + reserve)
             segments = [(self.embed_tokens(prefix_ids), p),
                         (visual.to(self.dtype), n),
@@ -549,7 +589,7 @@ class LongVideoVLM:
     @torch.no_grad()
     def decode(self, res: PrefillResult, max_new_tokens: int) -> torch.Tensor:
         """Greedy tokens (1, max_new_tokens) continuing a prefill (no host sync)."""
-        with self._stage("decode"):
+        with self._stage("decode"), self.llm_attention():
             h = res.last_hidden
             tokens = torch.empty((1, max_new_tokens), dtype=torch.long, device=h.device)
             for t in range(max_new_tokens):

@@ -168,9 +168,34 @@ def test_meta_first_token_and_generate(name):
     assert toks.device.type == "meta" and toks.shape == (1, 3)
 
 
+def test_fake_cpu_simulation_matches_measured_peak():
+    # Simulation recipe for the profiler: build on meta, then to_empty(device="cpu") inside
+    # FakeTensorMode: the same kernels are dispatched as on real CPU tensors (SDPA's fused
+    # CPU path rather than the math path meta tensors take), so the peaks agree exactly.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lvlm_fast.profile import LiveTensorTracker
+
+    vlm = LongVideoVLM.from_config("tiny-llava-onevision", vision_chunk_frames=4,
+                                   prefill_chunk_tokens=16)
+    pr = _prompt(12)
+    with LiveTensorTracker() as real:
+        vlm.first_token(pr)
+    sim = LongVideoVLM.from_config("tiny-llava-onevision", device="meta", vision_chunk_frames=4,
+                                   prefill_chunk_tokens=16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        sim.model.to_empty(device="cpu")
+        fake_pr = VideoPrompt(torch.empty(12, 3, 56, 56), pr.prefix_ids.clone(),
+                              pr.question_ids.clone())
+        with LiveTensorTracker() as fake:
+            sim.first_token(fake_pr)
+    assert real.peak_bytes > 0 and fake.peak_bytes == real.peak_bytes
+
+
 def test_meta_7b_config_shapes_and_default_chunks():
     vlm = LongVideoVLM.from_config("llava-onevision-qwen2-7b", device="meta", dtype=torch.bfloat16)
     assert vlm.dtype == torch.bfloat16 and vlm.tokens_per_frame == 196
+    assert vlm.fused_attention  # head dim 128: prefill/decode use lvlm_fast summary_attention
     per = vlm.vision_bytes_per_frame()
     assert vlm.vision_chunk_frames == (1 << 30) // per >= 1
     assert 1 <= vlm.prefill_chunk_tokens <= 4096
@@ -189,6 +214,10 @@ def test_budget_too_small_says_bytes_needed(siglip):
         LongVideoVLM(siglip, vision_chunk_frames=0)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         LongVideoVLM(siglip, memory_budget_bytes=-1)
+    with pytest.raises(ValueError, match="attention"):
+        LongVideoVLM(siglip, attention="flash")
+    with pytest.raises(ValueError, match="head dim"):
+        LongVideoVLM(siglip, attention="fused")  # toy head dim 16
 
 
 def test_unsupported_model_class_names_supported():

@@ -57,6 +57,25 @@ def test_full_equals_hf_generate(model, t, vchunk, pchunk):
     assert torch.equal(vlm.generate(pr, MAX_NEW), ref_tokens)
 
 
+@pytest.mark.parametrize("attention", ["fused", "model"])
+def test_full_equals_hf_generate_head_dim_64(attention):
+    # head dim 64: prefill chunks and decode steps run on the fused bottom-right causal
+    # summary_attention op ("fused", the default for such models) or on SDPA ("model").
+    cfg = get_config("tiny-llava-onevision")
+    tc = cfg.text_config
+    tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads = 128, 2, 1
+    torch.manual_seed(3)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    pr = _prompt(3, seed=3)
+    ref_tokens, ref_logits = _hf(model, pr, pr.pixel_values)
+    vlm = LongVideoVLM(model, "full", vision_chunk_frames=2, prefill_chunk_tokens=5,
+                       attention=attention)
+    assert vlm.fused_attention == (attention == "fused")
+    torch.testing.assert_close(vlm.first_token(pr), ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vlm.generate(pr, MAX_NEW), ref_tokens)
+    assert model.config.text_config._attn_implementation != "lvlm_summary"  # restored
+
+
 def test_uniform_equals_hf_on_sampled_frames(model):
     pr = _prompt(7, seed=11)
     keep = [0, 3, 6]

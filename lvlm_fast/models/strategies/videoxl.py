@@ -20,7 +20,7 @@ Knobs (:class:`VideoXLConfig`): ``ratio`` (16, the published needle-test setting
 False keeps raw rows too: the same sequence without the memory saving, for testing),
 ``summary_embed`` (the learned summary-token vector if the checkpoint has one; else one
 vector initialised from the EOS embedding, zeros when there is no EOS id, as
-:class:`lvlm_fast.nn.summary_proj.SummaryEmbedding` does). Summary projections are
+:meth:`lvlm_fast.nn.summary_proj.SummaryEmbedding.from_model` does). Summary projections are
 installed on the decoder on first use (copies of the base q/k/v unless already there);
 outside a window they are exactly the base layers, so other strategies are unaffected.
 
@@ -53,7 +53,7 @@ from lvlm_fast.models.strategies.base import (
     VideoPrompt,
     register,
 )
-from lvlm_fast.nn.summary_proj import SummaryEmbedding, install_summary_projections
+from lvlm_fast.nn.summary_proj import install_summary_projections
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
 if TYPE_CHECKING:
@@ -102,7 +102,12 @@ def _summary_vector(vlm: LongVideoVLM, view: DecoderView, given: torch.Tensor | 
         return given.to(vlm.device, vlm.dtype)
     cached = getattr(vlm, "_videoxl_summary_embed", None)
     if cached is None:
-        cached = SummaryEmbedding.from_model(view).weight.detach()
+        # SummaryEmbedding.from_model's rule (EOS row, zeros without EOS), built with tensor
+        # ops on the embedding itself so it also works on meta and fake tensors
+        emb = view.get_input_embeddings().weight
+        eos = view.config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        cached = emb[eos].detach().clone() if eos is not None else emb.new_zeros(emb.shape[1])
         vlm._videoxl_summary_embed = cached
     return cached
 

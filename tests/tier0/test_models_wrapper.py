@@ -54,7 +54,7 @@ def _hf_patch_feats(model, px):
 
 
 @pytest.mark.parametrize("which", ["siglip", "clip"])
-@pytest.mark.parametrize("chunk", [1, 2, 5])
+@pytest.mark.parametrize("chunk", [1, 2])
 def test_iter_patch_features_matches_hf_hidden_states(which, chunk, request):
     model = request.getfixturevalue(which)
     vlm = LongVideoVLM(model, vision_chunk_frames=chunk)
@@ -104,7 +104,7 @@ def test_pool_2x2_matches_apply_pooling(siglip):
     assert vlm.pool_2x2(odd).shape == (2, 3, 2, 8)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_prefill_embeds_chunked_matches_single_forward(siglip, chunk):
     vlm = LongVideoVLM(siglip, prefill_chunk_tokens=chunk)
     pr = _prompt(1)

@@ -42,7 +42,7 @@ def _hf(model, pr: VideoPrompt, frames: torch.Tensor):
     return out[:, ids.shape[1]:], logits
 
 
-@pytest.mark.parametrize("t,vchunk,pchunk", [(1, 1, 7), (3, 2, 5), (5, 2, 11), (4, 3, 4096)])
+@pytest.mark.parametrize("t,vchunk,pchunk", [(1, 1, 7), (5, 2, 11), (4, 3, 4096)])
 def test_full_equals_hf_generate(model, t, vchunk, pchunk):
     pr = _prompt(t, seed=t)
     ref_tokens, ref_logits = _hf(model, pr, pr.pixel_values)

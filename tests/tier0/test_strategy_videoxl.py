@@ -60,7 +60,7 @@ def test_no_summaries_no_eviction_equals_full(which, request):
 
 
 @pytest.mark.parametrize("evict", [False, True])
-@pytest.mark.parametrize(("ratio", "window", "vchunk"), [(3, 10, 2), (4, 8, 3), (2, 40, 4)])
+@pytest.mark.parametrize(("ratio", "window", "vchunk"), [(3, 10, 2), (4, 8, 3)])
 def test_streamed_equals_driver_on_materialised_stream(fused_model, evict, ratio, window,
                                                        vchunk):
     pr = _prompt()

@@ -546,6 +546,7 @@ class LongVideoVLM:
         self._check_ids("prompt.prefix_ids", prompt.prefix_ids)
         self._check_ids("prompt.question_ids", prompt.question_ids)
 
+    @torch.no_grad()
     def prefill(self, prompt: VideoPrompt, strategy: str | Strategy | None = None,
                 **overrides: Any) -> PrefillResult:
         """Run a strategy's prefill on ``prompt`` (the default strategy if None)."""

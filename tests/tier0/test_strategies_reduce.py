@@ -255,6 +255,29 @@ def test_vilamp_auto_finds_model_dfm(prompt):
         get_strategy("vilamp", dfm="learned").visual_embeds(vlm, prompt)
 
 
+def test_vilamp_dfm_from_released_checkpoint(vlm, prompt, tmp_path):
+    """dfm=<path>: the released SigPooling tensors (model.composer_projector.*) are loaded
+    with DifferentialFeatureMerging.from_released_checkpoint and used as learned DFM."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    dfm = DifferentialFeatureMerging(vlm.hidden_size, TEXT_DIM)
+    with torch.no_grad():
+        dfm.tau.fill_(0.2)
+    sd = {f"model.composer_projector.{k}": v.detach().clone()
+          for k, v in dfm.state_dict().items()}
+    sd["model.layers.0.other.weight"] = torch.zeros(2)  # unrelated tensors are skipped
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    q = torch.randn(TEXT_DIM)
+    sel = TinySelector()
+    got, _ = get_strategy("vilamp", num_keyframes=3, selector=sel, query_embedding=q,
+                          dfm=str(path)).visual_embeds(vlm, prompt)
+    want, _ = get_strategy("vilamp", num_keyframes=3, selector=sel, query_embedding=q,
+                           dfm=dfm).visual_embeds(vlm, prompt)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("encode", ["all_at_once", "chunked"])
 @pytest.mark.parametrize("kw", [
     {"num_keyframes": 4},

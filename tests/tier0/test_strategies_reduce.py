@@ -278,6 +278,14 @@ def test_vilamp_dfm_from_released_checkpoint(vlm, prompt, tmp_path):
     torch.testing.assert_close(got, want)
 
 
+def test_vilamp_parameter_free_module_uses_its_tau(vlm, prompt, full):
+    free = DifferentialFeatureMerging(vlm.hidden_size, learned=False, tau=0.07)
+    want, _ = ref_vilamp(vlm, full, k=3, dfm_tau=0.07)
+    for name in ("vilamp", "vilamp-seed"):
+        got, _ = get_strategy(name, num_keyframes=3, dfm=free).visual_embeds(vlm, prompt)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("encode", ["all_at_once", "chunked"])
 @pytest.mark.parametrize("kw", [
     {"num_keyframes": 4},

@@ -54,7 +54,8 @@ themselves, the released convention):
 * parameter-free (``"free"``, or ``"auto"`` without weights/query): ``A = B = X``,
   ``Kr = R``, no query term (zero query; the LLM-space has no CLIP text vector), and
   ``tau = dfm_tau`` (default 2.0: ``softmax(-cos/2)`` is the paper's parameter-free
-  ablation ``softmax(1 - (0.5 + 0.5 cos))``).
+  ablation ``softmax(1 - (0.5 + 0.5 cos))``); a ``DifferentialFeatureMerging(learned=False)``
+  passed as ``dfm`` uses its own ``tau`` instead.
 
 The DFM of a chunk runs as one fused :func:`lvlm_fast.ops.diff_weighted_pool` call whose
 reference bank is ``[carried keyframe ; the chunk's own frames]`` and whose per-frame bank
@@ -313,7 +314,8 @@ def find_model_dfm(vlm: LongVideoVLM) -> DifferentialFeatureMerging | None:
 
 def resolve_dfm(cfg: ViLAMPConfig, vlm: LongVideoVLM, text_query: torch.Tensor | None,
                 cache: dict) -> DifferentialFeatureMerging | None:
-    """The learned DFM module to use, or None for the parameter-free form."""
+    """The DFM module to use (learned, or a parameter-free one whose ``tau`` is used), or
+    None for the parameter-free form with ``dfm_tau``."""
     spec = cfg.dfm
     if isinstance(spec, DifferentialFeatureMerging):
         mod = spec
@@ -331,8 +333,8 @@ def resolve_dfm(cfg: ViLAMPConfig, vlm: LongVideoVLM, text_query: torch.Tensor |
                              "pass dfm=<module or released checkpoint path> or dfm='free'")
         if mod is None or (spec == "auto" and text_query is None):
             return None
-    if not mod.learned:
-        return None
+    if not mod.learned:  # a parameter-free module: its tau, no query term
+        return mod
     if mod.dim != vlm.hidden_size:
         raise ValueError(f"the DFM module has dim {mod.dim} but the model's hidden size is "
                          f"{vlm.hidden_size}")
@@ -454,9 +456,10 @@ class ViLAMP(EmbeddingStrategy):
         out = new_output(vlm, layout, cfg.newline)
         # ---- pass 2: stream the frames; DFM against [carried keyframe ; chunk]
         d = vlm.hidden_size
-        if dfm is None:
+        if dfm is None or not dfm.learned:
             query = torch.zeros(d, dtype=vlm.dtype, device=vlm.device)
-            tau: float | torch.Tensor = float(cfg.dfm_tau)
+            tau: float | torch.Tensor = (float(cfg.dfm_tau) if dfm is None
+                                         else dfm.tau.detach().float().to(vlm.device))
         else:
             query = dfm.project_query(text_query.to(dfm.linear_q.weight.dtype)).to(vlm.dtype)
             tau = dfm.tau.detach().float()
@@ -466,7 +469,7 @@ class ViLAMP(EmbeddingStrategy):
             x = feats.reshape(t, -1, d)
             bank = torch.cat([carry, x])
             ri = layout.bank_index(s, t)
-            if dfm is None:
+            if dfm is None or not dfm.learned:
                 tok = diff_weighted_pool(x, query, bank, ri, tau=tau)
             else:
                 def lin(v, m):

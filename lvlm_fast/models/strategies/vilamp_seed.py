@@ -127,11 +127,12 @@ class ViLAMPSeed(EmbeddingStrategy):
         frames = torch.arange(n, device=x.device)
         ref_rows = torch.where(layout.ref_frame < 0, frames, layout.ref_frame)
         key_frame_expanded = x.index_select(0, ref_rows)  # (N, P, D)
-        if dfm is None:
+        if dfm is None or not dfm.learned:
             query_expanded = torch.zeros(d, dtype=x.dtype, device=x.device
                                          ).view(1, 1, -1).repeat(n, h * w, 1)
             iq, ik, q, k = x, x, query_expanded, key_frame_expanded
-            tau: float | torch.Tensor = float(cfg.dfm_tau)
+            tau: float | torch.Tensor = (float(cfg.dfm_tau) if dfm is None
+                                         else dfm.tau.detach().to(x.device, x.dtype))
         else:
             wdt = dfm.linear_q.weight.dtype
             query_expanded = text_query.to(wdt).view(1, 1, -1).repeat(n, h * w, 1)

@@ -2,6 +2,7 @@
 
     lvlm-fast bench [--quick] [--op NAME ...] [--json OUT] [--csv OUT]   microbenchmarks
     lvlm-fast info                                                       kernel status
+    lvlm-fast profile [--model M] [--frames N,...] [--budget GIB] [--json OUT]   memory vs frames
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     from lvlm_fast.models import command as _run_cmd
 
     _run_cmd.add_parser(sub)
+    from lvlm_fast.profile import command as _profile_cmd
+
+    profile = sub.add_parser("profile", help="peak memory vs frame count per strategy "
+                             "(simulated 7B by default): table, CSV, PNG, --json, --budget",
+                             description=_profile_cmd.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    _profile_cmd.add_arguments(profile)
+    profile.set_defaults(func=lambda a, _rest: _profile_cmd.main(
+        a, sys.argv[2:] if argv is None else argv[1:]))
     args, rest = parser.parse_known_args(argv)
     if args.cmd != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

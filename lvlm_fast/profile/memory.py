@@ -1,0 +1,666 @@
+"""Peak memory of the whole long-video pipeline vs frame count (measured or simulated).
+
+One number per (model, strategy, frame count): the **peak bytes of live tensors during one
+full pass, video in, first answer token out** (DESIGN.md "Memory accounting"), i.e.
+``LongVideoVLM.first_token`` on a :class:`~lvlm_fast.models.strategies.base.VideoPrompt`.
+
+What ``peak_bytes`` counts (exactly)
+------------------------------------
+``peak_bytes = weight_bytes + input_bytes + pass_peak_bytes`` where
+
+- ``weight_bytes``: every parameter and buffer of the model (unique storages, so tied
+  weights count once), on the model's device, in the profiled dtype. Live from the start.
+- ``input_bytes``: the prompt as :class:`VideoPrompt` holds it for the whole call: the
+  preprocessed frames ``pixel_values`` (T, 3, H, W) in the model dtype (H = W = the
+  vision tower's image size) plus the prefix/question token ids (int64). Counted only if
+  they live on the model's device (frames kept in host memory while the model runs on a
+  GPU are not device memory). ``inputs_on_device=False`` leaves them out of the sum (the
+  row still reports them): the pipeline where frames are decoded into host memory and
+  only one vision chunk at a time is on the device.
+- ``pass_peak_bytes``: the peak, above the level at entry, of tensor storages allocated
+  during the call and alive at the same time (activations, KV cache, visual tokens, the
+  returned logits). CPU and meta/fake (simulated): the dispatch-level
+  :class:`~lvlm_fast.profile.tracker.LiveTensorTracker`; CUDA: the caching allocator's
+  peak (``torch.cuda.max_memory_allocated``), which also sees kernels' internal buffers.
+
+Not counted: memory that is not a tensor storage (Python objects, CUDA context, allocator
+caching/fragmentation), scratch a CPU kernel allocates and frees inside one op (invisible
+at the dispatch level), the decoder's own buffers before preprocessing.
+
+Simulated vs measured
+---------------------
+``simulate=True`` builds the model from its config on the ``meta`` device (no weights,
+no RAM), makes meta frames and ids, and runs the *same* code under the same tracker: meta
+storages report the bytes the real tensors would take, so the 7B can be profiled at 10,240
+frames on a laptop. ``simulate=False`` builds the model with random weights on CPU (or
+the given device) and runs it for real; the tier-0 tests check both agree within 5 % on
+the tiny configs for every registered strategy.
+
+Why the project's tracker and not ``torch.distributed._tools.mem_tracker.MemTracker``
+-------------------------------------------------------------------------------------
+Checked on torch 2.13: MemTracker works on CPU and meta tensors and, given
+``track_external(model, inputs)``, reports parameters, buffers and activations with the
+right totals on a single forward. It does not fit this pipeline: it raises
+``NotImplementedError("MemTracker does not support memory tracking for multiple
+iterative calls")`` as soon as a module runs twice inside one tracking session, and the
+chunked pipeline calls every vision layer once per chunk and every decoder layer once per
+prefill chunk (a tier-0 test pins this). It is also a private API of the distributed
+package, and counts storages it was not told about as new the first time an op returns
+them. ``torch.cuda.memory`` (the allocator's peak) is used for measured CUDA runs.
+
+Simulation speed
+----------------
+A meta op costs ~0.3-1 ms on torch 2.13 (elementwise ops run Python reference
+decompositions) and a 7B pass over 10,240 frames runs ~10^5-10^6 of them, so simulated
+runs use :class:`SimulationTracker`: the live tracker plus a cache of meta shape inference
+keyed by the op and its inputs' metadata (vision chunks repeat the same shapes). It
+changes no accounting (tested: cached and uncached peaks are equal).
+
+API
+---
+``profile_pipeline(model, strategy, frames, *, dtype, simulate, ...) -> dict`` one row.
+``Profiler`` caches the built model/wrapper across calls (the sweep reuses one 7B meta
+model) and offers ``sweep`` and ``largest_fitting`` (bisection between frame counts).
+``PeakBreakdownTracker`` records which tensors were alive at the peak moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from lvlm_fast.profile.tracker import LiveTensorTracker
+from lvlm_fast.profile.tracker import _storages as _storages_of
+
+__all__ = [
+    "DEFAULT_FRAMES",
+    "DEFAULT_MODEL",
+    "GIB",
+    "PeakBreakdownTracker",
+    "Profiler",
+    "build_model",
+    "make_prompt",
+    "model_static_bytes",
+    "profile_pipeline",
+]
+
+GIB = 1024**3
+DEFAULT_MODEL = "llava-onevision-qwen2-7b"
+DEFAULT_FRAMES = (128, 256, 512, 1024, 2048, 4096, 8192, 10240)
+# Prompt around the video: a chat-template-sized prefix (system + user header) and a short
+# question + assistant header. Their size barely matters next to the video.
+PREFIX_TOKENS = 16
+QUESTION_TOKENS = 32
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+           "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"fp16"``/``"fp32"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------- model + inputs
+def resolve_config(config: Any):
+    """A shipped config name or a ``LlavaOnevisionConfig`` -> the config."""
+    if isinstance(config, str):
+        from lvlm_fast.models.configs import get_config
+
+        return get_config(config)
+    return config
+
+
+def build_model(config: Any, *, dtype: torch.dtype = torch.bfloat16, simulate: bool = True,
+                device: str | torch.device | None = None, seed: int = 0) -> torch.nn.Module:
+    """``LlavaOnevisionForConditionalGeneration`` from a config (name or object).
+
+    ``simulate=True``: on the meta device (no weights, no memory). Else random init on
+    ``device`` (default CPU), seeded, in ``dtype``, eval mode.
+    """
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    cfg = resolve_config(config)
+    dev = torch.device("meta") if simulate else torch.device(device or "cpu")
+    if not simulate:
+        torch.manual_seed(seed)
+    with dev:
+        model = LlavaOnevisionForConditionalGeneration(cfg)
+    return model.to(dtype).eval()
+
+
+def _unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st._cdata in seen:
+            continue
+        seen.add(st._cdata)
+        total += st.nbytes()
+    return total
+
+
+def model_static_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (unique storages: tied weights count once)."""
+    return _unique_storage_bytes([*model.parameters(), *model.buffers()])
+
+
+def _vision_image_size(cfg: Any) -> int:
+    size = cfg.vision_config.image_size
+    return size if isinstance(size, int) else int(size[0])
+
+
+def make_prompt(config: Any, frames: int, *, dtype: torch.dtype = torch.bfloat16,
+                device: str | torch.device = "meta", prefix_tokens: int = PREFIX_TOKENS,
+                question_tokens: int = QUESTION_TOKENS, seed: int = 0):
+    """A :class:`VideoPrompt` of ``frames`` preprocessed frames (T, 3, S, S) in ``dtype``
+    (S = the vision tower's image size) and random prompt ids that avoid the image/video
+    token ids. On meta: shapes only."""
+    from lvlm_fast.models.strategies.base import VideoPrompt
+
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    cfg = resolve_config(config)
+    size = _vision_image_size(cfg)
+    device = torch.device(device)
+    if device.type == "meta":
+        pixels = torch.empty(frames, 3, size, size, dtype=dtype, device=device)
+        prefix = torch.zeros(1, prefix_tokens, dtype=torch.long, device=device)
+        question = torch.zeros(1, question_tokens, dtype=torch.long, device=device)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(frames, 3, size, size, generator=gen).to(device=device, dtype=dtype)
+        # Ordinary text ids: below every special multimodal id and the vocabulary size.
+        hi = min(cfg.text_config.vocab_size, cfg.image_token_index, cfg.video_token_index)
+        prefix = torch.randint(0, hi, (1, prefix_tokens), generator=gen).to(device)
+        question = torch.randint(0, hi, (1, question_tokens), generator=gen).to(device)
+    return VideoPrompt(pixel_values=pixels, prefix_ids=prefix, question_ids=question)
+
+
+def prompt_bytes(prompt: Any) -> int:
+    return _unique_storage_bytes([prompt.pixel_values, prompt.prefix_ids, prompt.question_ids])
+
+
+# ---------------------------------------------------------------------- simulation speed
+class _Uncacheable(Exception):
+    pass
+
+
+_SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+def _key(x: Any, leaves: list[torch.Tensor]) -> Any:
+    """Hashable key of an op argument (tensors: meta metadata); tensors appended to
+    ``leaves`` in order. Raises _Uncacheable for anything else."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_meta:
+            raise _Uncacheable
+        leaves.append(x)
+        return (x.shape, x.stride(), x.storage_offset(), x.dtype)
+    tx = type(x)
+    if tx is tuple or tx is list:
+        return (tx, *[_key(v, leaves) for v in x])
+    if x is None or isinstance(x, _SCALARS):
+        return (tx, x)
+    raise _Uncacheable
+
+
+def _cacheable_op(func: Any) -> bool:
+    """Ops whose meta outputs depend only on the inputs' metadata and that change no
+    input's metadata: not in-place view ops (``transpose_``, ``resize_``, ``set_``...),
+    not ``out=`` variants (they resize ``out``), not mutable custom ops."""
+    if torch.Tag.inplace_view in func.tags or "out" in func._overloadname:
+        return False
+    name = func.name()
+    if name.startswith("aten::resize") or name.startswith("aten::set_"):
+        return False
+    return name.startswith("aten::") or not func._schema.is_mutable
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+class SimulationTracker(LiveTensorTracker):
+    """:class:`LiveTensorTracker` plus a shape-inference cache for meta tensors.
+
+    Why: on torch 2.13 a meta op costs ~0.3-1 ms in Python (most elementwise ops go
+    through the Python reference decompositions), and a 7B pass over 10,240 frames runs
+    hundreds of thousands of them (every vision chunk repeats the same shapes). Meta
+    outputs depend only on the inputs' metadata, so the first call of an op with a given
+    (op, input shapes/strides/offsets/dtypes, scalar arguments) records its outputs'
+    metadata, and later identical calls build the outputs directly: a new meta storage of
+    the same shape/stride for a fresh output, the same input object for an in-place
+    result, ``as_strided`` on the same storage for a view. Storage accounting is
+    unchanged (the outputs are the same storages the op would return). Only all-meta
+    calls are cached; ops that mutate metadata (``*_`` view ops, ``resize_``, ``set_``,
+    ``out=``) always run. ``hits``/``misses`` count cache use.
+    """
+
+    def __init__(self, *, cache: bool = True, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._use_cache = cache
+        self._op_cache: dict[Any, Any] = {}
+        self._op_ok: dict[Any, bool] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _sdpa(self, func, types, args, kwargs):
+        """SDPA as one op, as the fused kernels run it. Under ``inference_mode`` the meta
+        call returns a contiguous (B, H, L, D) output; the fused kernels (flash on CPU,
+        flash/memory-efficient on CUDA) return it in the *query's* memory order, which
+        for transformers' ``view(B, L, H, D).transpose(1, 2)`` queries makes the later
+        ``transpose(1, 2).contiguous()`` free. Build the output that way so the
+        simulation does not count a copy the device never makes. (Kernel workspaces,
+        e.g. the float bias CUDA's memory-efficient kernel makes from a boolean mask,
+        are inside the op and not modelled.)"""
+        q = args[0] if args else kwargs.get("query")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        if not (isinstance(q, torch.Tensor) and q.is_meta and q.dim() == 4
+                and isinstance(v, torch.Tensor)):
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        with self._lock:
+            for st in _storages_of((args, kwargs)):
+                self._note_input(st)
+        shape = (*q.shape[:3], v.shape[-1])
+        order = sorted(range(4), key=lambda i: -q.stride(i))  # outermost first
+        out = torch.empty_permuted(shape, order, dtype=q.dtype, device="meta")
+        with self._lock:
+            self._note_output(out.untyped_storage())
+        return out
+
+    def _record(self, key: Any, leaves: list[torch.Tensor], out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outs, kind = [out], None
+        elif isinstance(out, (tuple, list)):
+            outs, kind = list(out), type(out)
+        else:
+            return
+        by_storage: dict[int, int] = {}
+        for i, leaf in enumerate(leaves):
+            by_storage.setdefault(leaf.untyped_storage()._cdata, i)
+        recs, new_storages = [], set()
+        for o in outs:
+            if o is None:
+                recs.append(("none", 0, None))
+                continue
+            if not isinstance(o, torch.Tensor) or o.device.type != "meta":
+                return  # a Python number, a non-meta tensor: do not cache
+            st = o.untyped_storage()
+            src = by_storage.get(st._cdata)
+            if src is not None:
+                if o is leaves[src]:
+                    recs.append(("same", src, None))
+                else:
+                    recs.append(("view", src, (tuple(o.shape), o.stride(), o.storage_offset())))
+                continue
+            # A fresh output: must be exactly what empty_strided would allocate, and not
+            # share its storage with another output.
+            if st._cdata in new_storages or o.storage_offset() != 0:
+                return
+            fresh = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device="meta")
+            if fresh.untyped_storage().nbytes() != st.nbytes():
+                return
+            new_storages.add(st._cdata)
+            recs.append(("new", 0, (tuple(o.shape), o.stride(), o.dtype)))
+        self._op_cache[key] = (kind, recs)
+
+    def _replay(self, rec: Any, leaves: list[torch.Tensor]) -> Any:
+        kind, recs = rec
+        outs = []
+        for what, src, meta in recs:
+            if what == "new":
+                outs.append(torch.empty_strided(meta[0], meta[1], dtype=meta[2], device="meta"))
+            elif what == "same":
+                outs.append(leaves[src])
+            elif what == "view":
+                outs.append(leaves[src].as_strided(*meta))
+            else:
+                outs.append(None)
+        return outs[0] if kind is None else kind(outs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ok = self._op_ok.get(func)
+        if ok is None:
+            ok = self._op_ok[func] = self._use_cache and _cacheable_op(func)
+        if func is _SDPA:
+            return self._sdpa(func, types, args, kwargs)
+        if not ok:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        leaves: list[torch.Tensor] = []
+        try:
+            key = (func, _key(args, leaves), _key(tuple(kwargs.items()), leaves))
+        except _Uncacheable:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        rec = self._op_cache.get(key)
+        if rec is None:
+            self.misses += 1
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self._record(key, leaves, out)
+            return out
+        self.hits += 1
+        out = self._replay(rec, leaves)
+        # Same bookkeeping as the parent, without running the op.
+        with self._lock:
+            for leaf in leaves:
+                self._note_input(leaf.untyped_storage())
+            for o in ((out,) if isinstance(out, torch.Tensor) else out):
+                if o is not None:
+                    self._note_output(o.untyped_storage())
+        return out
+
+
+# ---------------------------------------------------------------------- breakdown tracker
+@dataclasses.dataclass
+class LiveTensorInfo:
+    """One storage alive at the peak moment."""
+
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    op: str
+    where: str  # innermost lvlm_fast / transformers frames that allocated it
+
+    def describe(self) -> str:
+        return (f"{self.nbytes / GIB:8.3f} GiB  {self.dtype:>8}  {list(self.shape)!s:<28} "
+                f"{self.op:<32} {self.where}")
+
+
+def _call_site(limit: int = 3) -> str:
+    """Innermost frames of the package or transformers (where an allocation came from)."""
+    keep = []
+    for fr in reversed(traceback.extract_stack()[:-3]):
+        f = fr.filename
+        if "/profile/" in f or "/torch/" in f:
+            continue
+        if "lvlm_fast" in f or "transformers" in f:
+            short = f.split("lvlm_fast/")[-1] if "lvlm_fast/" in f else f.split("/")[-1]
+            keep.append(f"{short}:{fr.lineno}:{fr.name}")
+            if len(keep) == limit:
+                break
+    return " < ".join(keep)
+
+
+class PeakBreakdownTracker(SimulationTracker):
+    """A :class:`LiveTensorTracker` that also remembers *which* storages were alive at the
+    (pass) peak: op, shape, dtype and, for storages of at least ``site_min_bytes``, the
+    package/transformers source line that allocated them. Slower: use for diagnosis."""
+
+    def __init__(self, *, site_min_bytes: int = 16 * 2**20, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._info: dict[int, LiveTensorInfo] = {}
+        self._site_min = site_min_bytes
+        self._peak_keys: list[int] = []
+        self.peak_live: list[LiveTensorInfo] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.peak_bytes
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        from torch.utils._pytree import tree_iter
+
+        for leaf in tree_iter(out):
+            if isinstance(leaf, torch.Tensor):
+                try:
+                    key = leaf.untyped_storage()._cdata
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
+                if key in self._live and key not in self._info:
+                    nbytes = self._live[key][0]
+                    where = _call_site() if nbytes >= self._site_min else ""
+                    self._info[key] = LiveTensorInfo(nbytes, tuple(leaf.shape),
+                                                     str(leaf.dtype).replace("torch.", ""),
+                                                     str(func.overloadpacket.__name__), where)
+        if self.peak_bytes > before:  # new peak: remember who is alive now
+            self._peak_keys = list(self._live)
+            self.peak_live = [self._info.get(k) or LiveTensorInfo(self._live[k][0], (), "?",
+                                                                   "?", "")
+                              for k in self._peak_keys]
+        return out
+
+    def _on_free(self, key: int, _ref: Any) -> None:
+        super()._on_free(key, _ref)
+        self._info.pop(key, None)
+
+    def top(self, n: int = 10) -> list[LiveTensorInfo]:
+        return sorted(self.peak_live, key=lambda i: -i.nbytes)[:n]
+
+
+# ---------------------------------------------------------------------- the pipeline
+def _default_overrides(name: str) -> dict[str, Any]:
+    return {}
+
+
+def _make_wrapper(model: torch.nn.Module, strategy: Any, vlm_kwargs: dict[str, Any]):
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+    return LongVideoVLM(model, strategy=strategy, **vlm_kwargs)
+
+
+def _run_first_token(vlm: Any, prompt: Any) -> tuple[torch.Tensor, Any]:
+    """``vlm.first_token(prompt)`` plus the strategy's PrefillResult counts if exposed."""
+    logits = vlm.first_token(prompt)
+    return logits, getattr(vlm, "last_prefill", None)
+
+
+class Profiler:
+    """Profiles one model (built once) under many strategies and frame counts.
+
+    ``model``: a shipped config name, a ``LlavaOnevisionConfig``, or a
+    ``LlavaOnevisionForConditionalGeneration`` instance (meta -> simulated).
+    ``vlm_kwargs``: passed to ``LongVideoVLM`` (chunk sizes, budget...).
+    ``strategy_overrides``: ``{strategy name: {knob: value}}``.
+    """
+
+    def __init__(self, model: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = torch.bfloat16,
+                 simulate: bool = True, device: str | torch.device | None = None,
+                 vlm_kwargs: dict[str, Any] | None = None,
+                 strategy_overrides: dict[str, dict[str, Any]] | None = None,
+                 inputs_on_device: bool = True, seed: int = 0) -> None:
+        self.dtype = parse_dtype(dtype)
+        self._shared_model: torch.nn.Module | None = None
+        if isinstance(model, torch.nn.Module):
+            # A user's instance is shared by every strategy (it cannot be rebuilt).
+            self._shared_model = model
+            self.model_name = getattr(model.config, "name_or_path", "") or type(model).__name__
+            p = next(model.parameters())
+            simulate = p.device.type == "meta"
+            self.dtype = p.dtype
+            self.model = model
+        else:
+            self.model_name = model if isinstance(model, str) else type(model).__name__
+            self._model_spec = resolve_config(model)
+            self.model = build_model(self._model_spec, dtype=self.dtype, simulate=simulate,
+                                     device=device, seed=seed)
+        self.config = self.model.config
+        self.simulate = simulate
+        self.device = next(self.model.parameters()).device
+        self.vlm_kwargs = dict(vlm_kwargs or {})
+        self.strategy_overrides = {k: dict(v) for k, v in (strategy_overrides or {}).items()}
+        self.inputs_on_device = inputs_on_device
+        self.seed = seed
+        self.weight_bytes = model_static_bytes(self.model)
+        self.op_cache = simulate  # SimulationTracker's shape cache (meta runs only)
+        self._cache: dict[tuple[int, str], dict[str, Any]] = {}
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model_for(self, strategy: str) -> torch.nn.Module:
+        """The model a strategy runs on: a fresh build per strategy (same seed), because
+        a strategy may install modules on it (``videoxl`` adds its summary q/k/v
+        projections), which must not count as another strategy's weights."""
+        if self._shared_model is not None:
+            return self._shared_model
+        if strategy not in self._models:
+            if not self._models:
+                self._models[strategy] = self.model
+            else:
+                self._models[strategy] = build_model(
+                    self._model_spec, dtype=self.dtype, simulate=self.simulate,
+                    device=self.device, seed=self.seed)
+        return self._models[strategy]
+
+    # -- one run -------------------------------------------------------------
+    def strategy(self, name: str) -> Any:
+        from lvlm_fast.models.strategies import get_strategy
+
+        return get_strategy(name, **{**_default_overrides(name),
+                                     **self.strategy_overrides.get(name, {})})
+
+    def run(self, strategy: str, frames: int, *, breakdown: int = 0) -> dict[str, Any]:
+        """One row (cached per (frames, strategy) unless ``breakdown``)."""
+        key = (frames, strategy)
+        if key in self._cache and not breakdown:
+            return self._cache[key]
+        strat = self.strategy(strategy)
+        model = self.model_for(strategy)
+        weight_bytes = model_static_bytes(model)
+        vlm = _make_wrapper(model, strat, self.vlm_kwargs)
+        prompt = make_prompt(self.config, frames, dtype=self.dtype, device=self.device,
+                             seed=self.seed)
+        in_bytes = prompt_bytes(prompt)
+        cuda = self.device.type == "cuda"
+        gc.collect()
+        tracker_cls = PeakBreakdownTracker if breakdown else SimulationTracker
+        t0 = time.perf_counter()
+        with torch.inference_mode(), tracker_cls(cache=self.op_cache) as tr:
+            logits, info = _run_first_token(vlm, prompt)
+            if cuda:
+                torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        pass_peak = tr.cuda_allocator_peak_bytes if cuda and tr.cuda_allocator_peak_bytes \
+            is not None else tr.peak_bytes
+        counted_inputs = in_bytes if self.inputs_on_device else 0
+        row: dict[str, Any] = {
+            "model": self.model_name,
+            "strategy": strategy,
+            "frames": frames,
+            "dtype": dtype_name(self.dtype),
+            "simulated": self.simulate,
+            "device": str(self.device),
+            "method": ("meta-live-tracker" if self.simulate else
+                       "cuda-allocator" if cuda else "cpu-live-tracker"),
+            "peak_bytes": int(weight_bytes + counted_inputs + pass_peak),
+            "weight_bytes": int(weight_bytes),
+            # Parameters the strategy installed on the model during the pass (counted in
+            # pass_peak_bytes from their creation on; weights in later runs).
+            "weights_added_bytes": int(model_static_bytes(model) - weight_bytes),
+            "input_bytes": int(in_bytes),
+            "inputs_counted": self.inputs_on_device,
+            "pass_peak_bytes": int(pass_peak),
+            "llm_tokens": getattr(info, "llm_tokens", None),
+            "visual_tokens": getattr(info, "visual_tokens", None),
+            "frames_encoded": getattr(info, "frames_encoded", None),
+            "vision_chunk_frames": getattr(vlm, "vision_chunk_frames", None),
+            "prefill_chunk_tokens": getattr(vlm, "prefill_chunk_tokens", None),
+            "allocations": tr.num_allocations,
+            "op_cache_hits": tr.hits,
+            "op_cache_misses": tr.misses,
+            "seconds": round(seconds, 3),
+        }
+        if tuple(logits.shape[-1:]) != (self.config.text_config.vocab_size,):
+            raise RuntimeError(f"first_token returned logits of shape {tuple(logits.shape)}")
+        del logits, info, prompt, vlm, model
+        if breakdown:
+            row["breakdown"] = [dataclasses.asdict(i) for i in tr.top(breakdown)]
+        else:
+            self._cache[key] = row
+        return row
+
+    # -- sweeps and searches ----------------------------------------------------
+    def sweep(self, strategies: Sequence[str], frames: Sequence[int], *,
+              stop_above_bytes: int | None = None,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Rows for every strategy x frame count (ascending). A strategy whose peak passed
+        ``stop_above_bytes`` is not run at larger frame counts (its rows are left out)."""
+        rows = []
+        for name in strategies:
+            for n in sorted(frames):
+                row = self.run(name, n)
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+                if stop_above_bytes is not None and row["peak_bytes"] > stop_above_bytes:
+                    break
+        return rows
+
+    def largest_fitting(self, strategy: str, budget_bytes: int, frames: Sequence[int], *,
+                        lo: int = 1) -> tuple[int | None, bool]:
+        """The largest frame count in ``[lo, max(frames)]`` whose peak is ``<= budget_bytes``
+        (assumes the peak grows with frames). The sweep points bracket it; then secant
+        steps (peaks are close to linear in frames between sweep points) with a bisection
+        step whenever the bracket did not halve, down to adjacent frame counts, so the
+        answer is exact: ``peak(n) <= budget < peak(n + 1)``.
+        Returns ``(n, capped)``; ``capped`` is True if even ``max(frames)`` fits; ``n`` is
+        None if ``lo`` frames do not fit."""
+        def peak(n: int) -> int:
+            return self.run(strategy, n)["peak_bytes"]
+
+        pts = sorted({lo, *(f for f in frames if f >= lo)})
+        fit = None
+        for n in pts:
+            if peak(n) <= budget_bytes:
+                fit = n
+            else:
+                break
+        else:
+            return pts[-1], True
+        if fit is None:
+            return None, False
+        bad = pts[pts.index(fit) + 1]
+        secant = True
+        while bad - fit > 1:
+            width = bad - fit
+            pf, pb = peak(fit), peak(bad)
+            if secant and pb > pf:
+                guess = fit + int((budget_bytes - pf) * width // (pb - pf))
+            else:
+                guess = (fit + bad) // 2
+            guess = min(max(guess, fit + 1), bad - 1)
+            if peak(guess) <= budget_bytes:
+                fit = guess
+                if guess + 1 < bad and peak(guess + 1) > budget_bytes:
+                    bad = guess + 1
+            else:
+                bad = guess
+                if guess - 1 > fit and peak(guess - 1) <= budget_bytes:
+                    fit = guess - 1
+            secant = (bad - fit) * 2 <= width
+        return fit, False
+
+
+def profile_pipeline(model: Any, strategy: str, frames: int, *,
+                     dtype: str | torch.dtype = torch.bfloat16, simulate: bool = True,
+                     device: str | torch.device | None = None,
+                     vlm_kwargs: dict[str, Any] | None = None,
+                     strategy_overrides: dict[str, Any] | None = None,
+                     inputs_on_device: bool = True, breakdown: int = 0,
+                     seed: int = 0) -> dict[str, Any]:
+    """Peak memory of one pass (video in, first answer token out) as a row dict:
+    ``frames, strategy, peak_bytes, llm_tokens, simulated, weight_bytes, input_bytes,
+    pass_peak_bytes, ...`` (see the module docstring for what is counted).
+
+    ``model``: a shipped config name (``lvlm_fast.models.MODEL_CONFIGS``), a
+    ``LlavaOnevisionConfig`` or a model instance (a meta model is simulated).
+    ``breakdown=n`` adds the n largest storages alive at the pass peak.
+    """
+    prof = Profiler(model, dtype=dtype, simulate=simulate, device=device, vlm_kwargs=vlm_kwargs,
+                    strategy_overrides={strategy: dict(strategy_overrides or {})},
+                    inputs_on_device=inputs_on_device, seed=seed)
+    return prof.run(strategy, frames, breakdown=breakdown)

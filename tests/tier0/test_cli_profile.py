@@ -1,0 +1,131 @@
+"""Tier 0: ``lvlm-fast profile`` end to end on the tiny config (in-process, one thread)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from lvlm_fast import cli
+from lvlm_fast.models.strategies import STRATEGIES
+from lvlm_fast.profile.command import registered_strategies
+
+TINY = "tiny-llava-onevision"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_help_lists_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as ex:
+        cli.main(["profile", "--help"])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--model", "--strategies", "--frames", "--dtype", "--measure", "--device",
+                "--budget", "--json", "--out-dir", "--csv", "--png", "--no-plot",
+                "--stop-above", "--breakdown", "--frames-on-host", "--memory-budget",
+                "--vision-chunk-frames", "--prefill-chunk-tokens", "--set"):
+        assert opt in out, opt
+    assert "llava-onevision-qwen2-7b" in out and "24 GiB and 80 GiB" in out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "profile" in capsys.readouterr().out
+
+
+def test_default_arguments_are_the_documented_run() -> None:
+    import argparse
+
+    from lvlm_fast.profile import command
+
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    a = p.parse_args([])
+    assert (a.model, a.dtype, a.measure, a.strategies) == ("llava-onevision-qwen2-7b", "bf16",
+                                                           False, None)
+    assert a.frames == [128, 256, 512, 1024, 2048, 4096, 8192, 10240]
+    assert command.DEFAULT_STRATEGY_OVERRIDES["videoxl"] == {"ratio": 16}
+    assert set(registered_strategies()) == set(STRATEGIES)
+    assert registered_strategies()[:2] == ["full", "uniform"]
+
+
+def test_measure_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "rows.json"
+    rc = cli.main(["profile", "--model", TINY, "--measure", "--frames", "4,8", "--json",
+                   str(out), "--out-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    names = registered_strategies()
+    assert sorted((r["strategy"], r["frames"]) for r in rows) == \
+        sorted((s, n) for s in names for n in (4, 8))
+    for r in rows:
+        assert r["simulated"] is False and r["peak_bytes"] > r["weight_bytes"] > 0
+        assert isinstance(r["llm_tokens"], int) and r["llm_tokens"] > 0
+    assert data["metadata"]["model"] == TINY and data["metadata"]["simulated"] is False
+    with open(tmp_path / f"profile_{TINY}.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {int(r["peak_bytes"]) for r in csv_rows} == {r["peak_bytes"] for r in rows}
+    with open(tmp_path / f"profile_{TINY}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The table has a line per frame count with one number per strategy; budget lines.
+    line8 = next(ln for ln in printed.splitlines() if ln.strip().startswith("8 "))
+    assert len(line8.split()) == 1 + len(names)
+
+
+def test_budget_search_and_crossings_simulated(tmp_path, capsys) -> None:
+    from lvlm_fast.profile.memory import Profiler
+
+    prof = Profiler(TINY, dtype="bf16", simulate=True)
+    budget = (prof.run("full", 6)["peak_bytes"] + 1) / 2**30
+    rc = cli.main(["profile", "--model", TINY, "--strategies", "full,uniform", "--frames",
+                   "2,12", "--budget", repr(budget), "--out-dir", str(tmp_path), "--no-plot"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "largest frame count within --budget" in printed
+    assert re.search(r"uniform: (>= )?\d+ frames", printed)
+    fit = int(printed.split("full: ")[-1].split()[0])
+    assert prof.run("full", fit)["peak_bytes"] <= budget * 2**30 < \
+        prof.run("full", fit + 1)["peak_bytes"]
+    assert not os.path.exists(tmp_path / f"profile_{TINY}.png")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--strategies", "full,nope"], r"unknown strategy 'nope'; available: full, uniform"),
+    (["--model", "llava-13b"], r"unknown model config 'llava-13b'; shipped configs: "),
+    (["--budget", "0.0001"], r"--budget 0.0001 GiB is too small for strategy 'full': one "
+                             r"frame .* already needs \d+\.\d+ GiB"),
+    (["--set", "full.x"], r"--set expects STRATEGY.KNOB=VALUE"),
+    (["--set", "nope.ratio=3"], r"--set names unknown strategy 'nope'"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, match) -> None:
+    base = ["profile", "--model", TINY, "--strategies", "full", "--frames", "2",
+            "--out-dir", str(tmp_path), "--no-plot", "--quiet"]
+    rc = cli.main(base + args)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("lvlm-fast profile: error: ")
+    assert re.search(match, err), err
+
+
+def test_measure_refuses_a_model_that_cannot_fit(capsys) -> None:
+    rc = cli.main(["profile", "--measure", "--strategies", "full", "--frames", "2"])
+    assert rc == 2
+    assert "drop --measure to simulate" in capsys.readouterr().err
+
+
+def test_bad_frames_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit) as ex:
+        cli.main(["profile", "--frames", "4,-1"])
+    assert ex.value.code == 2
+    assert "frame counts must be positive" in capsys.readouterr().err

@@ -1,0 +1,199 @@
+"""Tier 0: the memory-vs-frames profiler core (lvlm_fast.profile.memory).
+
+Simulated (meta, no weights) and measured (random weights on CPU) runs of the same tiny
+pipeline must agree within 5 % for every registered strategy; the accounting adds weights
+and inputs exactly; the simulation's shape cache changes nothing; bad input is clear.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lvlm_fast.models.strategies import STRATEGIES
+from lvlm_fast.profile.memory import (
+    PeakBreakdownTracker,
+    Profiler,
+    SimulationTracker,
+    make_prompt,
+    model_static_bytes,
+    profile_pipeline,
+)
+
+TINY = "tiny-llava-onevision"
+# Small chunks that do not divide the frame / token counts: several vision chunks and
+# several prefill chunks with ragged tails, like the 7B runs.
+KW = dict(vision_chunk_frames=3, prefill_chunk_tokens=16)
+FRAMES = 7
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: OpenMP barriers cost more than the math."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def profilers() -> tuple[Profiler, Profiler]:
+    sim = Profiler(TINY, dtype="fp32", simulate=True, vlm_kwargs=KW)
+    real = Profiler(TINY, dtype="fp32", simulate=False, vlm_kwargs=KW)
+    return sim, real
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_simulated_matches_measured(profilers, strategy: str) -> None:
+    sim, real = profilers
+    a, b = sim.run(strategy, FRAMES), real.run(strategy, FRAMES)
+    assert a["simulated"] is True and b["simulated"] is False
+    assert a["method"] == "meta-live-tracker" and b["method"] == "cpu-live-tracker"
+    assert a["llm_tokens"] == b["llm_tokens"] and a["llm_tokens"] > 0
+    assert a["weight_bytes"] == b["weight_bytes"] and a["input_bytes"] == b["input_bytes"]
+    assert a["peak_bytes"] == pytest.approx(b["peak_bytes"], rel=0.05)
+    # The weights dominate a tiny model's total: check the pass itself too.
+    assert b["pass_peak_bytes"] > 0
+    assert a["pass_peak_bytes"] == pytest.approx(b["pass_peak_bytes"], rel=0.05)
+
+
+def test_peak_is_weights_plus_inputs_plus_pass(profilers) -> None:
+    sim, _ = profilers
+    row = sim.run("full", FRAMES)
+    model = sim.model_for("full")
+    n_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_bufs = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert row["weight_bytes"] == n_params + n_bufs == model_static_bytes(model)
+    assert row["weights_added_bytes"] == 0
+    size = sim.config.vision_config.image_size
+    assert row["input_bytes"] == FRAMES * 3 * size * size * 4 + (16 + 32) * 8
+    assert row["peak_bytes"] == row["weight_bytes"] + row["input_bytes"] + row["pass_peak_bytes"]
+    # full: every pooled token of every frame + one newline, plus the prompt.
+    assert row["visual_tokens"] == FRAMES * 4 + 1
+    assert row["llm_tokens"] == row["visual_tokens"] + 16 + 32
+
+
+def test_installed_modules_count_for_their_strategy_only() -> None:
+    """videoxl installs its summary q/k/v projections on the model: they count for videoxl
+    (in the pass on its first run, as weights afterwards) and never for another strategy."""
+    prof = Profiler(TINY, dtype="fp32", simulate=True, vlm_kwargs=KW)
+    fresh = prof.weight_bytes
+    first, again = prof.run("videoxl", 5), prof.run("videoxl", 6)
+    assert first["weight_bytes"] == fresh and first["weights_added_bytes"] > 0
+    assert again["weight_bytes"] == fresh + first["weights_added_bytes"]
+    assert first["pass_peak_bytes"] > first["weights_added_bytes"]
+    assert prof.run("full", 5)["weight_bytes"] == fresh
+
+
+def test_frames_on_host_are_reported_not_counted() -> None:
+    row = profile_pipeline(TINY, "full", 5, dtype="fp32", simulate=True, vlm_kwargs=KW,
+                           inputs_on_device=False)
+    assert row["inputs_counted"] is False and row["input_bytes"] > 0
+    assert row["peak_bytes"] == row["weight_bytes"] + row["pass_peak_bytes"]
+
+
+def test_full_grows_with_frames_by_its_kv_cache(profilers) -> None:
+    sim, _ = profilers
+    a, b = sim.run("full", 6), sim.run("full", 12)
+    tc = sim.config.text_config
+    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * \
+        (tc.hidden_size // tc.num_attention_heads) * 4
+    assert b["peak_bytes"] - a["peak_bytes"] >= (b["llm_tokens"] - a["llm_tokens"]) * kv_per_token
+
+
+def test_shape_cache_changes_no_number() -> None:
+    cached = Profiler(TINY, dtype="bf16", simulate=True, vlm_kwargs=KW)
+    plain = Profiler(TINY, dtype="bf16", simulate=True, vlm_kwargs=KW)
+    plain.op_cache = False
+    for s in ("vilamp", "videoxl"):
+        a, b = cached.run(s, 5), plain.run(s, 5)
+        assert a["op_cache_hits"] > a["op_cache_misses"] > 0
+        assert b["op_cache_hits"] == 0
+        assert (a["peak_bytes"], a["llm_tokens"]) == (b["peak_bytes"], b["llm_tokens"])
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_simulated_sdpa_output_has_the_fused_kernel_layout(layout: str) -> None:
+    x = torch.randn(1, 4, 6, 8) if layout == "bhld" else torch.randn(1, 6, 4, 8).transpose(1, 2)
+    real = F.scaled_dot_product_attention(x, x, x, is_causal=True)
+    xm = x.to("meta")
+    with torch.inference_mode(), SimulationTracker() as tr:
+        fake = F.scaled_dot_product_attention(xm, xm, xm, is_causal=True)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
+    assert tr.peak_bytes == real.untyped_storage().nbytes()
+
+
+def test_breakdown_lists_the_tensors_alive_at_the_peak() -> None:
+    def f():
+        a = torch.ones(1000)
+        b = torch.ones(2000)  # peak: a + b = 12,000 B
+        del a
+        c = torch.ones(500)
+        return b, c
+
+    gc.collect()
+    with PeakBreakdownTracker() as tr:
+        f()
+    assert tr.peak_bytes == 12000
+    top = tr.top(5)
+    assert [(t.nbytes, t.shape, t.op) for t in top] == [(8000, (2000,), "ones"),
+                                                        (4000, (1000,), "ones")]
+
+
+def test_breakdown_row(profilers) -> None:
+    sim, _ = profilers
+    row = sim.run("full", FRAMES, breakdown=3)
+    assert len(row["breakdown"]) == 3
+    assert row["breakdown"][0]["nbytes"] >= row["breakdown"][-1]["nbytes"] > 0
+    assert row["peak_bytes"] == sim.run("full", FRAMES)["peak_bytes"]
+
+
+def test_largest_fitting_bisects_between_sweep_points(profilers) -> None:
+    sim, _ = profilers
+    budget = sim.run("full", 9)["peak_bytes"]
+    fit, capped = sim.largest_fitting("full", budget, [4, 13])
+    assert not capped and fit >= 9
+    assert sim.run("full", fit)["peak_bytes"] <= budget < sim.run("full", fit + 1)["peak_bytes"]
+    assert sim.largest_fitting("full", 10**15, [4, 13]) == (13, True)
+    assert sim.largest_fitting("full", sim.weight_bytes, [4, 13]) == (None, False)
+
+
+def test_make_prompt_ids_avoid_the_video_token() -> None:
+    p = make_prompt(TINY, 3, dtype=torch.float32, device="cpu")
+    assert p.pixel_values.shape == (3, 3, 56, 56)
+    ids = torch.cat([p.prefix_ids, p.question_ids], 1)
+    assert int(ids.max()) < 254
+
+
+def test_bad_input_is_clear() -> None:
+    with pytest.raises(ValueError, match=r"unknown strategy 'nope'.*full"):
+        profile_pipeline(TINY, "nope", 4, simulate=True)
+    with pytest.raises(ValueError, match=r"unknown model config 'llava-13b'.*tiny-llava"):
+        profile_pipeline("llava-13b", "full", 4)
+    with pytest.raises(ValueError, match="frames must be a positive int"):
+        profile_pipeline(TINY, "full", 0, simulate=True)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        profile_pipeline(TINY, "full", 4, dtype="int3")
+    # A per-chunk working-memory budget below one frame: the wrapper says what one needs.
+    with pytest.raises(ValueError, match=r"too small.*needs \d+ bytes"):
+        profile_pipeline(TINY, "full", 4, vlm_kwargs={"memory_budget_bytes": 16})
+
+
+def test_memtracker_cannot_track_the_chunked_pipeline() -> None:
+    """Why lvlm_fast's tracker is used (memory.py docstring): torch's MemTracker refuses a
+    module that runs twice in one session, and the pipeline runs every layer per chunk."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+    sim = Profiler(TINY, dtype="fp32", simulate=True)
+    vlm = LongVideoVLM(sim.model, "full", **KW)
+    prompt = make_prompt(sim.config, 7, dtype=torch.float32, device="meta")
+    mt = MemTracker()
+    mt.track_external(sim.model, prompt.pixel_values)
+    with pytest.raises(NotImplementedError, match="multiple iterative calls"), \
+            torch.inference_mode(), mt:
+        vlm.first_token(prompt)

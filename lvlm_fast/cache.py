@@ -57,8 +57,9 @@ def summary_attention_forward(
 AttentionInterface.register(ATTN_NAME, summary_attention_forward)
 
 
-class SummaryLayer(CacheLayerMixin):
-    """One layer's preallocated K/V buffer; ``keys``/``values`` are the live views."""
+class PreallocatedLayer(CacheLayerMixin):
+    """One layer's K/V buffer of ``capacity`` rows, allocated on the first update;
+    ``keys``/``values`` are views of the filled rows."""
 
     is_compileable = False
     is_sliding = False
@@ -87,8 +88,8 @@ class SummaryLayer(CacheLayerMixin):
         n = key_states.shape[2]
         if self.length + n > self.capacity:
             raise ValueError(
-                f"SummaryKVCache capacity exceeded: {self.length} cached + {n} new > capacity "
-                f"{self.capacity} (size the cache with SummaryKVCache.capacity_for)"
+                f"KV cache capacity exceeded: {self.length} cached + {n} new > capacity "
+                f"{self.capacity} (size a SummaryKVCache with SummaryKVCache.capacity_for)"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -113,15 +114,32 @@ class SummaryLayer(CacheLayerMixin):
             self._refresh()
 
 
-class SummaryKVCache(Cache):
+class PreallocatedKVCache(Cache):
+    """A transformers ``Cache`` with one preallocated K/V buffer per layer.
+
+    ``update`` copies the new rows in place and returns views of the filled rows, so the
+    stock attention sees exactly the keys a ``DynamicCache`` would hold, without the
+    copy-and-double of growing by concatenation. ``get_seq_length`` is a host int
+    (positions never depend on device values)."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the allocated K/V buffers (all ``capacity`` rows)."""
+        return sum(layer.key_buffer.nbytes + layer.value_buffer.nbytes
+                   for layer in self.layers if layer.is_initialized)
+
+
+class SummaryKVCache(PreallocatedKVCache):
     """Preallocated per-layer KV buffers with Video-XL eviction (see module doc)."""
 
     def __init__(self, num_layers: int, capacity: int, inv_freq: torch.Tensor, *,
                  evict: bool = True) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        super().__init__(layers=[SummaryLayer(capacity) for _ in range(num_layers)])
-        self.capacity = capacity
+        super().__init__(num_layers, capacity)
         self.inv_freq = inv_freq
         self.evict = evict
         self.carry = 0

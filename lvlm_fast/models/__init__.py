@@ -11,7 +11,7 @@ from lvlm_fast.models.configs import MODEL_CONFIGS, get_config
 
 _LAZY = {
     "LongVideoVLM": "lvlm_fast.models.wrapper",
-    "PreallocatedKVCache": "lvlm_fast.models.wrapper",
+    "PreallocatedKVCache": "lvlm_fast.cache",
     "SUPPORTED_MODEL_CLASSES": "lvlm_fast.models.wrapper",
     "STRATEGIES": "lvlm_fast.models.strategies",
     "get_strategy": "lvlm_fast.models.strategies",

@@ -62,9 +62,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lvlm_fast.cache import ATTN_NAME
+from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache
 from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
@@ -78,82 +77,6 @@ _CHECKPOINT_MODEL_TYPES = ("llava_onevision",)
 
 def _supported_classes() -> tuple[type, ...]:
     return (LlavaOnevisionForConditionalGeneration,)
-
-
-# --------------------------------------------------------------------------- KV cache
-class _PreallocatedLayer(CacheLayerMixin):
-    """One layer's K/V buffer of ``capacity`` rows, allocated on the first update;
-    ``keys``/``values`` are views of the filled rows."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-        self.key_buffer: torch.Tensor | None = None
-        self.value_buffer: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.key_buffer = key_states.new_empty((b, h, self.capacity, d))
-        self.value_buffer = value_states.new_empty((b, h, self.capacity, value_states.shape[3]))
-        self.is_initialized = True
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        n = key_states.shape[2]
-        if self.length + n > self.capacity:
-            raise ValueError(f"PreallocatedKVCache capacity exceeded: {self.length} cached + "
-                             f"{n} new > capacity {self.capacity}")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.key_buffer[:, :, self.length : self.length + n].copy_(key_states)
-        self.value_buffer[:, :, self.length : self.length + n].copy_(value_states)
-        self.length += n
-        self._refresh()
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.capacity
-
-    def reset(self) -> None:
-        self.length = 0
-        if self.is_initialized:
-            self._refresh()
-
-
-class PreallocatedKVCache(Cache):
-    """A transformers ``Cache`` with one preallocated K/V buffer per layer.
-
-    ``update`` copies the new rows in place and returns views of the filled rows, so the
-    stock attention sees exactly the keys a ``DynamicCache`` would hold, without the
-    copy-and-double of growing by concatenation. ``get_seq_length`` is a host int
-    (positions never depend on device values)."""
-
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        super().__init__(layers=[_PreallocatedLayer(capacity) for _ in range(num_layers)])
-        self.capacity = capacity
-
-    def bytes(self) -> int:
-        """Bytes of the allocated K/V buffers (all ``capacity`` rows)."""
-        return sum(layer.key_buffer.nbytes + layer.value_buffer.nbytes
-                   for layer in self.layers if layer.is_initialized)
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -398,10 +321,13 @@ class LongVideoVLM:
 
     @torch.no_grad()
     def encode_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(t, 3, H, W) frames -> projector output on the patch grid (t, h, w, hidden)."""
+        """(t, 3, H, W) frames -> projector output on the patch grid (t, h, w, hidden).
+
+        ``pixels`` may live on the host: the chunk is moved to the model's device here, so
+        a long video's frames never need to sit in device memory all at once."""
         inner = self._vision_inner()
         layers = self._feature_layers()
-        h = inner.embeddings(pixels.to(self.dtype))
+        h = inner.embeddings(pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
         if hasattr(inner, "pre_layrnorm"):  # CLIP: hidden_states[0] is after the pre-norm
             h = inner.pre_layrnorm(h)
         picked: dict[int, torch.Tensor] = {}

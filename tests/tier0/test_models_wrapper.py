@@ -168,6 +168,19 @@ def test_meta_first_token_and_generate(name):
     assert toks.device.type == "meta" and toks.shape == (1, 3)
 
 
+def test_host_frames_are_moved_to_the_model_device_chunk_by_chunk():
+    # frames on the host (real CPU tensors), model on meta: every chunk is moved to the
+    # model's device as it is encoded, so the device never holds the whole video
+    vlm = LongVideoVLM.from_config("tiny-llava-onevision", device="meta", vision_chunk_frames=3)
+    host = torch.randn(7, 3, 56, 56)
+    chunks = list(vlm.iter_patch_features(host))
+    assert [s for s, _ in chunks] == [0, 3, 6]
+    assert all(f.device.type == "meta" and f.dtype == vlm.dtype for _, f in chunks)
+    ids = dict(dtype=torch.long, device="meta")
+    pr = VideoPrompt(host, torch.empty(1, 2, **ids), torch.empty(1, 3, **ids))
+    assert vlm.first_token(pr).is_meta
+
+
 def test_fake_cpu_simulation_matches_measured_peak():
     # Simulation recipe for the profiler: build on meta, then to_empty(device="cpu") inside
     # FakeTensorMode: the same kernels are dispatched as on real CPU tensors (SDPA's fused

@@ -35,8 +35,10 @@ class StrategyConfig:
 class VideoPrompt:
     """One request: preprocessed frames and the prompt split around the video.
 
-    ``pixel_values``: (T, 3, H, W) frames already normalised for the vision tower, in the
-    model's dtype, on its device (or meta). ``prefix_ids``: (1, P) tokens before the
+    ``pixel_values``: (T, 3, H, W) frames already normalised for the vision tower. They
+    may stay on the host (pinned CPU memory is best): the wrapper moves each vision chunk
+    to the model's device and dtype as it encodes it, so device memory never holds every
+    frame (10,240 frames at 384 px are 9 GB in bf16). ``prefix_ids``: (1, P) tokens before the
     video; ``question_ids``: (1, Q) tokens after it (question + assistant header).
     """
 

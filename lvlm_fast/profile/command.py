@@ -106,9 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default=None, metavar="OUT", help="CSV path (overrides --out-dir)")
     p.add_argument("--png", default=None, metavar="OUT", help="plot path (overrides --out-dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--stop-above", type=_positive_float, default=160.0, metavar="GIB",
+    p.add_argument("--stop-above", type=_positive_float, default=120.0, metavar="GIB",
                    help="stop sweeping a strategy at larger frame counts once its peak passes "
-                        "GIB (default 160 = twice an 80 GiB GPU; keeps the default run short)")
+                        "GIB (default 120, 1.5x an 80 GiB GPU; keeps the default run short)")
+    p.add_argument("--crossings", default="80", metavar="GIB,...",
+                   help="report the exact frame count where each strategy passes these "
+                        "sizes, when the sweep brackets it (default 80; each costs a few "
+                        "extra runs)")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="for each strategy at the largest frame count it ran, print the N "
                         "largest tensors alive at the peak (op, shape, allocating line)")
@@ -160,8 +164,10 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def write_plot(path: str, rows: list[dict[str, Any]], strategies: Sequence[str], *,
-               title: str, lines_gib: Sequence[float] = LINES_GIB) -> None:
-    """Peak GiB vs frames (log x), one line per strategy, horizontal GPU-size lines."""
+               title: str, lines_gib: Sequence[float] = LINES_GIB,
+               crossings: Sequence[dict[str, Any]] = ()) -> None:
+    """Peak GiB vs frames (log x), one line per strategy, horizontal GPU-size lines, and
+    an x where a strategy passes a line (``crossings``: the searches' crossing entries)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,6 +183,10 @@ def write_plot(path: str, rows: list[dict[str, Any]], strategies: Sequence[str],
         ax.annotate(f"{g:g} GiB", xy=(1.0, g), xycoords=("axes fraction", "data"),
                     xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8,
                     color="gray")
+    for c in crossings:
+        ax.plot([c["passes_at_frames"]], [c["gib"]], marker="x", color="black", ms=7)
+        ax.annotate(f"{c['strategy']}: {c['passes_at_frames']}", xy=(c["passes_at_frames"],
+                    c["gib"]), xytext=(4, -12), textcoords="offset points", fontsize=8)
     ax.set_xscale("log", base=2)
     frames = sorted({r["frames"] for r in rows})
     if frames:
@@ -274,16 +284,28 @@ def run(args: argparse.Namespace) -> int:
                          f"{ran[-1]['peak_bytes'] / GIB:.1f} GiB > --stop-above "
                          f"{args.stop_above:g} GiB)")
     print()
-    peak_gib = {r["strategy"]: r for r in rows}  # last row per strategy
-    print("peak at the largest frame count run: " + ", ".join(
-        f"{s} {peak_gib[s]['peak_bytes'] / GIB:.2f} GiB @ {peak_gib[s]['frames']}"
-        for s in strategies if s in peak_gib))
+    last = {r["strategy"]: r for r in rows}  # last row per strategy
+    print("at the largest frame count run: peak = weights + input frames/ids (counted: "
+          f"{'no' if args.frames_on_host else 'yes'}) + pass peak")
+    for s in strategies:
+        if s in last:
+            r = last[s]
+            print(f"  {s:>12} @ {r['frames']:>6}: {r['peak_bytes'] / GIB:7.2f} GiB = "
+                  f"{r['weight_bytes'] / GIB:.2f} + {r['input_bytes'] / GIB:.2f} + "
+                  f"{r['pass_peak_bytes'] / GIB:.2f}"
+                  + (f"; {(r['peak_bytes'] - r['input_bytes']) / GIB:.2f} GiB with the frames "
+                     "in host memory" if r["inputs_counted"] else ""))
     for n in notes:
         print("note: " + n)
 
     searches: list[dict[str, Any]] = []
     # Where each strategy passes each GPU-size line inside the swept range.
-    for line in LINES_GIB:
+    try:
+        crossings = [float(v) for v in args.crossings.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--crossings expects comma-separated GiB values, got "
+                         f"{args.crossings!r}") from None
+    for line in crossings:
         budget = int(line * GIB)
         for s in strategies:
             ran = [r for r in rows if r["strategy"] == s]
@@ -326,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     written = [csv_path]
     if not args.no_plot:
         png_path = args.png or os.path.join(args.out_dir, stem + ".png")
-        write_plot(png_path, rows, strategies, title=title)
+        write_plot(png_path, rows, strategies, title=title,
+                   crossings=[c for c in searches if c["kind"] == "crossing"])
         written.append(png_path)
     if args.json:
         import torch

@@ -89,12 +89,14 @@ def test_budget_search_and_crossings_simulated(tmp_path, capsys) -> None:
     prof = Profiler(TINY, dtype="bf16", simulate=True)
     budget = (prof.run("full", 6)["peak_bytes"] + 1) / 2**30
     rc = cli.main(["profile", "--model", TINY, "--strategies", "full,uniform", "--frames",
-                   "2,12", "--budget", repr(budget), "--out-dir", str(tmp_path), "--no-plot"])
+                   "2,12", "--budget", repr(budget), "--crossings", repr(budget),
+                   "--out-dir", str(tmp_path), "--no-plot"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "largest frame count within --budget" in printed
     assert re.search(r"uniform: (>= )?\d+ frames", printed)
     fit = int(printed.split("full: ")[-1].split()[0])
+    assert f"full: passes {budget:g} GiB at {fit + 1} frames" in printed
     assert prof.run("full", fit)["peak_bytes"] <= budget * 2**30 < \
         prof.run("full", fit + 1)["peak_bytes"]
     assert not os.path.exists(tmp_path / f"profile_{TINY}.png")

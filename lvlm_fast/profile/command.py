@@ -116,9 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="for each strategy at the largest frame count it ran, print the N "
                         "largest tensors alive at the peak (op, shape, allocating line)")
-    p.add_argument("--frames-on-host", action="store_true",
-                   help="do not count the input frames (decoded into host memory, streamed "
-                        "to the device one vision chunk at a time); default counts them")
+    p.add_argument("--frames-on-device", action="store_true",
+                   help="count the input frames as device memory (a pipeline that uploads "
+                        "the whole video); default: frames stay in host memory and the "
+                        "wrapper streams one vision chunk at a time to the device")
     p.add_argument("--memory-budget", type=_positive_float, default=None, metavar="GIB",
                    help="LongVideoVLM working-memory budget per chunk, sizes the vision and "
                         "prefill chunks (default: the wrapper's, 1 GiB)")
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         _check_measurable(args.model, dtype, args.device)
     prof = Profiler(args.model, dtype=dtype, simulate=simulate,
                     device=None if simulate else args.device, vlm_kwargs=vlm_kwargs,
-                    strategy_overrides=overrides, inputs_on_device=not args.frames_on_host)
+                    strategy_overrides=overrides, inputs_on_device=args.frames_on_device)
     frames = list(args.frames)
     stop = int(args.stop_above * GIB)
     mode = "simulated (meta tensors, no weights)" if simulate else \
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     last = {r["strategy"]: r for r in rows}  # last row per strategy
     print("at the largest frame count run: peak = weights + input frames/ids (counted: "
-          f"{'no' if args.frames_on_host else 'yes'}) + pass peak")
+          f"{'yes' if args.frames_on_device else 'no'}) + pass peak")
     for s in strategies:
         if s in last:
             r = last[s]
@@ -294,7 +295,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['weight_bytes'] / GIB:.2f} + {r['input_bytes'] / GIB:.2f} + "
                   f"{r['pass_peak_bytes'] / GIB:.2f}"
                   + (f"; {(r['peak_bytes'] - r['input_bytes']) / GIB:.2f} GiB with the frames "
-                     "in host memory" if r["inputs_counted"] else ""))
+                     "in host memory" if r["inputs_counted"] else
+                     f"; {(r['peak_bytes'] + r['input_bytes']) / GIB:.2f} GiB with all frames "
+                     "on the device"))
     for n in notes:
         print("note: " + n)
 
@@ -358,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": args.dtype, "simulated": simulate, "device": str(prof.device),
                 "weight_bytes": prof.weight_bytes, "strategies": strategies, "frames": frames,
                 "strategy_overrides": overrides, "vlm_kwargs": vlm_kwargs,
-                "inputs_counted": not args.frames_on_host, "stop_above_gib": args.stop_above,
+                "inputs_counted": args.frames_on_device, "stop_above_gib": args.stop_above,
                 "stopped": stopped, "wall_seconds": round(wall, 1),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "peak_definition": "weights + buffers + input frames/ids on the device + peak "

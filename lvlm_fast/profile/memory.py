@@ -14,9 +14,10 @@ What ``peak_bytes`` counts (exactly)
   preprocessed frames ``pixel_values`` (T, 3, H, W) in the model dtype (H = W = the
   vision tower's image size) plus the prefix/question token ids (int64). Counted only if
   they live on the model's device (frames kept in host memory while the model runs on a
-  GPU are not device memory). ``inputs_on_device=False`` leaves them out of the sum (the
-  row still reports them): the pipeline where frames are decoded into host memory and
-  only one vision chunk at a time is on the device.
+  GPU are not device memory). By default (``inputs_on_device=False``) they are left out of
+  the sum (the row still reports them): frames are decoded into host memory and the
+  wrapper moves one vision chunk at a time to the device, as ``lvlm-fast run`` does.
+  ``inputs_on_device=True`` adds them, for pipelines that upload the whole video.
 - ``pass_peak_bytes``: the peak, above the level at entry, of tensor storages allocated
   during the call and alive at the same time (activations, KV cache, visual tokens, the
   returned logits). CPU and meta/fake (simulated): the dispatch-level
@@ -473,7 +474,7 @@ class Profiler:
                  simulate: bool = True, device: str | torch.device | None = None,
                  vlm_kwargs: dict[str, Any] | None = None,
                  strategy_overrides: dict[str, dict[str, Any]] | None = None,
-                 inputs_on_device: bool = True, seed: int = 0) -> None:
+                 inputs_on_device: bool = False, seed: int = 0) -> None:
         self.dtype = parse_dtype(dtype)
         self._shared_model: torch.nn.Module | None = None
         if isinstance(model, torch.nn.Module):
@@ -650,7 +651,7 @@ def profile_pipeline(model: Any, strategy: str, frames: int, *,
                      device: str | torch.device | None = None,
                      vlm_kwargs: dict[str, Any] | None = None,
                      strategy_overrides: dict[str, Any] | None = None,
-                     inputs_on_device: bool = True, breakdown: int = 0,
+                     inputs_on_device: bool = False, breakdown: int = 0,
                      seed: int = 0) -> dict[str, Any]:
     """Peak memory of one pass (video in, first answer token out) as a row dict:
     ``frames, strategy, peak_bytes, llm_tokens, simulated, weight_bytes, input_bytes,

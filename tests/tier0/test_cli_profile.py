@@ -32,7 +32,7 @@ def test_help_lists_every_option(capsys) -> None:
     out = capsys.readouterr().out
     for opt in ("--model", "--strategies", "--frames", "--dtype", "--measure", "--device",
                 "--budget", "--json", "--out-dir", "--csv", "--png", "--no-plot",
-                "--stop-above", "--breakdown", "--frames-on-host", "--memory-budget",
+                "--stop-above", "--breakdown", "--frames-on-device", "--memory-budget",
                 "--vision-chunk-frames", "--prefill-chunk-tokens", "--set"):
         assert opt in out, opt
     assert "llava-onevision-qwen2-7b" in out and "24 GiB and 80 GiB" in out

@@ -60,9 +60,11 @@ def test_simulated_matches_measured(profilers, strategy: str) -> None:
     assert a["pass_peak_bytes"] == pytest.approx(b["pass_peak_bytes"], rel=0.05)
 
 
-def test_peak_is_weights_plus_inputs_plus_pass(profilers) -> None:
-    sim, _ = profilers
+def test_peak_is_weights_plus_inputs_plus_pass() -> None:
+    # frames uploaded to the device as a whole (--frames-on-device): they count
+    sim = Profiler(TINY, dtype="fp32", simulate=True, vlm_kwargs=KW, inputs_on_device=True)
     row = sim.run("full", FRAMES)
+    assert row["inputs_counted"] is True
     model = sim.model_for("full")
     n_params = sum(p.numel() * p.element_size() for p in model.parameters())
     n_bufs = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -89,8 +91,8 @@ def test_installed_modules_count_for_their_strategy_only() -> None:
 
 
 def test_frames_on_host_are_reported_not_counted() -> None:
-    row = profile_pipeline(TINY, "full", 5, dtype="fp32", simulate=True, vlm_kwargs=KW,
-                           inputs_on_device=False)
+    # the default: frames in host memory, streamed to the device one vision chunk at a time
+    row = profile_pipeline(TINY, "full", 5, dtype="fp32", simulate=True, vlm_kwargs=KW)
     assert row["inputs_counted"] is False and row["input_bytes"] > 0
     assert row["peak_bytes"] == row["weight_bytes"] + row["pass_peak_bytes"]
 

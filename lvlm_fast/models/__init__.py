@@ -1,8 +1,9 @@
 """Long-video wrappers over transformers VLMs, their strategies and shipped configs.
 
-``LongVideoVLM``, ``STRATEGIES``, ``get_strategy``, ``SUPPORTED_MODEL_CLASSES`` and
-``PreallocatedKVCache`` are imported on first access (they pull in transformers), so
-``lvlm_fast.models.configs`` and the CLI's argument parsing stay light.
+``LongVideoVLM``, ``VideoPrompt``, ``STRATEGIES``, ``get_strategy``,
+``SUPPORTED_MODEL_CLASSES`` and ``PreallocatedKVCache`` are imported on first access (they
+pull in transformers), so ``lvlm_fast.models.configs`` and the CLI's argument parsing stay
+light.
 """
 
 from typing import Any
@@ -15,10 +16,11 @@ _LAZY = {
     "SUPPORTED_MODEL_CLASSES": "lvlm_fast.models.wrapper",
     "STRATEGIES": "lvlm_fast.models.strategies",
     "get_strategy": "lvlm_fast.models.strategies",
+    "VideoPrompt": "lvlm_fast.models.strategies",
 }
 
 __all__ = ["MODEL_CONFIGS", "STRATEGIES", "SUPPORTED_MODEL_CLASSES", "LongVideoVLM",
-           "PreallocatedKVCache", "get_config", "get_strategy"]
+           "PreallocatedKVCache", "VideoPrompt", "get_config", "get_strategy"]
 
 
 def __getattr__(name: str) -> Any:

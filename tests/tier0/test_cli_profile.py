@@ -8,7 +8,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from lvlm_fast import cli
 from lvlm_fast.models.strategies import STRATEGIES
@@ -17,12 +16,7 @@ from lvlm_fast.profile.command import registered_strategies
 TINY = "tiny-llava-onevision"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
 def test_help_lists_every_option(capsys) -> None:

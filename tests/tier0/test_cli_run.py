@@ -191,3 +191,6 @@ def test_entry_point_subprocess(files):
     assert proc.returncode == 0, proc.stderr
     assert f"frames read      {cmd.DEFAULT_FRAMES if N_FRAMES > 32 else N_FRAMES} of" in proc.stdout
     assert "(3 through the vision tower)" in proc.stdout
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py

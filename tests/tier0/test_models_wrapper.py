@@ -293,3 +293,6 @@ def test_from_pretrained_roundtrip_and_bad_checkpoints(siglip, tmp_path):
                                                    "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel.*LlavaOnevisionForConditionalGeneration"):
         LongVideoVLM.from_pretrained(other)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py

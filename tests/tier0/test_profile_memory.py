@@ -30,13 +30,7 @@ KW = dict(vision_chunk_frames=3, prefill_chunk_tokens=16)
 FRAMES = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: OpenMP barriers cost more than the math."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ CHUNK = 3
 TEXT_DIM = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matmuls on a shared 2-core machine: one thread is 10-50x faster than two
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,6 @@ def test_uniform_config_and_meta():
                      torch.empty(1, 2, dtype=torch.long, **meta))
     assert vlm.first_token(pr).shape == (1, 256)
     assert vlm.last_prefill.frames_encoded == 5 and vlm.last_prefill.visual_tokens == 21
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py

@@ -151,3 +151,6 @@ def test_meta(name, frames, size):
     assert out.device.type == "meta" and out.shape == (1, vlm.vocab_size)
     n = frames * vlm.tokens_per_frame + 1
     assert vlm.last_prefill.visual_tokens == n + n // 16
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py

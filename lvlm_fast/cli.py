@@ -1,8 +1,11 @@
 """``lvlm-fast`` command line.
 
+    lvlm-fast profile [--model M] [--frames N,...] [--budget GIB] [--json OUT]   memory vs frames
+    lvlm-fast run VIDEO --model PATH --question "..." [--strategy NAME] [--frames N|--fps F]
     lvlm-fast bench [--quick] [--op NAME ...] [--json OUT] [--csv OUT]   microbenchmarks
     lvlm-fast info                                                       kernel status
-    lvlm-fast profile [--model M] [--frames N,...] [--budget GIB] [--json OUT]   memory vs frames
+
+``lvlm-fast <command> --help`` lists every option of a command.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
               "lvlm-fast repository (benchmarks are not part of the installed package).",
               file=sys.stderr)
         return 2
-    cmd = [sys.executable, os.path.join(root, "benchmarks", "run.py"), "--device", args.device]
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "run.py")]
+    if args.help:  # the harness's own help lists every option (they all pass through)
+        print("lvlm-fast bench: runs benchmarks/run.py of this checkout; its options:\n",
+              flush=True)
+        return subprocess.call([*cmd, "--help"], cwd=root)
+    cmd += ["--device", args.device]
     if args.quick:
         cmd.append("--quick")
     return subprocess.call(cmd + rest, cwd=root)
@@ -58,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     bench = sub.add_parser("bench", help="run the microbenchmark harness (benchmarks/run.py); "
-                           "extra flags such as --op/--json/--csv/--repeats pass through")
+                           "extra flags such as --op/--json/--csv/--repeats pass through",
+                           add_help=False)
+    bench.add_argument("-h", "--help", action="store_true",
+                       help="show benchmarks/run.py's options (all accepted here)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     bench.set_defaults(func=_bench)

@@ -63,3 +63,7 @@ def test_cli_help():
                            text=True)
         assert r.returncode == 0, r.stderr
         assert "usage" in r.stdout
+        if args[0] == "bench":  # every option the harness accepts is listed
+            for opt in ("--device", "--quick", "--op", "--json", "--csv", "--repeats",
+                        "--threads", "--gpu-bw", "--cases-dir"):
+                assert opt in r.stdout, opt

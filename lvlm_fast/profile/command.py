@@ -291,13 +291,15 @@ def run(args: argparse.Namespace) -> int:
     for s in strategies:
         if s in last:
             r = last[s]
-            print(f"  {s:>12} @ {r['frames']:>6}: {r['peak_bytes'] / GIB:7.2f} GiB = "
-                  f"{r['weight_bytes'] / GIB:.2f} + {r['input_bytes'] / GIB:.2f} + "
-                  f"{r['pass_peak_bytes'] / GIB:.2f}"
-                  + (f"; {(r['peak_bytes'] - r['input_bytes']) / GIB:.2f} GiB with the frames "
-                     "in host memory" if r["inputs_counted"] else
-                     f"; {(r['peak_bytes'] + r['input_bytes']) / GIB:.2f} GiB with all frames "
-                     "on the device"))
+            w, i, ps = (r[k] / GIB for k in ("weight_bytes", "input_bytes", "pass_peak_bytes"))
+            if r["inputs_counted"]:
+                host = (r["peak_bytes"] - r["input_bytes"]) / GIB
+                split = f"{w:.2f} + {i:.2f} + {ps:.2f}; {host:.2f} GiB with frames in host memory"
+            else:
+                split = (f"{w:.2f} + {ps:.2f} (frames: {i:.2f} GiB in host memory, not counted; "
+                         f"{(r['peak_bytes'] + r['input_bytes']) / GIB:.2f} GiB with all frames "
+                         "on the device)")
+            print(f"  {s:>12} @ {r['frames']:>6}: {r['peak_bytes'] / GIB:7.2f} GiB = {split}")
     for n in notes:
         print("note: " + n)
 

@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from lvlm_fast.profile.tracker import LiveTensorTracker
+from lvlm_fast.profile.tracker import LiveTensorTracker, _tensor_storages
 from lvlm_fast.profile.tracker import _storages as _storages_of
 
 __all__ = [
@@ -415,20 +415,14 @@ class PeakBreakdownTracker(SimulationTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         before = self.peak_bytes
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        from torch.utils._pytree import tree_iter
-
-        for leaf in tree_iter(out):
-            if isinstance(leaf, torch.Tensor):
-                try:
-                    key = leaf.untyped_storage()._cdata
-                except (RuntimeError, NotImplementedError, TypeError):
-                    continue
-                if key in self._live and key not in self._info:
-                    nbytes = self._live[key][0]
-                    where = _call_site() if nbytes >= self._site_min else ""
-                    self._info[key] = LiveTensorInfo(nbytes, tuple(leaf.shape),
-                                                     str(leaf.dtype).replace("torch.", ""),
-                                                     str(func.overloadpacket.__name__), where)
+        for leaf, st in _tensor_storages(out):
+            key = st._cdata
+            if key in self._live and key not in self._info:
+                nbytes = self._live[key][0]
+                where = _call_site() if nbytes >= self._site_min else ""
+                self._info[key] = LiveTensorInfo(nbytes, tuple(leaf.shape),
+                                                 str(leaf.dtype).replace("torch.", ""),
+                                                 str(func.overloadpacket.__name__), where)
         if self.peak_bytes > before:  # new peak: remember who is alive now
             self._peak_keys = list(self._live)
             self.peak_live = [self._info.get(k) or LiveTensorInfo(self._live[k][0], (), "?",

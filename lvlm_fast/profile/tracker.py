@@ -82,15 +82,21 @@ __all__ = [
 ]
 
 
-def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
-    """Every untyped storage reachable from a pytree of op arguments/outputs."""
+def _tensor_storages(tree: Any) -> Iterator[tuple[torch.Tensor, torch.UntypedStorage]]:
+    """(tensor, its untyped storage) for every tensor in a pytree of op arguments/outputs."""
     for leaf in tree_iter(tree):
         if isinstance(leaf, torch.Tensor):
             try:
-                yield leaf.untyped_storage()
+                yield leaf, leaf.untyped_storage()
             except (RuntimeError, NotImplementedError, TypeError):
                 # sparse / nested / some subclasses have no single untyped storage
                 continue
+
+
+def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
+    """Every untyped storage reachable from a pytree of op arguments/outputs."""
+    for _leaf, st in _tensor_storages(tree):
+        yield st
 
 
 class LiveTensorTracker(TorchDispatchMode):

@@ -17,6 +17,7 @@ only ops with fake implementations.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,7 +59,7 @@ class PrefillResult:
     frames_encoded: int  # frames that went through the vision tower
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class. Subclasses set ``name``, ``config_class``, ``holds_all_patch_features``
     (True if it keeps every frame's patch features alive at once; documented per strategy)
     and implement :meth:`prefill` (or :meth:`EmbeddingStrategy.visual_embeds`)."""
@@ -77,16 +78,17 @@ class Strategy:
                             f"got {type(config).__name__}")
         self.config = config
 
+    @abc.abstractmethod
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement prefill()")
+        """Run the video and prompt through the LLM; the cache is left ready to decode."""
 
 
 class EmbeddingStrategy(Strategy):
     """A strategy that only produces visual token embeddings; the wrapper prefills."""
 
+    @abc.abstractmethod
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         """(visual embeddings (1, N, hidden) in time order, frames encoded)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement visual_embeds()")
 
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
         visual, frames = self.visual_embeds(vlm, prompt)

@@ -38,8 +38,10 @@ def _extensions():
               "on first import (use `pip install --no-build-isolation` to build them now).")
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    # Portable flags for a wheel: no -march=native; hot loops use GCC function
-    # multiversioning (target_clones) where it matters.
+    # Portable baseline flags for a wheel: -O3 for the compiler's default target ISA
+    # (x86-64 baseline SSE2 / aarch64 baseline; no -march=native), OpenMP threads, C++17.
+    # No runtime ISA dispatch (no target_clones / function multiversioning) is compiled in:
+    # wider SIMD (AVX2/AVX-512) is not used; that is the separate speed issue's subject.
     ext = CppExtension(
         "lvlm_fast._C",
         sources,

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -65,6 +66,7 @@ from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
 from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache
 from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
+from lvlm_fast.ops._validate import is_meta_or_fake
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
 # Class names (for messages and docs); the check is an isinstance on the classes.
@@ -77,6 +79,93 @@ _CHECKPOINT_MODEL_TYPES = ("llava_onevision",)
 
 def _supported_classes() -> tuple[type, ...]:
     return (LlavaOnevisionForConditionalGeneration,)
+
+
+# Config attribute names of the multimodal placeholder tokens (transformers 5 / 4 names).
+_PLACEHOLDER_ATTRS = ("video_token_id", "image_token_id", "video_token_index",
+                      "image_token_index")
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Value checks need a device read; meta/fake tensors have no values (the profiler's
+    simulation) and tracing must not branch on data, so those skip them."""
+    return not torch.compiler.is_compiling() and not is_meta_or_fake(t)
+
+
+def check_count(name: str, value: object) -> int:
+    """A positive int count (``max_new_tokens``): a bool is not a count."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int (>= 1), got {value!r}")
+    return int(value)
+
+
+def check_token_id(name: str, value: object, vocab: int) -> int:
+    """One token id (``eos_token_id``): an int (not a bool) in ``[0, vocab)``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int token id in [0, {vocab}) or None, got "
+                        f"{type(value).__name__} {value!r}")
+    if not 0 <= value < vocab:
+        raise ValueError(f"{name} must be a token id in [0, {vocab}) (the vocabulary size), "
+                         f"got {value}")
+    return int(value)
+
+
+def check_token_ids(name: str, ids: object, vocab: int,
+                    placeholders: dict[str, int] | None = None) -> None:
+    """(1, L>=1) integer ids in ``[0, vocab)`` holding none of ``placeholders``.
+
+    The wrapper embeds ids itself, so a ``<video>``/``<image>`` placeholder left in the
+    text would be embedded as an ordinary token (transformers rejects it instead).
+    Values are read once for the whole tensor (one ``aminmax`` + one ``isin``, one host
+    read); meta/fake ids skip the value part."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a (1, L>=1) int64 token id tensor, got "
+                        f"{type(ids).__name__}")
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"{name} must be a (1, L>=1) token id tensor, got {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (int64), got {ids.dtype}")
+    if not _values_readable(ids):
+        return
+    lo, hi = torch.aminmax(ids)
+    checks = [lo, hi]
+    ph = dict(placeholders or {})
+    if ph:
+        checks.append(torch.isin(ids, torch.tensor(list(ph.values()), device=ids.device)).any())
+    vals = torch.stack([c.to(torch.int64) for c in checks]).tolist()  # one host read
+    if vals[0] < 0 or vals[1] >= vocab:
+        bad = vals[0] if vals[0] < 0 else vals[1]
+        raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the vocabulary size), "
+                         f"got {bad}")
+    if ph and vals[2]:
+        row = ids[0].tolist()
+        found = {k: v for k, v in ph.items() if v in row}
+        raise ValueError(
+            f"{name} holds the multimodal placeholder token(s) "
+            + ", ".join(f"{k}={v} at position {row.index(v)}" for k, v in found.items())
+            + "; the wrapper places the video itself: remove the <video>/<image> placeholder "
+            "from the text")
+
+
+def check_finite_frames(name: str, pixel_values: torch.Tensor) -> None:
+    """Reject NaN/inf frames: one ``aminmax`` over the whole video (NaN and inf propagate
+    to min/max; no (T, 3, H, W) temporary) and one host read; the offending frame is
+    located only on error. Meta/fake frames skip it."""
+    if not _values_readable(pixel_values) or not pixel_values.dtype.is_floating_point:
+        return
+    lo, hi = torch.aminmax(pixel_values)
+    if bool(torch.isfinite(torch.stack([lo.float(), hi.float()])).all()):
+        return
+    first = -1
+    for s in range(0, pixel_values.shape[0], 64):  # error path only: locate the frame
+        bad = ~torch.isfinite(pixel_values[s:s + 64]).flatten(1).all(1)
+        if bool(bad.any()):
+            first = s + int(bad.nonzero()[0, 0])
+            break
+    raise ValueError(f"{name} must be finite: frame {first} holds NaN or inf values "
+                     "(check the decoder / preprocessing)")
 
 
 # --------------------------------------------------------------------------- wrapper
@@ -412,12 +501,17 @@ class LongVideoVLM:
         return self.language_model(inputs_embeds=embeds, past_key_values=cache,
                                    use_cache=True).last_hidden_state
 
-    @staticmethod
-    def _check_ids(name: str, ids: torch.Tensor) -> None:
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 \
-                or ids.shape[1] < 1:
-            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"{name} must be a (1, L>=1) token id tensor, got {got}")
+    def placeholder_token_ids(self) -> dict[str, int]:
+        """The config's ``<video>``/``<image>`` placeholder ids (by attribute name)."""
+        out: dict[str, int] = {}
+        for attr in _PLACEHOLDER_ATTRS:
+            v = getattr(self.config, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v not in out.values():
+                out[attr] = v
+        return out
+
+    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
+        check_token_ids(name, ids, self.vocab_size, self.placeholder_token_ids())
 
     @torch.no_grad()
     def prefill_embeds(self, prefix_ids: torch.Tensor, visual: torch.Tensor,
@@ -469,6 +563,7 @@ class LongVideoVLM:
         if not isinstance(prompt, VideoPrompt):
             raise TypeError(f"prompt must be a VideoPrompt, got {type(prompt).__name__}")
         self._check_pixels(prompt.pixel_values)
+        check_finite_frames("prompt.pixel_values", prompt.pixel_values)
         self._check_ids("prompt.prefix_ids", prompt.prefix_ids)
         self._check_ids("prompt.question_ids", prompt.question_ids)
 
@@ -496,9 +591,13 @@ class LongVideoVLM:
     def generate(self, prompt: VideoPrompt, max_new_tokens: int = 32,
                  eos_token_id: int | None = None, strategy: str | Strategy | None = None,
                  **overrides: Any) -> torch.Tensor:
-        """Greedy answer (1, max_new_tokens) int64; tokens after the first EOS are EOS."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        """Greedy answer (1, max_new_tokens) int64; tokens after the first EOS are EOS.
+
+        ``max_new_tokens``: an int >= 1 (TypeError for a bool or a float); ``eos_token_id``:
+        None or an int in ``[0, vocab)``."""
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        if eos_token_id is not None:
+            eos_token_id = check_token_id("eos_token_id", eos_token_id, self.vocab_size)
         self.timings = {}
         old = self.decode_reserve
         self.decode_reserve = max_new_tokens - 1
@@ -516,6 +615,7 @@ class LongVideoVLM:
     @torch.no_grad()
     def decode(self, res: PrefillResult, max_new_tokens: int) -> torch.Tensor:
         """Greedy tokens (1, max_new_tokens) continuing a prefill (no host sync)."""
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens)
         with self._stage("decode"), self.llm_attention():
             h = res.last_hidden
             tokens = torch.empty((1, max_new_tokens), dtype=torch.long, device=h.device)

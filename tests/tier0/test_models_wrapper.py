@@ -296,3 +296,113 @@ def test_from_pretrained_roundtrip_and_bad_checkpoints(siglip, tmp_path):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
+
+
+# ------------------------------------------------------------------ input checks (issue 9.11)
+@pytest.mark.parametrize("value, exc, msg", [
+    (True, TypeError, r"max_new_tokens must be a positive int, got bool"),
+    (2.0, TypeError, r"max_new_tokens must be a positive int, got float"),
+    (0, ValueError, r"max_new_tokens must be a positive int \(>= 1\), got 0"),
+    (-3, ValueError, r"max_new_tokens .*got -3"),
+])
+def test_max_new_tokens_must_be_a_positive_int_not_a_bool(siglip, value, exc, msg):
+    vlm = LongVideoVLM(siglip)
+    with pytest.raises(exc, match=msg):
+        vlm.generate(_prompt(1), max_new_tokens=value)
+    with pytest.raises(exc, match=msg):
+        vlm.decode(None, value)  # checked before anything is read from the prefill result
+
+
+@pytest.mark.parametrize("value, exc, msg", [
+    (True, TypeError, r"eos_token_id must be an int token id in \[0, 256\) or None, got bool"),
+    (1.0, TypeError, r"eos_token_id must be an int .*got float"),
+    ("2", TypeError, r"eos_token_id must be an int .*got str"),
+    (256, ValueError, r"eos_token_id must be a token id in \[0, 256\) .*got 256"),
+    (-1, ValueError, r"eos_token_id must be a token id in \[0, 256\) .*got -1"),
+])
+def test_eos_token_id_must_be_an_int_in_vocab(siglip, value, exc, msg):
+    vlm = LongVideoVLM(siglip)
+    with pytest.raises(exc, match=msg):
+        vlm.generate(_prompt(1), max_new_tokens=2, eos_token_id=value)
+
+
+def test_eos_token_id_accepts_numpy_int(siglip):
+    np = pytest.importorskip("numpy")
+    vlm = LongVideoVLM(siglip)
+    pr = _prompt(1)
+    assert vlm.generate(pr, 2, eos_token_id=np.int64(3)).tolist() == \
+        vlm.generate(pr, 2, eos_token_id=3).tolist()
+
+
+@pytest.mark.parametrize("where", ["prefix_ids", "question_ids"])
+def test_token_ids_out_of_vocab_or_float_are_rejected(siglip, where):
+    vlm = LongVideoVLM(siglip)
+    pr = _prompt(1)
+
+    def with_ids(ids):
+        kw = {"prefix_ids": pr.prefix_ids, "question_ids": pr.question_ids, where: ids}
+        return VideoPrompt(pr.pixel_values, **kw)
+
+    with pytest.raises(ValueError, match=rf"prompt.{where} must hold token ids in \[0, 256\) "
+                                         r".*got 256"):
+        vlm.first_token(with_ids(torch.tensor([[1, 256, 2]])))
+    with pytest.raises(ValueError, match=rf"prompt.{where} must hold token ids in \[0, 256\) "
+                                         r".*got -5"):
+        vlm.first_token(with_ids(torch.tensor([[1, -5]])))
+    with pytest.raises(TypeError, match=rf"prompt.{where} must hold integer token ids .*float32"):
+        vlm.first_token(with_ids(torch.tensor([[1.0, 2.0]])))
+    with pytest.raises(TypeError, match=rf"prompt.{where} must be a \(1, L>=1\) int64"):
+        vlm.first_token(with_ids([[1, 2]]))
+    # the wrapper's own prefill entry point checks too
+    with pytest.raises(ValueError, match=rf"{where} must hold token ids in \[0, 256\)"):
+        kw = {"prefix_ids": pr.prefix_ids, "question_ids": pr.question_ids,
+              where: torch.tensor([[300]])}
+        vlm.prefill_embeds(visual=torch.zeros(1, 0, vlm.hidden_size), frames_encoded=0, **kw)
+
+
+@pytest.mark.parametrize("where", ["prefix_ids", "question_ids"])
+@pytest.mark.parametrize("attr", ["video_token_id", "image_token_id"])
+def test_placeholder_token_left_in_the_text_is_rejected(siglip, where, attr):
+    vlm = LongVideoVLM(siglip)
+    tid = getattr(siglip.config, attr)
+    assert vlm.placeholder_token_ids()[attr] == tid
+    pr = _prompt(1)
+    ids = torch.tensor([[1, 2, tid]])
+    kw = {"prefix_ids": pr.prefix_ids, "question_ids": pr.question_ids, where: ids}
+    with pytest.raises(ValueError, match=rf"prompt.{where} holds the multimodal placeholder "
+                                         rf"token\(s\) {attr}={tid} at position 2"):
+        vlm.first_token(VideoPrompt(pr.pixel_values, **kw))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_frames_are_rejected_naming_the_frame(siglip, bad, dtype):
+    vlm = LongVideoVLM(siglip)
+    pr = _prompt(70)
+    px = pr.pixel_values.to(dtype)
+    px[67, 2, 10, 11] = bad  # past the first 64-frame block of the locating scan
+    with pytest.raises(ValueError, match=r"prompt.pixel_values must be finite: frame 67 holds "
+                                         r"NaN or inf"):
+        vlm.generate(VideoPrompt(px, pr.prefix_ids, pr.question_ids), max_new_tokens=1)
+
+
+def test_value_checks_skip_meta_and_count_one_host_read(siglip, monkeypatch):
+    # meta ids/frames (the profiler's simulation) have no values: only dtype/shape checks
+    vlm = LongVideoVLM.from_config("tiny-llava-onevision", device="meta")
+    meta = dict(device="meta")
+    pr = VideoPrompt(torch.empty(2, 3, 56, 56, **meta), torch.empty(1, 2, dtype=torch.long, **meta),
+                     torch.empty(1, 3, dtype=torch.long, **meta))
+    assert vlm.first_token(pr).is_meta
+    with pytest.raises(TypeError, match=r"prompt\.prefix_ids must hold integer token ids"):
+        vlm.first_token(VideoPrompt(pr.pixel_values, torch.empty(1, 2, **meta), pr.question_ids))
+    # real tensors: each id tensor is read back once (one .tolist()), not per token
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(tuple(self.shape))
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    LongVideoVLM(siglip).first_token(_prompt(1))
+    assert len(calls) <= 4  # prefix + question, checked in the prompt and again in prefill

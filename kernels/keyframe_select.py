@@ -23,7 +23,8 @@ frame blocks of BLOCK_N rows, the embedding dim walked in BLOCK_E column tiles:
 The launcher runs prep, pick, then (fwd, pick) ``min(k, N) - 1`` times: 2 min(k, N)
 launches, no host sync, O(k N E) reads at most, O(N) extra memory, never an N x N matrix.
 The budget fill, time ordering and ``ref_index`` are O(N + k log k) device tensor ops
-(sort, cumsum, searchsorted, scatter, ``nonzero_static``), also without a host sync.
+(sort, cumsum, searchsorted, scatter; no ``nonzero_static``, which has no CUDA kernel before
+torch 2.6), also without a host sync.
 
 Masking: rows >= N and columns >= E load 0 and are never stored; the row offset is int64
 (N x stride can pass 2^31). Accumulation is fp32 (fp64 for fp64 inputs) in the dtype of
@@ -230,9 +231,26 @@ def finish(picks: torch.Tensor, n: int, k: int, fill: bool) -> tuple[torch.Tenso
     if fill:
         _budget_fill(mask, torch.sort(key).values, n, k)
     sel = mask[:n]
-    indices = torch.nonzero_static(sel, size=m, fill_value=-1).reshape(m)
     ref_index = torch.cumsum(sel, 0, dtype=torch.int64) - 1
-    return indices, ref_index
+    return compact(sel, ref_index, m), ref_index
+
+
+def compact(sel: torch.Tensor, rank: torch.Tensor, m: int) -> torch.Tensor:
+    """The positions of the True entries of ``sel`` (N,) bool, ascending, padded with -1 to
+    the static length ``m``: ``torch.nonzero_static(sel, size=m, fill_value=-1)``.
+
+    ``nonzero_static`` has no CUDA kernel before torch 2.6; this is the same result from a
+    scatter, for every torch the project allows and without a host sync. ``rank`` (N,) int64
+    is ``cumsum(sel) - 1`` (the caller's ``ref_index``): the output slot of each selected
+    frame. Unselected frames, and selected ones past ``m`` (never the case for ``finish``:
+    at most min(k, N) frames are selected), go to a dump slot ``m`` that is cut off.
+    """
+    n = sel.shape[0]
+    dev = sel.device
+    slot = torch.where(sel & (rank < m), rank, m)
+    out = torch.full((m + 1,), -1, dtype=torch.int64, device=dev)
+    out.scatter_(0, slot, torch.arange(n, dtype=torch.int64, device=dev))
+    return out[:m]
 
 
 # --------------------------------------------------------------------------- launcher

@@ -21,7 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lvlm_fast.kernels.keyframe_select import finish
+from lvlm_fast.kernels.keyframe_select import compact, finish
 
 import lvlm_fast  # noqa: F401  (loads the C++ kernels)
 from lvlm_fast.ops import (
@@ -350,6 +350,31 @@ def test_launcher_fill_matches_reference(n, data):
         want = want + [-1] * (m - len(want))
         assert idx.tolist() == want
         assert ref.tolist() == R.reference_index([i for i in want if i >= 0], n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 70), st.data())
+def test_compact_equals_nonzero_static(n, data):
+    # issue 9.3: the launcher compacts with a scatter (nonzero_static has no CUDA kernel
+    # before torch 2.6); the result is nonzero_static's, also when fewer than m are set and
+    # when more than m are set (the extra ones are cut off)
+    sel = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    m = data.draw(st.integers(1, n + 3))
+    rank = torch.cumsum(sel, 0, dtype=torch.int64) - 1
+    want = torch.nonzero_static(sel, size=m, fill_value=-1).reshape(m)
+    assert compact(sel, rank, m).tolist() == want.tolist()
+
+
+def test_finish_does_not_call_nonzero_static(monkeypatch):
+    # issue 9.3: pins the op away from nonzero_static (torch < 2.6 has no CUDA kernel)
+    def boom(*a, **k):
+        raise AssertionError("nonzero_static called")
+
+    monkeypatch.setattr(torch, "nonzero_static", boom)
+    idx, ref = finish(torch.tensor([4, -1, 1]), 6, 3, False)
+    assert idx.tolist() == [1, 4, -1] and ref.tolist() == [-1, 0, 0, 0, 1, 1]
+    idx, _ = finish(torch.tensor([4, -1, 1]), 6, 3, True)
+    assert idx.tolist() == R.budget_fill([4, 1], 6, 3)
 
 
 # --------------------------------------------------------------------------- index helpers

@@ -93,3 +93,17 @@ def test_faster_than_released_style():
     ours = timed(lambda: keyframe_select(frames, query, 32, min_relevance=0.2))
     seed = timed(lambda: seed_keyframe_select(frames, query, 32, 0.85, 0.2), reps=2)
     assert seed / ours >= 5.0, (seed, ours)
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (100, 7), (10_240, 32)])
+def test_compaction_on_cuda(n, m):
+    # issue 9.3: the launcher's compaction (a scatter, not nonzero_static, which has no CUDA
+    # kernel before torch 2.6) runs on CUDA and equals the CPU result
+    from lvlm_fast.kernels.keyframe_select import compact
+
+    gen = torch.Generator().manual_seed(n)
+    sel = torch.rand(n, generator=gen) < (m / n)
+    rank = torch.cumsum(sel, 0, dtype=torch.int64) - 1
+    got = compact(sel.cuda(), rank.cuda(), m)
+    assert got.is_cuda
+    assert got.cpu().tolist() == compact(sel, rank, m).tolist()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lvlm_fast.cache import ATTN_NAME, SummaryKVCache, _check_ratio_window
+from lvlm_fast.models._compat import cache_kwargs
 from lvlm_fast.nn.summary_proj import SummaryEmbedding, SummaryLayout, install_summary_projections
 
 
@@ -79,7 +80,7 @@ def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLay
     cache.check_room(x.shape[1])
     layout.set(first, stride, k)
     try:
-        model.model(inputs_embeds=x, past_key_values=cache, use_cache=True)
+        model.model(inputs_embeds=x, **cache_kwargs(model.model, cache), use_cache=True)
     finally:
         layout.clear()
     return cache.evict_window(w0, n, ratio)
@@ -139,7 +140,8 @@ def run_videoxl(
 
     def step(x: torch.Tensor) -> torch.Tensor:
         cache.check_room(x.shape[1])
-        return inner(inputs_embeds=x, past_key_values=cache, use_cache=True).last_hidden_state
+        return inner(inputs_embeds=x, **cache_kwargs(inner, cache),
+                     use_cache=True).last_hidden_state
 
     with AttnImpl(model, ATTN_NAME):
         step(embed(prefix_ids))

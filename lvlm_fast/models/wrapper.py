@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
 from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache
+from lvlm_fast.models._compat import cache_kwargs
 from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
 from lvlm_fast.ops._validate import is_meta_or_fake
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
@@ -498,7 +499,8 @@ class LongVideoVLM:
     def run_llm(self, embeds: torch.Tensor, cache: Any) -> torch.Tensor:
         """One decoder forward of (1, L, hidden) embeddings appended to ``cache``;
         returns the final-normed hidden states (1, L, hidden). No LM head."""
-        return self.language_model(inputs_embeds=embeds, past_key_values=cache,
+        return self.language_model(inputs_embeds=embeds,
+                                   **cache_kwargs(self.language_model, cache),
                                    use_cache=True).last_hidden_state
 
     def placeholder_token_ids(self) -> dict[str, int]:

@@ -490,3 +490,81 @@ def test_seed_holds_all_patch_features(vlm):
     grow = (_peak(vlm, "vilamp-seed", 30, num_keyframes=2)
             - _peak(vlm, "vilamp-seed", 6, num_keyframes=2))
     assert grow > budget, (grow, budget)
+
+
+# --------------------------------------------------------------------------- device placement
+# (issue 9.1/9.2) On CUDA a DFM loaded from a checkpoint path (on the CPU) or host frames
+# would meet a CUDA tower/op; the meta-device model stands in for the accelerator here.
+def _released_ckpt(tmp_path, dim, tau=0.2, seed=7):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    dfm = DifferentialFeatureMerging(dim, TEXT_DIM)
+    with torch.no_grad():
+        dfm.tau.fill_(tau)
+    sd = {f"model.composer_projector.{k}": v.detach().clone()
+          for k, v in dfm.state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    return dfm, path
+
+
+@pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
+def test_meta_model_with_cpu_loaded_dfm_checkpoint(meta, tmp_path, name):
+    vm, pm = meta
+    _, path = _released_ckpt(tmp_path, 64)
+    with torch.device("meta"):
+        sel = TinySelector()
+    s = get_strategy(name, num_keyframes=4, selector=sel, query_embedding=torch.randn(TEXT_DIM),
+                     dfm=str(path))
+    emb, _ = s.visual_embeds(vm, pm)
+    assert emb.device.type == "meta" and emb.shape == (1, N - 4 + 16 + 1, 64)
+    (mod,) = s._dfm_cache.values()  # loaded on the CPU by nn/dfm.py, moved once, kept there
+    assert {p.device.type for p in mod.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
+@pytest.mark.parametrize("learned", [True, False])
+def test_meta_model_with_cpu_dfm_module_is_placed(meta, name, learned):
+    vm, pm = meta
+    dfm = DifferentialFeatureMerging(64, TEXT_DIM, learned=learned, tau=0.3)
+    kw = {}
+    if learned:
+        with torch.device("meta"):
+            kw["selector"] = TinySelector()
+        kw["query_embedding"] = torch.randn(TEXT_DIM)
+    emb, _ = get_strategy(name, num_keyframes=4, dfm=dfm, **kw).visual_embeds(vm, pm)
+    assert emb.device.type == "meta"
+    assert dfm.tau.device.type == "meta"
+    assert {p.device.type for p in dfm.parameters()} <= {"meta"}
+
+
+@pytest.mark.parametrize("dfm", ["free", "module"])
+def test_vilamp_tau_is_one_device_tensor_for_every_chunk(vlm, prompt, monkeypatch, dfm):
+    """tau reaches the op as one tensor on the model's device, built once per call (a Python
+    float would be turned into a new device tensor, a host->device copy, in every chunk)."""
+    import lvlm_fast.models.strategies.vilamp as vmod
+
+    seen = []
+    real = vmod.diff_weighted_pool
+
+    def spy(*a, tau, **k):
+        seen.append(tau)
+        return real(*a, tau=tau, **k)
+
+    monkeypatch.setattr(vmod, "diff_weighted_pool", spy)
+    spec = "free" if dfm == "free" else DifferentialFeatureMerging(64, learned=False, tau=0.5)
+    get_strategy("vilamp", num_keyframes=3, dfm=spec).visual_embeds(vlm, prompt)
+    assert len(seen) == math.ceil(N / CHUNK)
+    assert all(isinstance(t, torch.Tensor) and t.device == vlm.device for t in seen)
+    assert len({id(t) for t in seen}) == 1
+
+
+@pytest.mark.parametrize("encode", ["all_at_once", "chunked"])
+def test_vilamp_seed_host_frames_reach_the_model_device(meta, encode):
+    """Frames in host memory (as ``lvlm-fast run`` keeps them) with the model elsewhere."""
+    vm, _ = meta
+    pm = VideoPrompt(torch.randn(N, 3, 56, 56), torch.zeros(1, 3, dtype=torch.long),
+                     torch.ones(1, 5, dtype=torch.long))
+    emb, _ = get_strategy("vilamp-seed", num_keyframes=4, encode=encode).visual_embeds(vm, pm)
+    assert emb.device.type == "meta" and emb.shape == (1, N - 4 + 16 + 1, 64)

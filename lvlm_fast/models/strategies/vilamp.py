@@ -312,10 +312,25 @@ def find_model_dfm(vlm: LongVideoVLM) -> DifferentialFeatureMerging | None:
     return None
 
 
+def place_dfm(mod: DifferentialFeatureMerging, vlm: LongVideoVLM
+              ) -> DifferentialFeatureMerging:
+    """``mod`` on the model's device: the ONE place a DFM (its projections and ``tau``) is
+    moved. A module loaded from a checkpoint path comes on the CPU and one passed in may
+    live anywhere, while :func:`diff_weighted_pool` needs every input on the features'
+    device. ``nn.Module.to`` moves in place (as ``model.to`` does), so this happens once per
+    module, and is a no-op for the model's own DFM. The dtype is kept (the released ``tau``
+    is tiny; the projections are cast to the model dtype once per call by
+    :func:`dfm_inputs`)."""
+    if mod.tau.device != vlm.device:
+        mod.to(device=vlm.device)
+    return mod
+
+
 def resolve_dfm(cfg: ViLAMPConfig, vlm: LongVideoVLM, text_query: torch.Tensor | None,
                 cache: dict) -> DifferentialFeatureMerging | None:
-    """The DFM module to use (learned, or a parameter-free one whose ``tau`` is used), or
-    None for the parameter-free form with ``dfm_tau``."""
+    """The DFM module to use (learned, or a parameter-free one whose ``tau`` is used), on
+    the model's device (:func:`place_dfm`), or None for the parameter-free form with
+    ``dfm_tau``."""
     spec = cfg.dfm
     if isinstance(spec, DifferentialFeatureMerging):
         mod = spec
@@ -334,7 +349,7 @@ def resolve_dfm(cfg: ViLAMPConfig, vlm: LongVideoVLM, text_query: torch.Tensor |
         if mod is None or (spec == "auto" and text_query is None):
             return None
     if not mod.learned:  # a parameter-free module: its tau, no query term
-        return mod
+        return place_dfm(mod, vlm)
     if mod.dim != vlm.hidden_size:
         raise ValueError(f"the DFM module has dim {mod.dim} but the model's hidden size is "
                          f"{vlm.hidden_size}")
@@ -344,7 +359,27 @@ def resolve_dfm(cfg: ViLAMPConfig, vlm: LongVideoVLM, text_query: torch.Tensor |
     if text_query.shape[-1] != mod.text_dim:
         raise ValueError(f"the DFM module expects a text embedding of width {mod.text_dim}, "
                          f"the selector's query has {text_query.shape[-1]}")
-    return mod
+    return place_dfm(mod, vlm)
+
+
+def dfm_inputs(cfg: ViLAMPConfig, vlm: LongVideoVLM, dfm: DifferentialFeatureMerging | None,
+               text_query: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
+    """(query (D,), tau 0-d fp32, projections) for pass 2, built once per call on the
+    model's device: ``tau`` as a device tensor (a Python float would become a new tensor,
+    i.e. a host-to-device copy, in every chunk's op call) and the learned projections'
+    (weight, bias) in the model dtype (cast once, not per chunk; empty when parameter-free).
+    ``dfm`` comes from :func:`resolve_dfm`, already on the model's device."""
+    if dfm is None or not dfm.learned:
+        query = torch.zeros(vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
+        tau = (torch.tensor(float(cfg.dfm_tau), dtype=torch.float32, device=vlm.device)
+               if dfm is None else dfm.tau.detach().float())
+        return query, tau, {}
+    query = dfm.project_query(text_query.to(dfm.linear_q.weight.device)).to(vlm.dtype)
+    projs = {name: (m.weight.detach().to(vlm.dtype), m.bias.detach().to(vlm.dtype))
+             for name in ("linear_k", "linear_iq", "linear_ik")
+             for m in (getattr(dfm, name),)}
+    return query, dfm.tau.detach().float(), projs
 
 
 class KeyframeLayout:
@@ -456,27 +491,19 @@ class ViLAMP(EmbeddingStrategy):
         out = new_output(vlm, layout, cfg.newline)
         # ---- pass 2: stream the frames; DFM against [carried keyframe ; chunk]
         d = vlm.hidden_size
-        if dfm is None or not dfm.learned:
-            query = torch.zeros(d, dtype=vlm.dtype, device=vlm.device)
-            tau: float | torch.Tensor = (float(cfg.dfm_tau) if dfm is None
-                                         else dfm.tau.detach().float().to(vlm.device))
-        else:
-            query = dfm.project_query(text_query.to(dfm.linear_q.weight.dtype)).to(vlm.dtype)
-            tau = dfm.tau.detach().float()
+        query, tau, projs = dfm_inputs(cfg, vlm, dfm, text_query)
         carry = torch.zeros((1, h * w, d), dtype=vlm.dtype, device=vlm.device)
         for s, feats in vlm.iter_patch_features(pv):
             t = feats.shape[0]
             x = feats.reshape(t, -1, d)
             bank = torch.cat([carry, x])
             ri = layout.bank_index(s, t)
-            if dfm is None or not dfm.learned:
+            if not projs:
                 tok = diff_weighted_pool(x, query, bank, ri, tau=tau)
             else:
-                def lin(v, m):
-                    return F.linear(v, m.weight.to(v.dtype), m.bias.to(v.dtype))
-                tok = diff_weighted_pool(x, query, lin(bank, dfm.linear_k), ri,
-                                         rel=lin(x, dfm.linear_iq), red=lin(x, dfm.linear_ik),
-                                         tau=tau)
+                tok = diff_weighted_pool(x, query, F.linear(bank, *projs["linear_k"]), ri,
+                                         rel=F.linear(x, *projs["linear_iq"]),
+                                         red=F.linear(x, *projs["linear_ik"]), tau=tau)
             # the latest keyframe at or before the chunk's end (a copy: the chunk can go)
             carry = bank.index_select(0, ri[-1:])
             del bank

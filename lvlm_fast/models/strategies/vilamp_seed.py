@@ -74,7 +74,9 @@ def encode_all_frames(vlm: LongVideoVLM, pixel_values: torch.Tensor, mode: str
         return torch.cat([f for _, f in vlm.iter_patch_features(pixel_values)])
     model = vlm.model.model
     cfg = vlm.config
-    out = model.vision_tower(pixel_values.to(vlm.dtype), output_hidden_states=True,
+    # frames may sit in (pinned) host memory (``lvlm-fast run``): device AND dtype here
+    out = model.vision_tower(pixel_values.to(device=vlm.device, dtype=vlm.dtype),
+                             output_hidden_states=True,
                              return_dict=True)
     layer = cfg.vision_feature_layer
     hs = out.hidden_states

@@ -36,7 +36,8 @@ constant), so zero vectors get finite gradients.
 
 Accumulation is fp32 throughout; outputs are in the input dtype (``lse`` fp32). Index math
 is int64 (frame, patch and reference-row offsets), strides are passed for the two leading
-dims, the channel dim must be unit-stride (the launcher copies otherwise). ``tau`` is read
+dims and for ``ref_index`` (a strided view such as ``idx[::2]`` is read through its stride),
+the channel dim must be unit-stride (the launcher copies otherwise). ``tau`` is read
 in-kernel from its 0-d tensor (no host sync). Launch configs (BLOCK_P, num_warps) are
 chosen from BLOCK_D and the number of live tiles so that the tiles stay in registers:
 see :func:`fwd_config` / :func:`bwd_config` and ``COMPILE_SPECS`` (tier-2 checks zero spills
@@ -82,7 +83,7 @@ def _diff_weighted_pool_fwd_kernel(
     out_ptr, lse_ptr, s_ptr, w_ptr,
     P, D, DA, DB,
     stride_xn, stride_xp, stride_an, stride_ap, stride_bn, stride_bp,
-    stride_qn, stride_rk, stride_rp, stride_on,
+    stride_qn, stride_rk, stride_rp, stride_on, stride_ref,
     HAS_REL: tl.constexpr, HAS_RED: tl.constexpr, HAS_REF: tl.constexpr,
     RETURN_WEIGHTS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DA: tl.constexpr,
@@ -111,7 +112,7 @@ def _diff_weighted_pool_fwd_kernel(
         else:
             offs_b = offs_d
             bmask = dmask
-        ref = tl.load(ref_ptr + n).to(tl.int64)
+        ref = tl.load(ref_ptr + n * stride_ref).to(tl.int64)
         has_ref = ref >= 0
         p_ref = P * has_ref.to(tl.int32)  # patch limit for R loads: 0 without a reference
         r_row = r_ptr + tl.maximum(ref, 0) * stride_rk
@@ -186,7 +187,7 @@ def _diff_weighted_pool_bwd_kernel(
     dx_ptr, da_ptr, db_ptr, dr_ptr, dq_part_ptr, dtau_part_ptr, u_ptr, v_ptr,
     N, P, D, DA, DB,
     stride_gn, stride_xn, stride_xp, stride_an, stride_ap, stride_bn, stride_bp,
-    stride_qn, stride_rk, stride_rp,
+    stride_qn, stride_rk, stride_rp, stride_ref,
     HAS_REL: tl.constexpr, HAS_RED: tl.constexpr, HAS_REF: tl.constexpr,
     QUERY_PER_FRAME: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DA: tl.constexpr,
@@ -254,7 +255,7 @@ def _diff_weighted_pool_bwd_kernel(
         c1 = tl.sum(at * q[None, :], 1) / (nq * na)
         score = c1
         if HAS_REF:
-            ref = tl.load(ref_ptr + n64).to(tl.int64)
+            ref = tl.load(ref_ptr + n64 * stride_ref).to(tl.int64)
             has_ref = ref >= 0
             if HAS_RED:
                 bt = tl.load(
@@ -486,6 +487,7 @@ def diff_weighted_pool_fwd(
         p, d, da, db,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         q2.stride(0) if q2.shape[0] != 1 else 0, r.stride(0), r.stride(1), out.stride(0),
+        ref_index.stride(0) if has_ref else 0,
         HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, RETURN_WEIGHTS=return_weights,
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_DA=block_da, BLOCK_DB=block_db,
         num_warps=num_warps, num_stages=1,
@@ -541,6 +543,7 @@ def diff_weighted_pool_bwd(
         n, p, d, da, db,
         grad_out.stride(0), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), q2.stride(0), r.stride(0), r.stride(1),
+        ref_index.stride(0) if has_ref else 0,
         HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, QUERY_PER_FRAME=per_frame,
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_DA=block_da, BLOCK_DB=block_db,
         num_warps=num_warps, num_stages=1,
@@ -587,7 +590,8 @@ def _specs() -> list[dict]:
                 sig.update({k: "i32" for k in ("P", "D", "DA", "DB", "stride_xn",
                                                "stride_xp", "stride_an", "stride_ap",
                                                "stride_bn", "stride_bp", "stride_qn",
-                                               "stride_rk", "stride_rp", "stride_on")})
+                                               "stride_rk", "stride_rp", "stride_on",
+                                               "stride_ref")})
                 ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, RETURN_WEIGHTS=False,
                           BLOCK_P=bp, BLOCK_D=bd, BLOCK_DA=bd, BLOCK_DB=bd)
                 sig.update({k: "constexpr" for k in ce})
@@ -609,7 +613,8 @@ def _specs() -> list[dict]:
                 sig.update({k: "i32" for k in ("N", "P", "D", "DA", "DB", "stride_gn",
                                                "stride_xn", "stride_xp", "stride_an",
                                                "stride_ap", "stride_bn", "stride_bp",
-                                               "stride_qn", "stride_rk", "stride_rp")})
+                                               "stride_qn", "stride_rk", "stride_rp",
+                                               "stride_ref")})
                 for per_frame in (False, True) if vname == "AB=X" else (False,):
                     ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref,
                               QUERY_PER_FRAME=per_frame, BLOCK_P=bp, BLOCK_D=bd,
@@ -635,7 +640,8 @@ def _div16(sig: dict) -> list[str]:
     """Args the JIT would mark 16-divisible for contiguous SigLIP/Qwen-width inputs:
     pointers (torch allocations are aligned) and the row strides (D % 16 == 0)."""
     return [k for k, v in sig.items()
-            if v.startswith("*") or (k.startswith("stride_") and k != "stride_qn")]
+            if v.startswith("*") or (k.startswith("stride_") and k not in ("stride_qn",
+                                                                            "stride_ref"))]
 
 
 COMPILE_SPECS: list[dict] = _specs()

@@ -257,7 +257,10 @@ def diff_weighted_pool(
             raise TypeError(f"tau must be a float or a 0-d tensor, got {type(tau).__name__}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        tau = torch.tensor(float(tau), dtype=torch.float32, device=x.device if isinstance(
+        # torch.full, not torch.tensor: the value travels as an argument of a fill kernel
+        # on x's device. torch.tensor(float, device=cuda) is a host-to-device copy (and a
+        # stream sync) on every call, i.e. per chunk on the parameter-free ViLAMP path.
+        tau = torch.full((), float(tau), dtype=torch.float32, device=x.device if isinstance(
             x, torch.Tensor) else "cpu")
     if rel is x:
         rel = None

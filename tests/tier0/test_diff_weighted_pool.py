@@ -244,6 +244,38 @@ def test_tau_forms():
     torch.testing.assert_close(g, g_r, atol=1e-5 * max(1.0, g_r.abs().item()), rtol=1e-4)
 
 
+def test_python_float_tau_makes_no_host_tensor(monkeypatch):
+    # issue 9.13: a float tau was turned into torch.tensor(float(tau), device=x.device), a
+    # host-to-device copy (and sync) on every CUDA call; the wrapper now fills a 0-d tensor
+    # on x's device (no host tensor, no copy). torch.tensor must not be reached at all.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inp = make_inputs(3, 10, 8)
+    want = dwp(**inp, tau=torch.tensor(0.25))
+    seen = []
+
+    class Spy(TorchDispatchMode):  # records the tau the registered op receives
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.lvlm_fast.diff_weighted_pool.default:
+                seen.append(args[6])
+            return func(*args, **(kwargs or {}))
+
+    def boom(*a, **k):
+        raise AssertionError("torch.tensor called for a float tau")
+
+    monkeypatch.setattr(torch, "tensor", boom)
+    with Spy():
+        got = dwp(**inp, tau=0.25)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    (tau,) = seen
+    assert tau.dim() == 0 and tau.dtype == torch.float32 and float(tau) == 0.25
+    # on the meta device (standing in for CUDA) the tau tensor is made on x's device
+    seen.clear()
+    with Spy():
+        dwp(torch.empty(2, 5, 8, device="meta"), torch.empty(8, device="meta"), tau=0.5)
+    assert seen[0].device.type == "meta"
+
+
 def test_rel_red_equal_to_x_is_the_same_as_none():
     inp = make_inputs(3, 20, 10)
     a = dwp(**inp, tau=0.5)

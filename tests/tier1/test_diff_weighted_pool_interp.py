@@ -174,6 +174,21 @@ def test_strided_inputs():
     _check(torch.float32, x, q, bank, torch.tensor([1, 1, 0]), grad_out=g)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_expanded_ref_index(dtype):
+    # issue 9.5: a strided ref_index (idx[::2]) was read as if contiguous, so frames took
+    # the wrong bank rows; the launcher now passes its stride (forward and backward).
+    n, p, d = 4, 13, 24
+    x, bank, q = _rand(n, p, d), _rand(3, p, d, seed=1), _rand(d, seed=2)
+    idx = torch.tensor([2, 0, -1, 1, 0, 2, 1, 0])[::2]  # [2, -1, 0, 1]: stride 2
+    assert idx.stride(0) == 2 and not torch.equal(idx, torch.tensor([2, 0, -1, 1]))
+    _check(dtype, x, q, bank, idx)
+    _check(dtype, x, q, bank, torch.tensor([1], dtype=torch.int32).expand(n))  # stride 0
+    # the per-frame query and grad_out given as broadcast (stride-0) views
+    _check(dtype, x, _rand(1, d, seed=3).expand(n, d), bank, idx,
+           grad_out=_rand(1, d, seed=4).expand(n, d).to(dtype))
+
+
 def test_zero_and_tiny_vectors_give_finite_results():
     x = _rand(2, 9, 16)
     x[0, 3] = 0.0  # zero patch: cosines 0

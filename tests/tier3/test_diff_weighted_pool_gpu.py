@@ -93,3 +93,39 @@ def test_bf16_weights_and_uniform_case():
         w.float(), torch.full((3, 49), 1 / 49, device="cuda"), atol=1e-3, rtol=0
     )
     torch.testing.assert_close(out.float(), x.float().mean(1), atol=2e-2, rtol=2e-2)
+
+
+def test_strided_ref_index_on_cuda():
+    # issue 9.5: the CUDA launcher read ref_index as contiguous; a strided view (idx[::2])
+    # must select the same bank rows as its contiguous copy (and the reference).
+    from lvlm_fast.ops import diff_weighted_pool
+    from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as ref
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 49, 64, generator=g).cuda()
+    bank = torch.randn(3, 49, 64, generator=g).cuda()
+    q = torch.randn(64, generator=g).cuda()
+    idx = torch.tensor([2, 0, -1, 1, 0, 2, 1, 0], device="cuda")[::2]
+    got = diff_weighted_pool(x, q, bank, idx, tau=0.3)
+    torch.testing.assert_close(got, diff_weighted_pool(x, q, bank, idx.contiguous(), tau=0.3))
+    want = ref(x.double().cpu(), q.double().cpu(), bank.double().cpu(), idx.cpu(), tau=0.3)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_python_float_tau_copies_nothing_host_to_device():
+    # issue 9.13: a float tau used to be torch.tensor(float(tau), device=cuda): one H2D copy
+    # (and stream sync) per call. The profiler must see no HtoD memcpy in the call.
+    from torch.profiler import ProfilerActivity, profile
+
+    from lvlm_fast.ops import diff_weighted_pool
+
+    x = torch.randn(8, 49, 64, device="cuda")
+    q = torch.randn(64, device="cuda")
+    bank, idx = x[:2].clone(), torch.tensor([-1, 0, 0, 0, 1, 1, 1, 1], device="cuda")
+    diff_weighted_pool(x, q, bank, idx, tau=0.2)  # warm-up (Triton compile, caches)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        diff_weighted_pool(x, q, bank, idx, tau=0.2)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "HtoD" in n], names

@@ -1,9 +1,11 @@
 """Shipped model configs: published hyperparameters, no weights.
 
 The profiler builds these on the meta device to simulate models too big for the machine;
-the tests build the tiny ones for real. Every entry is a ``LlavaOnevisionConfig``
-(LLaVA-Video and Video-XL share its shape: vision tower -> 2-layer MLP projector ->
-2x2 bilinear pooling -> Qwen2 decoder).
+the tests build the tiny ones for real. Each entry is a config of a supported family
+(:mod:`lvlm_fast.models.families`): a ``LlavaOnevisionConfig`` (LLaVA-Video and Video-XL
+share its shape: vision tower -> 2-layer MLP projector -> 2x2 bilinear pooling -> Qwen2
+decoder) or a ``Qwen2_5_VLConfig`` (windowed ViT with 3-D patches -> 2x2 merger -> Qwen2
+decoder with M-RoPE).
 
 - ``llava-onevision-qwen2-7b``: the ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` layout:
   SigLIP-so400m 384/14 (27x27 patches, 26 layers as exported, hidden 1,152), pooled to
@@ -12,8 +14,15 @@ the tests build the tiny ones for real. Every entry is a ``LlavaOnevisionConfig`
 - ``videoxl-qwen2-7b``: Video-XL's CLIP ViT-L/14-336 (24x24 patches, feature layer -2, CLS
   dropped), pooled 2x2 to 144 tokens per frame, the same Qwen2-7B decoder
   (``../shared/methods/videoxl.md``).
-- ``tiny-llava-onevision`` / ``tiny-videoxl``: the same classes at toy size (random init is
-  cheap, a forward takes milliseconds) for tests and the measured-vs-simulated check.
+- ``qwen2.5-vl-7b``: ``Qwen/Qwen2.5-VL-7B-Instruct``'s ``config.json``: ViT depth 32, hidden
+  1,280, MLP 3,420, 16 heads, patch 14, temporal patch 2, window 112, full-attention blocks
+  7/15/23/31, 2x2 merger to 3,584, tokens_per_second 2; Qwen2-7B decoder (28 layers,
+  hidden 3,584, 28 query / 4 KV heads, MLP 18,944, vocab 152,064, rope theta 1e6, M-RoPE
+  sections 16/24/24).
+- ``tiny-llava-onevision`` / ``tiny-videoxl`` / ``tiny-qwen2.5-vl``: the same classes at toy
+  size (random init is cheap, a forward takes milliseconds) for tests and the
+  measured-vs-simulated check. ``tiny-qwen2.5-vl`` has head dim 64 (the fused attention
+  runs) and a 56-pixel window (4 windows in a 112x112 frame, so window attention matters).
 """
 
 from __future__ import annotations
@@ -78,16 +87,55 @@ def tiny_videoxl():
                       vision_feature_select_strategy="default", **_TINY_IDS)
 
 
+def _qwen2_5_vl(vision: dict[str, Any], text: dict[str, Any], **kw: Any):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **kw)
+
+
+def qwen2_5_vl_7b():
+    """Qwen2.5-VL-7B-Instruct (windowed ViT-675M + Qwen2-7B with M-RoPE)."""
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  in_channels=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  tokens_per_second=2, hidden_act="silu")
+    text = dict(_QWEN2_7B, vocab_size=152064, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0,
+                                 "mrope_section": [16, 24, 24]},
+                bos_token_id=151643, eos_token_id=151645)
+    return _qwen2_5_vl(vision, text, image_token_id=151655, video_token_id=151656,
+                       vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def tiny_qwen2_5_vl():
+    """Toy Qwen2.5-VL: 4-block ViT (full attention in blocks 1 and 3, 56 px windows),
+    2-layer decoder with head dim 64 (M-RoPE sections 8/12/12), vocab 256."""
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                  out_hidden_size=128, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
+                  tokens_per_second=2, hidden_act="silu")
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, vocab_size=256,
+                max_position_embeddings=65536, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
+                                 "mrope_section": [8, 12, 12]},
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _qwen2_5_vl(vision, text, image_token_id=250, video_token_id=251,
+                       vision_start_token_id=252, vision_end_token_id=253)
+
+
 MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "llava-onevision-qwen2-7b": llava_onevision_qwen2_7b,
     "videoxl-qwen2-7b": videoxl_qwen2_7b,
     "tiny-llava-onevision": tiny_llava_onevision,
     "tiny-videoxl": tiny_videoxl,
+    "qwen2.5-vl-7b": qwen2_5_vl_7b,
+    "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
 }
 
 
 def get_config(name: str):
-    """The shipped ``LlavaOnevisionConfig`` called ``name`` (ValueError lists the names)."""
+    """The shipped config called ``name`` (ValueError lists the names)."""
     try:
         return MODEL_CONFIGS[name]()
     except KeyError:

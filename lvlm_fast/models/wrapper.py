@@ -1,19 +1,20 @@
-"""``LongVideoVLM``: a transformers LLaVA-OneVision model driven for long videos.
+"""``LongVideoVLM``: a transformers VLM driven for long videos.
 
 The wrapper owns the model, the chunked vision encoder and the chunked LLM prefill; a
 strategy (:mod:`lvlm_fast.models.strategies`) decides which frames are encoded and how
-their features reach the LLM. Supported classes: :data:`SUPPORTED_MODEL_CLASSES`
-(``LlavaOnevisionForConditionalGeneration``; LLaVA-Video and Video-XL checkpoints in the
-transformers layout use the same class).
+their features reach the LLM. Everything model-specific (vision tower, pooling, token
+layout, positions, preprocessing) sits behind the model's family
+(:mod:`lvlm_fast.models.families`, ``vlm.family``). Supported classes:
+:data:`SUPPORTED_MODEL_CLASSES` (``LlavaOnevisionForConditionalGeneration``, also used by
+LLaVA-Video and Video-XL checkpoints in the transformers layout;
+``Qwen2_5_VLForConditionalGeneration``).
 
 What the wrapper guarantees (the contract strategies rely on):
 
-- **Vision in chunks.** :meth:`LongVideoVLM.iter_patch_features` runs the vision tower
-  only up to ``vision_feature_layer`` (embeddings, CLIP's pre-norm if any, then the
-  encoder layers that layer needs: no all-layer hidden-state list, no post-norm), drops
-  CLS for the ``"default"`` select strategy, applies the projector, and yields one chunk
-  of ``vision_chunk_frames`` frames at a time as (t, h, w, hidden). This equals
-  transformers' ``hidden_states[vision_feature_layer]`` path exactly (tested).
+- **Vision in chunks.** :meth:`LongVideoVLM.iter_patch_features` yields the family's
+  LLM-space features (:meth:`ModelFamily.encode`) one chunk of ``vision_chunk_frames``
+  frames (rounded up to whole temporal units) at a time as (t_units, h, w, hidden); this
+  equals the family's all-frames transformers path exactly (tested per family).
 - **Chunked prefill into a preallocated cache.** :meth:`LongVideoVLM.prefill_embeds`
   feeds ``[prefix ; visual ; question]`` through the decoder ``prefill_chunk_tokens`` at a
   time into a :class:`PreallocatedKVCache` sized ``prefix + N + question + reserve`` (one
@@ -61,26 +62,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+from transformers import AutoConfig
 
 from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache
 from lvlm_fast.models._compat import cache_kwargs
+from lvlm_fast.models.families import (
+    TokenBlocks,
+    family_for,
+    family_for_config,
+    family_for_model_type,
+    supported_class_names,
+)
 from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
 from lvlm_fast.ops._validate import is_meta_or_fake
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
-# Class names (for messages and docs); the check is an isinstance on the classes.
-SUPPORTED_MODEL_CLASSES: tuple[str, ...] = ("LlavaOnevisionForConditionalGeneration",)
+# Class names (for messages and docs); the check is the families' isinstance.
+SUPPORTED_MODEL_CLASSES: tuple[str, ...] = supported_class_names()
 DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_PREFILL_CHUNK = 4096
-
-_CHECKPOINT_MODEL_TYPES = ("llava_onevision",)
-
-
-def _supported_classes() -> tuple[type, ...]:
-    return (LlavaOnevisionForConditionalGeneration,)
-
 
 # Config attribute names of the multimodal placeholder tokens (transformers 5 / 4 names).
 _PLACEHOLDER_ATTRS = ("video_token_id", "image_token_id", "video_token_index",
@@ -186,10 +186,8 @@ class LongVideoVLM:
                  prefill_chunk_tokens: int | None = None,
                  attention: str = "auto",
                  **strategy_overrides: Any) -> None:
-        if not isinstance(model, _supported_classes()):
-            raise TypeError(f"unsupported model class {type(model).__name__}; supported: "
-                            f"{', '.join(SUPPORTED_MODEL_CLASSES)} (LLaVA-OneVision, "
-                            "LLaVA-Video and Video-XL in the transformers layout)")
+        # TypeError listing the supported classes for anything no family handles
+        self.family = family_for(model)
         self.model = model
         self.config = model.config
         if attention not in ("auto", "fused", "model"):
@@ -249,14 +247,13 @@ class LongVideoVLM:
         except Exception as exc:
             raise ValueError(f"cannot read the config of checkpoint {path!r}: {exc}") from exc
         model_type = getattr(config, "model_type", None)
-        if model_type not in _CHECKPOINT_MODEL_TYPES:
-            archs = getattr(config, "architectures", None) or [model_type]
-            raise TypeError(f"checkpoint {path!r} holds a {', '.join(map(str, archs))} model; "
-                            f"supported: {', '.join(SUPPORTED_MODEL_CLASSES)}")
+        archs = getattr(config, "architectures", None) or [model_type]
+        family = family_for_model_type(
+            model_type, f"checkpoint {path!r} ({', '.join(map(str, archs))})")
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         try:
-            model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            model, info = family.model_class().from_pretrained(
                 path, dtype=dtype if dtype is not None else "auto", output_loading_info=True)
         except Exception as exc:
             raise ValueError(f"cannot load the weights of checkpoint {path!r}: "
@@ -274,14 +271,16 @@ class LongVideoVLM:
                     dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None,
                     **kwargs: Any) -> LongVideoVLM:
-        """Random weights from a ``LlavaOnevisionConfig`` or a shipped config name
+        """Random weights from a supported family's config (``LlavaOnevisionConfig``,
+        ``Qwen2_5_VLConfig``) or a shipped config name
         (:data:`lvlm_fast.models.MODEL_CONFIGS`); ``device="meta"`` allocates nothing."""
         if isinstance(config, str):
             from lvlm_fast.models.configs import get_config
 
             config = get_config(config)
+        family = family_for_config(config)
         with torch.device(device if device is not None else "cpu"):
-            model = LlavaOnevisionForConditionalGeneration(config)
+            model = family.build(config)
         if dtype is not None:
             model = model.to(dtype)
         return cls(model.eval(), strategy, **kwargs)
@@ -310,21 +309,28 @@ class LongVideoVLM:
 
     @property
     def image_newline(self) -> torch.nn.Parameter:
-        return self.model.model.image_newline
+        """LLaVA-OneVision's newline vector (families without one raise AttributeError)."""
+        return self.family.image_newline
+
+    def _fixed_grid(self) -> int:
+        g = getattr(self.family, "patch_grid", None)
+        if g is None:
+            raise AttributeError(f"the {self.family.name} family has no fixed frame size: use "
+                                 "vlm.family.feature_grid / token_grid with the frame size")
+        return g
 
     @property
     def patch_grid(self) -> int:
-        """Patches per side of one frame (image_size // patch_size)."""
-        vc = self.config.vision_config
-        return vc.image_size // vc.patch_size
+        """Patches per side of one frame (LLaVA-OneVision: image_size // patch_size)."""
+        return self._fixed_grid()
 
     @property
     def pooled_grid(self) -> int:
-        return math.ceil(self.patch_grid / 2)
+        return math.ceil(self._fixed_grid() / 2)
 
     @property
     def tokens_per_frame(self) -> int:
-        """Visual tokens per frame after 2x2 pooling (the newline not included)."""
+        """Visual tokens per frame after 2x2 pooling (LLaVA-OneVision; newline excluded)."""
         return self.pooled_grid ** 2
 
     @property
@@ -332,20 +338,9 @@ class LongVideoVLM:
         return self.model.model.language_model
 
     # ------------------------------------------------------------------ sizing
-    def _has_cls(self) -> bool:
-        return hasattr(self._vision_inner(), "pre_layrnorm") or \
-            self.config.vision_config.model_type.startswith("clip")
-
     def vision_bytes_per_frame(self) -> int:
-        """Estimated working bytes to encode one frame (see module doc)."""
-        vc = self.config.vision_config
-        item = self.dtype.itemsize
-        n = self.patch_grid ** 2 + (1 if self._has_cls() else 0)
-        acts = n * (6 * vc.hidden_size + vc.intermediate_size) * item
-        scores = vc.num_attention_heads * n * n * 4
-        proj = n * 2 * self.hidden_size * item
-        pixels = 3 * vc.image_size ** 2 * item
-        return int(acts + scores + proj + pixels)
+        """Estimated working bytes to encode one frame (see module doc; per family)."""
+        return self.family.vision_bytes_per_frame()
 
     def prefill_bytes_per_token(self) -> int:
         """Estimated working bytes per prefill token (one decoder layer's activations)."""
@@ -379,76 +374,31 @@ class LongVideoVLM:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ vision
-    def _vision_inner(self) -> torch.nn.Module:
-        vt = self.model.model.vision_tower
-        return getattr(vt, "vision_model", vt)
-
-    def _feature_layers(self) -> list[int]:
-        """Feature layers as hidden_states indices in [0, num_layers]."""
-        n = len(self._vision_inner().encoder.layers)
-        layer = self.config.vision_feature_layer
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        out = []
-        for li in layers:
-            idx = li if li >= 0 else n + 1 + li
-            if not 0 <= idx <= n:
-                raise ValueError(f"vision_feature_layer {li} is out of range for a vision tower "
-                                 f"with {n} layers")
-            out.append(idx)
-        return out
-
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
-        s = self.config.vision_config.image_size
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 \
-                or pixel_values.shape[1] != 3 or pixel_values.shape[2] != s \
-                or pixel_values.shape[3] != s:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) \
-                else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be (T, 3, {s}, {s}) (frames resized to the "
-                             f"vision tower's image_size), got {got}")
-        if pixel_values.shape[0] < 1:
-            raise ValueError("pixel_values holds no frames (T = 0)")
+        self.family.check_pixels(pixel_values)
 
     @torch.no_grad()
     def encode_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(t, 3, H, W) frames -> projector output on the patch grid (t, h, w, hidden).
+        """(f, 3, H, W) frames -> the family's LLM-space grid (units, h, w, hidden).
 
-        ``pixels`` may live on the host: the chunk is moved to the model's device here, so
-        a long video's frames never need to sit in device memory all at once."""
-        inner = self._vision_inner()
-        layers = self._feature_layers()
-        h = inner.embeddings(pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
-        if hasattr(inner, "pre_layrnorm"):  # CLIP: hidden_states[0] is after the pre-norm
-            h = inner.pre_layrnorm(h)
-        picked: dict[int, torch.Tensor] = {}
-        if 0 in layers:
-            picked[0] = h
-        for i, layer in enumerate(inner.encoder.layers[: max(layers)], start=1):
-            h = layer(h, None)
-            if isinstance(h, tuple):  # older transformers return (hidden, attn)
-                h = h[0]
-            if i in layers:
-                picked[i] = h
-        feats = picked[layers[0]] if len(layers) == 1 else \
-            torch.cat([picked[i] for i in layers], dim=-1)
-        del picked, h
-        if self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        feats = self.model.model.multi_modal_projector(feats)
-        g = self.patch_grid
-        return feats.view(feats.shape[0], g, g, feats.shape[-1])
+        ``pixels`` may live on the host: the chunk is moved to the model's device by the
+        family, so a long video's frames never need to sit in device memory all at once."""
+        return self.family.encode(pixels)
 
     def iter_patch_features(self, pixel_values: torch.Tensor,
                             frame_index: torch.Tensor | None = None
                             ) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, feats)`` per chunk of ``vision_chunk_frames`` frames.
+        """Yield ``(start, feats)`` per chunk of ``vision_chunk_frames`` frames, rounded up
+        to whole temporal units of the family (``family.frames_per_unit``).
 
-        ``feats``: (t, h, w, hidden) projector output before pooling, model dtype.
-        ``frame_index``: optional int64 tensor of frames to encode (``index_select``, no
-        host sync); ``start`` is the chunk's position in the selected sequence."""
+        ``feats``: (t_units, h, w, hidden) LLM-space features before the family's pooling,
+        model dtype. ``frame_index``: optional int64 tensor of frames to encode
+        (``index_select``, no host sync); ``start`` is the chunk's first unit in the
+        selected sequence (= its first frame on a one-frame-per-unit family)."""
         self._check_pixels(pixel_values)
         total = pixel_values.shape[0] if frame_index is None else frame_index.shape[0]
-        step = self.vision_chunk_frames
+        fpu = self.family.frames_per_unit
+        step = -(-self.vision_chunk_frames // fpu) * fpu
         for start in range(0, total, step):
             with self._stage("vision"):
                 if frame_index is None:
@@ -458,15 +408,12 @@ class LongVideoVLM:
                     px = pixel_values.index_select(0, idx)
                 feats = self.encode_patches(px)
                 del px
-            yield start, feats
+            yield start // fpu, feats
 
     def pool_2x2(self, feats: torch.Tensor) -> torch.Tensor:
-        """(t, h, w, D) -> (t, ceil(h/2), ceil(w/2), D): transformers' ``apply_pooling``
-        (bilinear resize); the result is a channels-last view."""
-        h, w = feats.shape[1], feats.shape[2]
-        x = feats.permute(0, 3, 1, 2).contiguous()
-        x = F.interpolate(x, size=[math.ceil(h / 2), math.ceil(w / 2)], mode="bilinear")
-        return x.permute(0, 2, 3, 1)
+        """The family's own pooling of a (t, h, w, D) grid (LLaVA-OneVision: transformers'
+        ``apply_pooling``, 2x2 bilinear; Qwen2.5-VL: identity, its merger already merged)."""
+        return self.family.pool(feats)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """(1, L) ids -> (1, L, hidden) input embeddings."""
@@ -496,10 +443,14 @@ class LongVideoVLM:
         return PreallocatedKVCache(self.config.text_config.num_hidden_layers, capacity)
 
     @torch.no_grad()
-    def run_llm(self, embeds: torch.Tensor, cache: Any) -> torch.Tensor:
+    def run_llm(self, embeds: torch.Tensor, cache: Any,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder forward of (1, L, hidden) embeddings appended to ``cache``;
-        returns the final-normed hidden states (1, L, hidden). No LM head."""
-        return self.language_model(inputs_embeds=embeds,
+        returns the final-normed hidden states (1, L, hidden). No LM head.
+        ``position_ids``: None = the decoder's default (cache length + arange), else the
+        family's ids (M-RoPE: (3, 1, L))."""
+        kw = {} if position_ids is None else {"position_ids": position_ids}
+        return self.language_model(inputs_embeds=embeds, **kw,
                                    **cache_kwargs(self.language_model, cache),
                                    use_cache=True).last_hidden_state
 
@@ -518,11 +469,15 @@ class LongVideoVLM:
     @torch.no_grad()
     def prefill_embeds(self, prefix_ids: torch.Tensor, visual: torch.Tensor,
                        question_ids: torch.Tensor, *, frames_encoded: int,
-                       reserve: int | None = None) -> PrefillResult:
+                       reserve: int | None = None,
+                       blocks: TokenBlocks | None = None) -> PrefillResult:
         """Chunked prefill of ``[prefix ; visual ; question]`` (see module doc).
 
         ``visual`` (1, N, hidden), N >= 0. ``reserve``: extra cache rows for decoding
-        (default :attr:`decode_reserve`)."""
+        (default :attr:`decode_reserve`). ``blocks``: where each visual token sits, for a
+        family with grid positions (M-RoPE; required there when N > 0, ignored by 1-D
+        families); each prefill chunk gets its ids from the family's
+        :class:`~lvlm_fast.models.families.PositionPlan`."""
         self._check_ids("prefix_ids", prefix_ids)
         self._check_ids("question_ids", question_ids)
         if not isinstance(visual, torch.Tensor) or visual.dim() != 3 or visual.shape[0] != 1 \
@@ -532,6 +487,7 @@ class LongVideoVLM:
         reserve = self.decode_reserve if reserve is None else reserve
         p, n, q = prefix_ids.shape[1], visual.shape[1], question_ids.shape[1]
         total = p + n + q
+        plan = self.family.position_plan(p, blocks, n, q)
         with self._stage("prefill"), self.llm_attention():
             cache = self.make_cache(total + reserve)
             segments = [(self.embed_tokens(prefix_ids), p),
@@ -552,13 +508,13 @@ class LongVideoVLM:
                     off += length
                 x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
                 del pieces
-                out = self.run_llm(x, cache)
+                out = self.run_llm(x, cache, None if plan is None else plan.chunk(a, b))
                 del x
                 last = out[:, -1:].clone() if b == total else None
                 del out
             del segments
         return PrefillResult(last_hidden=last, cache=cache, llm_tokens=total, visual_tokens=n,
-                             frames_encoded=frames_encoded)
+                             frames_encoded=frames_encoded, positions=plan)
 
     # ------------------------------------------------------------------ end to end
     def _check_prompt(self, prompt: VideoPrompt) -> None:
@@ -625,5 +581,6 @@ class LongVideoVLM:
                 tok = self.model.lm_head(h[:, -1]).float().argmax(-1)  # (1,)
                 tokens[:, t] = tok
                 if t + 1 < max_new_tokens:
-                    h = self.run_llm(self.embed_tokens(tok.view(1, 1)), res.cache)
+                    pos = None if res.positions is None else res.positions.decode(t)
+                    h = self.run_llm(self.embed_tokens(tok.view(1, 1)), res.cache, pos)
         return tokens

@@ -234,8 +234,10 @@ def test_budget_too_small_says_bytes_needed(siglip):
 
 
 def test_unsupported_model_class_names_supported():
-    assert SUPPORTED_MODEL_CLASSES == ("LlavaOnevisionForConditionalGeneration",)
-    with pytest.raises(TypeError, match=r"Linear.*LlavaOnevisionForConditionalGeneration"):
+    assert SUPPORTED_MODEL_CLASSES == ("LlavaOnevisionForConditionalGeneration",
+                                       "Qwen2_5_VLForConditionalGeneration")
+    with pytest.raises(TypeError, match=r"Linear.*LlavaOnevisionForConditionalGeneration, "
+                                        r"Qwen2_5_VLForConditionalGeneration"):
         LongVideoVLM(torch.nn.Linear(2, 2))
 
 

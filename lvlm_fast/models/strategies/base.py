@@ -41,11 +41,14 @@ class VideoPrompt:
     to the model's device and dtype as it encodes it, so device memory never holds every
     frame (10,240 frames at 384 px are 9 GB in bf16). ``prefix_ids``: (1, P) tokens before the
     video; ``question_ids``: (1, Q) tokens after it (question + assistant header).
+    ``fps``: the rate the frames were sampled at (None = unknown); families whose positions
+    depend on time use it (Qwen2.5-VL: temporal M-RoPE step), others ignore it.
     """
 
     pixel_values: torch.Tensor
     prefix_ids: torch.Tensor
     question_ids: torch.Tensor
+    fps: float | None = None
 
 
 @dataclass
@@ -57,6 +60,25 @@ class PrefillResult:
     llm_tokens: int  # tokens the LLM read (prefix + visual + question, incl. summaries)
     visual_tokens: int  # of which visual
     frames_encoded: int  # frames that went through the vision tower
+    # position ids of generated tokens (a families.PositionPlan), None = the decoder's
+    # default 1-D positions (cache length)
+    positions: Any = None
+
+
+class VisualEmbeds(tuple):
+    """What :meth:`EmbeddingStrategy.visual_embeds` returns: unpacks as the pair
+    ``(visual (1, N, hidden), frames encoded)``, plus ``blocks``: a
+    :class:`lvlm_fast.models.families.TokenBlocks` saying where each visual token sits (its
+    temporal unit and place in a grid), built only when the family's positions need it
+    (``vlm.family.needs_blocks()``), else None. (A tuple subclass so existing
+    ``visual, frames = strategy.visual_embeds(...)`` callers keep working.)"""
+
+    blocks: Any
+
+    def __new__(cls, visual: torch.Tensor, frames: int, blocks: Any = None) -> VisualEmbeds:
+        self = super().__new__(cls, (visual, frames))
+        self.blocks = blocks
+        return self
 
 
 class Strategy(abc.ABC):
@@ -91,9 +113,10 @@ class EmbeddingStrategy(Strategy):
         """(visual embeddings (1, N, hidden) in time order, frames encoded)."""
 
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
-        visual, frames = self.visual_embeds(vlm, prompt)
+        out = self.visual_embeds(vlm, prompt)
+        visual, frames = out
         return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
-                                  frames_encoded=frames)
+                                  frames_encoded=frames, blocks=getattr(out, "blocks", None))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

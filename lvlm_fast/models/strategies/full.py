@@ -1,11 +1,15 @@
-"""``full``: every frame, every pooled patch token, one newline at the end (baseline).
+"""``full``: every frame, every token the model itself feeds a video with (baseline).
 
-Exactly transformers' LLaVA-OneVision video sequence: per frame the projector output on
-the patch grid, 2x2 bilinear pooling (``apply_pooling``), frames flattened in time order,
-then ONE ``image_newline`` after the last frame (not per frame). Frames go through the
-vision tower in chunks, but the visual embeddings of all frames are held by definition
-(T * tokens_per_frame + 1 rows, written into one preallocated tensor; no concatenation);
-patch features before pooling live one chunk at a time.
+Exactly the model's own video sequence, through the family interface: per temporal unit
+the family's LLM-space grid and its own pooling, units flattened in time order, then the
+family's end tokens. LLaVA-OneVision: per frame the projector output, 2x2 bilinear pooling
+(``apply_pooling``), then ONE ``image_newline`` after the last frame (not per frame).
+Qwen2.5-VL: per temporal patch (2 frames) the merger's tokens on the merged grid, no end
+token; positions are the video's own M-RoPE grid (``TokenBlocks.grid``: one ``h x w`` block
+per unit), which is ``get_rope_index``'s. Frames go through the vision tower in chunks,
+but the visual embeddings of all frames are held by definition (units * tokens_per_unit +
+end rows, written into one preallocated tensor; no concatenation); features before
+pooling live one chunk at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
     StrategyConfig,
     VideoPrompt,
+    VisualEmbeds,
     register,
 )
 
@@ -31,13 +37,32 @@ class FullConfig(StrategyConfig):
     """No knobs: every frame, every token."""
 
 
+def end_blocks(vlm: LongVideoVLM, blocks: TokenBlocks, last_unit: int | torch.Tensor
+               ) -> TokenBlocks:
+    """``blocks`` followed by the family's end tokens, each a 1 x 1 block at
+    ``last_unit`` (none on Qwen2.5-VL)."""
+    n_end = vlm.family.num_end_tokens()
+    if not n_end:
+        return blocks
+    unit = torch.as_tensor(last_unit, dtype=torch.int64, device=blocks.t.device).reshape(1)
+    tail = TokenBlocks.grid(unit.expand(n_end), 1, 1, frame_hw=blocks.frame_hw, fps=blocks.fps)
+    return TokenBlocks.cat([blocks, tail])
+
+
 def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
-                        frame_index: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(1, T * tokens_per_frame + 1, hidden) pooled tokens of the (selected) frames + the
-    newline, and T. Written chunk by chunk into one preallocated tensor."""
-    t_total = pixel_values.shape[0] if frame_index is None else frame_index.shape[0]
-    per = vlm.tokens_per_frame
-    out = torch.empty((1, t_total * per + 1, vlm.hidden_size), dtype=vlm.dtype,
+                        frame_index: torch.Tensor | None = None,
+                        fps: float | None = None) -> VisualEmbeds:
+    """(1, units * tokens_per_unit + end, hidden) pooled tokens of the (selected) frames +
+    the family's end tokens, the frame count, and (families with grid positions) one
+    ``h x w`` block per unit. Written chunk by chunk into one preallocated tensor."""
+    fam = vlm.family
+    f_total = pixel_values.shape[0] if frame_index is None else frame_index.shape[0]
+    t_total = fam.units(f_total)
+    frame_hw = (pixel_values.shape[-2], pixel_values.shape[-1])
+    gh, gw = fam.token_grid(frame_hw)
+    per = gh * gw
+    end = fam.end_tokens()
+    out = torch.empty((1, t_total * per + end.shape[0], vlm.hidden_size), dtype=vlm.dtype,
                       device=vlm.device)
     for start, feats in vlm.iter_patch_features(pixel_values, frame_index):
         pooled = vlm.pool_2x2(feats)
@@ -45,8 +70,13 @@ def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
         t = pooled.shape[0]
         out[0, start * per : (start + t) * per] = pooled.reshape(t * per, -1)
         del pooled
-    out[0, -1] = vlm.image_newline.to(out.dtype)
-    return out, t_total
+    if end.shape[0]:
+        out[0, t_total * per:] = end.to(out.dtype)
+    blocks = None
+    if fam.needs_blocks():
+        blocks = end_blocks(vlm, TokenBlocks.grid(t_total, gh, gw, device=vlm.device,
+                                                  frame_hw=frame_hw, fps=fps), t_total - 1)
+    return VisualEmbeds(out, f_total, blocks)
 
 
 @register
@@ -58,4 +88,4 @@ class FullStrategy(EmbeddingStrategy):
     holds_all_patch_features = False  # pooled tokens of all frames, patches per chunk only
 
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
-        return pooled_video_embeds(vlm, prompt.pixel_values)
+        return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps)

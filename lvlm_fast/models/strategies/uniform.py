@@ -6,6 +6,12 @@ and applied with ``index_select`` chunk by chunk (no host sync). A video with
 ``T <= num_frames`` frames is used whole (no repetition). The pooled tokens of the sampled
 frames are held (``num_frames * tokens_per_frame + 1`` rows), patch features one chunk
 at a time.
+
+On a family with multi-frame temporal units (Qwen2.5-VL: 2 frames per temporal patch) the
+sampled frames are grouped into units in order (the last frame repeated if the count is
+odd, as the processor does) and positioned as the video of the sampled frames would be:
+units 0, 1, ... of the sampled sequence at the time step of the sampled rate (``fps``
+scaled by ``num_frames / T``, or unknown if the prompt's ``fps`` is).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class UniformStrategy(EmbeddingStrategy):
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         t = prompt.pixel_values.shape[0]
         if t <= self.config.num_frames:
-            return pooled_video_embeds(vlm, prompt.pixel_values)
+            return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps)
         idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
-        return pooled_video_embeds(vlm, prompt.pixel_values, idx)
+        fps = None if prompt.fps is None else prompt.fps * self.config.num_frames / t
+        return pooled_video_embeds(vlm, prompt.pixel_values, idx, fps=fps)

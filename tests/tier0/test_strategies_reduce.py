@@ -323,6 +323,32 @@ def test_slowfast_matches_reference(vlm, prompt, full, kw):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [{}, {"order": "interleaved", "slow_stride": 3}])
+def test_slowfast_slow_index_uploaded_once_not_per_chunk(prompt, monkeypatch, kw):
+    """(issue 9.13) One host->device upload of the slow frame numbers per call: the number
+    of host-list -> tensor constructions does not grow with the number of vision chunks."""
+    import lvlm_fast.models.strategies.slowfast as sfmod
+
+    real = torch.tensor
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    got = {}
+    for chunk in (N, 1):  # 1 chunk vs N chunks
+        torch.manual_seed(0)
+        v = LongVideoVLM.from_config("tiny-llava-onevision", vision_chunk_frames=chunk)
+        calls.clear()
+        monkeypatch.setattr(sfmod.torch, "tensor", counting)
+        got[chunk] = get_strategy("slowfast", **kw).visual_embeds(v, prompt)[0]
+        monkeypatch.setattr(sfmod.torch, "tensor", real)
+        got[f"calls{chunk}"] = len(calls)
+    assert got[f"calls{N}"] == got["calls1"] <= 1
+    torch.testing.assert_close(got[1], got[N], rtol=1e-5, atol=1e-6)
+
+
 def test_slowfast_default_on_7b_grid():
     """The default (sf_llava on the 14x14 pooled grid of LLaVA-OneVision-7B): 98 tokens per
     slow frame, 16 per frame, one newline; the raw 27x27 grid with (1, 2) is refused."""

@@ -25,6 +25,7 @@ between the streams (order ``"slow_fast"``) or after every frame (``"interleaved
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -158,16 +159,20 @@ class SlowFast(EmbeddingStrategy):
         if slow_fast and sep is not None:
             out[fast_row - 1] = sep
         row = 0  # interleaved: chunks are contiguous
+        # Slow frame numbers go to the device ONCE per call; each chunk takes a slice of them
+        # (host bounds from the sorted host list) minus its start: a device op, where a
+        # torch.tensor(list, device=cuda) per chunk would be a host->device copy every time.
+        slow_dev = torch.tensor(slow, dtype=torch.int64, device=vlm.device)
         for s, feats in vlm.iter_patch_features(pv):
             n = feats.shape[0]
             grid = vlm.pool_2x2(feats) if cfg.input_grid == "pooled" else feats
-            local = [f - s for f in slow if s <= f < s + n]
-            idx = torch.tensor(local, dtype=torch.int64, device=feats.device)
+            a, b = bisect.bisect_left(slow, s), bisect.bisect_left(slow, s + n)
+            idx = slow_dev[a:b] - s  # strictly increasing (slow is), in [0, n)
             kw = dict(slow_index=idx, slow_kernel=sf.slow_kernel, slow_mode=sf.slow_mode,
                       fast_grid=sf.fast_grid, fast_frames=sf.fast_frames, order=sf.order)
             if slow_fast:
                 tok = slowfast_pool(grid, **kw)
-                ns = len(local) * s_tok
+                ns = (b - a) * s_tok
                 out[slow_row:slow_row + ns] = tok[:ns]
                 out[fast_row:fast_row + tok.shape[0] - ns] = tok[ns:]
                 slow_row += ns

@@ -5,7 +5,15 @@ Summary rows sit at a fixed stride inside a window (slot i is a summary iff
 ``i % (r+1) == r - c``), so they are the strided view ``x[:, first::stride]`` of the
 window's hidden states: no boolean mask, no gather. :class:`SummaryLinear` computes the
 base projection for every row, then overwrites the summary rows (a strided view of the
-output) with the summary projection of the same strided view of the input. Outside a
+output) with the summary projection of the same strided view of the input.
+
+Without checkpoint summary weights the summary projection starts equal to the base (the
+released init) and SHARES the base's parameters (the same ``nn.Linear``, tied like an LM
+head to its embedding): no copy of q/k/v (a deep copy was ~0.9 GB on a 7B model), and the
+summary rows need no second matmul. Call :meth:`SummaryLinear.untie_summary` (or
+``install_summary_projections(..., share_base=False)``) before training, perturbing or
+loading separate summary weights into it, since writing a tied summary weight writes the
+base. Outside a
 window (prefix, question, generation) the layout is empty and it is exactly the base
 layer. The layout is one shared mutable :class:`SummaryLayout` that the window driver sets
 before a window's forward and clears after it (host ints; no device sync).
@@ -38,19 +46,37 @@ class SummaryLayout:
 
 class SummaryLinear(nn.Module):
     """Drop-in replacement for an attention q/k/v ``nn.Linear``: summary rows use their own
-    weights (``self.summary``), raw rows the base layer's (``self.base``)."""
+    weights (``self.summary``), raw rows the base layer's (``self.base``).
+
+    ``summary=None`` ties the summary projection to the base (``self.summary is
+    self.base``: same parameters, no copy; see the module docstring); ``share_base=False``
+    starts it as a separate copy instead (trainable on its own)."""
 
     def __init__(self, base: nn.Linear, layout: SummaryLayout,
-                 summary: nn.Linear | None = None) -> None:
+                 summary: nn.Linear | None = None, *, share_base: bool = True) -> None:
         super().__init__()
         self.base = base
-        # no checkpoint weights: start as a copy of the base projection (the released init)
-        self.summary = summary if summary is not None else copy.deepcopy(base)
+        # no checkpoint weights: the released init equals the base projection, so share it
+        if summary is None:
+            summary = base if share_base else copy.deepcopy(base)
+        self.summary = summary
         if (self.summary.in_features, self.summary.out_features) != (base.in_features,
                                                                      base.out_features):
             raise ValueError("summary projection must have the base layer's shape")
         self.layout = layout
         self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def tied(self) -> bool:
+        """True while the summary projection is the base layer itself (shared weights)."""
+        return self.summary is self.base
+
+    def untie_summary(self) -> nn.Linear:
+        """Give the summary projection its own copy of the base weights (once; a no-op if
+        already separate) and return it: do this before training or changing it."""
+        if self.tied:
+            self.summary = copy.deepcopy(self.base)
+        return self.summary
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects q_proj.weight still works
@@ -63,18 +89,21 @@ class SummaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         lay = self.layout
-        if lay.count > 0:
+        if lay.count > 0 and not self.tied:  # tied: the base rows already are the summary
             sl = slice(lay.first, lay.first + (lay.count - 1) * lay.stride + 1, lay.stride)
             y[:, sl] = self.summary(x[:, sl])  # strided views of rows, no mask
         return y
 
 
 def install_summary_projections(
-    model: nn.Module, weights: dict[int, dict[str, nn.Linear]] | None = None
+    model: nn.Module, weights: dict[int, dict[str, nn.Linear]] | None = None, *,
+    share_base: bool = True,
 ) -> SummaryLayout:
     """Replace q/k/v of every decoder layer's ``self_attn`` by :class:`SummaryLinear`
     (idempotent). ``weights[layer][name]`` (name in q, k, v) are checkpoint summary
-    projections; missing ones start as copies of the base. Returns the shared layout."""
+    projections; missing ones share the base's weights (``share_base=True``, no copy) or
+    start as copies of it (``False``; also unties projections installed earlier). Returns
+    the shared layout."""
     layers = model.model.layers if hasattr(model, "model") else model.layers
     layout = None
     for li, layer in enumerate(layers):
@@ -83,11 +112,14 @@ def install_summary_projections(
             cur = getattr(attn, f"{name}_proj")
             if isinstance(cur, SummaryLinear):
                 layout = cur.layout
+                if not share_base:
+                    cur.untie_summary()
                 continue
             if layout is None:
                 layout = SummaryLayout()
             given = (weights or {}).get(li, {}).get(name)
-            setattr(attn, f"{name}_proj", SummaryLinear(cur, layout, given))
+            setattr(attn, f"{name}_proj",
+                    SummaryLinear(cur, layout, given, share_base=share_base))
     if layout is None:
         raise ValueError("model has no decoder layers with self_attn.q_proj/k_proj/v_proj")
     for layer in layers:  # one layout object for every layer

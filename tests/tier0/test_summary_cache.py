@@ -49,7 +49,7 @@ def _inputs(n_vis: int, seed: int = 1):
 
 
 def _perturb_summary_projections(model, seed=3):
-    install_summary_projections(model)
+    install_summary_projections(model, share_base=False)  # own copies: perturbable
     g = torch.Generator().manual_seed(seed)
     for layer in summary_weights(model):
         for lin in layer.values():
@@ -150,7 +150,7 @@ def test_layout_helpers_agree_with_reference():
 def test_summary_linear_selects_strided_rows():
     base = torch.nn.Linear(8, 6)
     lay = SummaryLayout()
-    lin = SummaryLinear(base, lay)
+    lin = SummaryLinear(base, lay, share_base=False)
     torch.nn.init.normal_(lin.summary.weight)
     x = torch.randn(2, 23, 8)
     torch.testing.assert_close(lin(x), base(x))  # no layout: plain base
@@ -165,13 +165,14 @@ def test_summary_linear_selects_strided_rows():
     assert lin.summary.weight.grad.abs().sum() > 0
 
 
-def test_summary_projections_default_to_base_copies():
+def test_summary_projections_default_to_the_shared_base():
     model = _model("qwen2")
     install_summary_projections(model)
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj, SummaryLinear)
     assert torch.equal(attn.q_proj.summary.weight, attn.q_proj.base.weight)
-    assert attn.q_proj.summary.weight.data_ptr() != attn.q_proj.base.weight.data_ptr()
+    # no checkpoint weights: shared with the base, not copied (issue 9.14)
+    assert attn.q_proj.summary.weight.data_ptr() == attn.q_proj.base.weight.data_ptr()
     layout = install_summary_projections(model)  # idempotent, one shared layout
     assert attn.v_proj.layout is layout and model.model.layers[1].self_attn.k_proj.layout is layout
 

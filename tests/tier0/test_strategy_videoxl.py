@@ -154,3 +154,36 @@ def test_meta(name, frames, size):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
+
+
+# ------------------------------------------------------------------ short stream (issue 9.12)
+def test_short_stream_without_summaries_warns_answer_ignores_video(fused_model):
+    """2 frames x 4 tokens + newline = 9 raw tokens < ratio 16: no summary token, every raw
+    row evicted, so the answer cannot depend on the video: faithful, but warned about."""
+    from lvlm_fast.models.strategies import StrategyWarning
+
+    vlm = LongVideoVLM(fused_model, "videoxl", ratio=16, window=8)
+    a, b = _prompt(2, seed=0), _prompt(2, seed=5)
+    b = VideoPrompt(b.pixel_values, a.prefix_ids, a.question_ids)  # only the video differs
+    with pytest.warns(StrategyWarning, match=r"9 raw visual tokens, fewer than ratio=16.*"
+                                             r"does not depend on the video"):
+        la = vlm.first_token(a)
+    res = vlm.last_prefill
+    assert res.cache.num_summaries == 0 and len(res.warnings) == 1
+    assert "does not depend on the video" in res.warnings[0]
+    with pytest.warns(StrategyWarning):
+        lb = vlm.first_token(b)
+    torch.testing.assert_close(la, lb)  # the video made no difference
+
+
+@pytest.mark.parametrize("kw", [{"ratio": 4, "window": 8}, {"ratio": 16, "evict": False}])
+def test_no_warning_when_the_video_reaches_the_llm(fused_model, kw):
+    import warnings
+
+    from lvlm_fast.models.strategies import StrategyWarning
+
+    vlm = LongVideoVLM(fused_model, "videoxl", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StrategyWarning)
+        vlm.first_token(_prompt(2))
+    assert vlm.last_prefill.warnings == []

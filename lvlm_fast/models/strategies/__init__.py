@@ -12,6 +12,7 @@ from lvlm_fast.models.strategies.base import (
     PrefillResult,
     Strategy,
     StrategyConfig,
+    StrategyWarning,
     VideoPrompt,
     get_strategy,
     register,
@@ -22,4 +23,4 @@ for _mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["STRATEGIES", "EmbeddingStrategy", "PrefillResult", "Strategy", "StrategyConfig",
-           "VideoPrompt", "get_strategy", "register"]
+           "StrategyWarning", "VideoPrompt", "get_strategy", "register"]

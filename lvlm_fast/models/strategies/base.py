@@ -18,7 +18,7 @@ only ops with fake implementations.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -60,9 +60,17 @@ class PrefillResult:
     llm_tokens: int  # tokens the LLM read (prefix + visual + question, incl. summaries)
     visual_tokens: int  # of which visual
     frames_encoded: int  # frames that went through the vision tower
+    # Caveats about this result a run report must show (also raised as StrategyWarning)
+    warnings: list[str] = field(default_factory=list)
     # position ids of generated tokens (a families.PositionPlan), None = the decoder's
     # default 1-D positions (cache length)
     positions: Any = None
+
+
+class StrategyWarning(UserWarning):
+    """A result that is faithful to the method but probably not what the user wants (e.g.
+    ``videoxl`` on a stream too short for one summary token); also listed in
+    :attr:`PrefillResult.warnings` for reports."""
 
 
 class VisualEmbeds(tuple):

@@ -21,8 +21,17 @@ False keeps raw rows too: the same sequence without the memory saving, for testi
 ``summary_embed`` (the learned summary-token vector if the checkpoint has one; else one
 vector initialised from the EOS embedding, zeros when there is no EOS id, as
 :meth:`lvlm_fast.nn.summary_proj.SummaryEmbedding.from_model` does). Summary projections are
-installed on the decoder on first use (copies of the base q/k/v unless already there);
-outside a window they are exactly the base layers, so other strategies are unaffected.
+installed on the decoder on first use (sharing the base q/k/v weights, no copy, unless
+already there); outside a window they are exactly the base layers, so other strategies are
+unaffected.
+
+.. warning:: A stream too short for one summary token (``N < ratio`` raw visual tokens, N
+   counting the newline) keeps NOTHING of the video with eviction: every raw KV row is
+   evicted and no summary row exists, so the answer does not depend on the video at all.
+   That is faithful to Video-XL (only summaries survive a window), but rarely what a user
+   wants: :meth:`VideoXLStrategy.prefill` then raises a :class:`StrategyWarning` and lists
+   the caveat in :attr:`PrefillResult.warnings` (``lvlm-fast run`` prints it in its
+   report). Use more frames, a smaller ``ratio`` or ``evict=False``.
 
 Attention: prefix, windows and question run with the fused
 :func:`lvlm_fast.ops.summary_attention` (``"lvlm_summary"``: bottom-right causal, no mask
@@ -39,6 +48,7 @@ the summary tokens; ``llm_tokens`` adds prefix and question.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +60,7 @@ from lvlm_fast.models.strategies.base import (
     PrefillResult,
     Strategy,
     StrategyConfig,
+    StrategyWarning,
     VideoPrompt,
     register,
 )
@@ -114,7 +125,11 @@ def _summary_vector(vlm: LongVideoVLM, view: DecoderView, given: torch.Tensor | 
 
 @register
 class VideoXLStrategy(Strategy):
-    """Summary tokens + per-window KV eviction (drives the LLM itself)."""
+    """Summary tokens + per-window KV eviction (drives the LLM itself).
+
+    Warning: with eviction, a stream of fewer than ``ratio`` raw visual tokens yields no
+    summary token and the answer ignores the video (see the module docstring); this is
+    raised as a :class:`StrategyWarning` and listed in ``PrefillResult.warnings``."""
 
     name = "videoxl"
     config_class = VideoXLConfig
@@ -181,5 +196,13 @@ class VideoXLStrategy(Strategy):
             with vlm._stage("prefill"):
                 last = step(vlm.embed_tokens(prompt.question_ids))[:, -1:].clone()
         s = cache.num_summaries
+        notes = []
+        if s == 0 and cfg.evict:  # host ints: no device read, meta-safe
+            notes.append(
+                f"videoxl: the video gave {n_vis} raw visual tokens, fewer than ratio={ratio}, "
+                "so no summary token was made and every raw KV row was evicted: the answer "
+                "does not depend on the video (faithful to Video-XL). Use more frames, a "
+                "smaller ratio or evict=False.")
+            warnings.warn(notes[-1], StrategyWarning, stacklevel=2)
         return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n_vis + s + q,
-                             visual_tokens=n_vis + s, frames_encoded=t_frames)
+                             visual_tokens=n_vis + s, frames_encoded=t_frames, warnings=notes)

@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache
+from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache, check_cache_room
 from lvlm_fast.models._compat import cache_kwargs
 from lvlm_fast.models.families import (
     TokenBlocks,
@@ -574,6 +574,10 @@ class LongVideoVLM:
     def decode(self, res: PrefillResult, max_new_tokens: int) -> torch.Tensor:
         """Greedy tokens (1, max_new_tokens) continuing a prefill (no host sync)."""
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        # all rows checked up front: a cache that fills mid-answer would lose the tokens made
+        check_cache_room(res.cache, res.cache.get_seq_length() + max_new_tokens - 1,
+                         f"decoding {max_new_tokens} tokens after this prefill (set "
+                         f"decode_reserve >= {max_new_tokens - 1} before it, or use generate)")
         with self._stage("decode"), self.llm_attention():
             h = res.last_hidden
             tokens = torch.empty((1, max_new_tokens), dtype=torch.long, device=h.device)

@@ -347,3 +347,26 @@ def test_fused_attention_refuses_non_causal_masks():
     model.set_attn_implementation(ATTN_NAME)
     with pytest.raises(ValueError, match="sliding window"):
         model(_ids(1, 6))
+
+
+@torch.no_grad()
+def test_wrapper_decode_checks_room_before_the_first_token():
+    """``LongVideoVLM.decode`` after a ``prefill`` sized without a decode reserve: refused
+    up front (before, it failed at the second step and lost the first token)."""
+    from lvlm_fast.models import LongVideoVLM
+    from lvlm_fast.models.strategies.base import VideoPrompt
+
+    torch.manual_seed(0)
+    vlm = LongVideoVLM.from_config("tiny-llava-onevision")
+    g = torch.Generator().manual_seed(0)
+    pr = VideoPrompt(torch.randn(2, 3, 56, 56, generator=g),
+                     torch.randint(0, 250, (1, 3), generator=g),
+                     torch.randint(0, 250, (1, 4), generator=g))
+    res = vlm.prefill(pr)
+    held = res.cache.get_seq_length()
+    assert res.cache.capacity == held  # no reserve
+    with pytest.raises(ValueError, match=rf"decoding 4 tokens .* needs {held + 3} rows, "
+                                         rf"capacity is {held}"):
+        vlm.decode(res, 4)
+    assert res.cache.get_seq_length() == held
+    assert vlm.decode(res, 1).shape == (1, 1)  # the first token needs no new row

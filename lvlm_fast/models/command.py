@@ -24,12 +24,26 @@ rendered with it (generation prompt added) and split at the video; otherwise the
 ChatML layout of the Qwen2-based LLaVA-OneVision models:
 ``<|im_start|>user\\n`` + video + ``\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``.
 
+Frames are kept in one host buffer (:class:`lvlm_fast.video.HostFrameBuffer`), on CUDA
+page-locked with ``cudaHostRegister`` (exactly its own pages; ``pin_memory=True`` would
+lock the next power of two: 17 GB for 9 GB of frames); the wrapper uploads one vision
+chunk at a time.
+
 Report: frames read, tokens given to the LLM (prefix + visual + question, summaries
 included), peak memory (CUDA: the allocator's peak above the level after loading the
 weights; CPU: :class:`lvlm_fast.profile.LiveTensorTracker`, live tensors above the
-weights), and time per stage. Errors (missing or corrupt checkpoint or video, unknown
-strategy or knob, a budget too small for one chunk, more frames than the video has)
-print ``lvlm-fast run: error: ...`` and exit with status 2.
+weights), host memory of the frames and how much of it is page-locked, time per stage,
+and any warning of the strategy about the result (e.g. ``videoxl`` on a video too short
+for one summary token: the answer then ignores the video).
+
+Timings: by default stage times are host-side (CUDA runs asynchronously, so work is
+billed to whichever stage waits for it; the total is exact, the run ends with one sync).
+``--sync-timings`` synchronizes the device at every stage boundary for exact per-stage
+times, at the cost of those syncs (off by default: it slows the run).
+
+Errors (missing or corrupt checkpoint or video, unknown strategy or knob, a budget too
+small for one chunk, more frames than the video has, a ``<video>``/``<image>`` placeholder
+token in the question) print ``lvlm-fast run: error: ...`` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -119,6 +133,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", default=None,
                    help="also write the answer and the report as JSON to OUT")
     p.add_argument("--progress", action="store_true", help="progress bar while decoding")
+    p.add_argument("--sync-timings", action="store_true",
+                   help="synchronize the device at each stage boundary for exact per-stage "
+                        "times (CUDA only; off by default: the syncs slow the run)")
     p.set_defaults(func=main_run)
     return p
 
@@ -280,12 +297,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         cuda_base = torch.cuda.memory_allocated(device)
-    vlm.sync_timings = cuda
+    vlm.sync_timings = bool(args.sync_timings)  # the wrapper syncs only on CUDA
     tracker = LiveTensorTracker(cuda_allocator=False)
     with tracker:
-        # frames stay in host memory (pinned for fast uploads on CUDA); the wrapper moves
-        # one vision chunk at a time to the device
-        pixels = torch.empty((len(indices), 3, size, size), dtype=vlm.dtype, pin_memory=cuda)
+        # frames stay in host memory (page-locked exactly on CUDA, for asynchronous
+        # uploads); the wrapper moves one vision chunk at a time to the device
+        frames_buf = lv.HostFrameBuffer((len(indices), 3, size, size), vlm.dtype, pin=cuda)
+        pixels = frames_buf.tensor
         t_dec = t_pre = 0.0
         pos = 0
         t0 = time.perf_counter()
@@ -306,10 +324,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             tokens = vlm.generate(prompt, args.max_new_tokens, eos_token_id=eos)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise RunError(str(exc)) from exc
         ids = tokens[0].tolist()  # one host sync, after generation
         t_model = time.perf_counter() - t0
+        frames_buf.release()  # after the sync: no upload still reads the pages
     for k in ("vision", "prefill", "decode"):
         stages[{"decode": "generate"}.get(k, k)] = vlm.timings.get(k, 0.0)
     stages["strategy (other)"] = max(0.0, t_model - sum(vlm.timings.values()))
@@ -333,6 +352,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else "live-tensor tracker (CPU), above weights",
         "vision_chunk_frames": vlm.vision_chunk_frames,
         "prefill_chunk_tokens": vlm.prefill_chunk_tokens,
+        "frames_host_bytes": frames_buf.nbytes, "frames_pinned_bytes": frames_buf.pinned_bytes,
+        "frames_pin_method": frames_buf.pin_method,
+        "sync_timings": vlm.sync_timings,
+        "warnings": list(res.warnings),
         "seconds": stages,
     }
 
@@ -347,8 +370,13 @@ def format_report(r: dict[str, Any]) -> str:
         f"{_fmt_bytes(r['weights_bytes'])}, {r['dtype']} on {r['device']})",
         f"chunks           {r['vision_chunk_frames']} frames / vision chunk, "
         f"{r['prefill_chunk_tokens']} tokens / prefill chunk",
-        "time (s)         " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()),
+        f"host frames      {_fmt_bytes(r['frames_host_bytes'])}, pinned "
+        f"{_fmt_bytes(r['frames_pinned_bytes'])} ({r['frames_pin_method']})",
+        "time (s)         " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
+        + (" (host-side; --sync-timings for per-stage device times)"
+           if r["device"].startswith("cuda") and not r["sync_timings"] else ""),
     ]
+    lines += [f"warning          {w}" for w in r.get("warnings", [])]
     return "\n".join(lines)
 
 

@@ -194,3 +194,70 @@ def test_entry_point_subprocess(files):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
+
+
+# ------------------------------------------------------------------ issue 9.11-9.15 (run)
+def test_run_report_host_frames_timing_mode_and_json(files, capsys):
+    code, out, err = _run(capsys, files / "v.mp4", "--model", files / "ckpt", "--question",
+                          "w3", "--frames", 4, "--max-new-tokens", 1, "--json",
+                          files / "h.json")
+    assert code == 0, err
+    r = json.loads((files / "h.json").read_text())
+    assert r["frames_host_bytes"] == 4 * 3 * 56 * 56 * 4  # fp32 on CPU
+    assert r["frames_pinned_bytes"] == 0 and r["frames_pin_method"] == "pageable"
+    assert r["sync_timings"] is False and r["warnings"] == []
+    assert "host frames      0.1 MiB, pinned 0.0 MiB (pageable)" in out
+    assert "warning" not in out
+
+
+def test_sync_timings_is_opt_in(files, capsys, monkeypatch):
+    seen = []
+    real = LongVideoVLM.generate
+
+    def spy(self, *a, **k):
+        seen.append(self.sync_timings)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LongVideoVLM, "generate", spy)
+    base = [files / "v.mp4", "--model", files / "ckpt", "--question", "w3", "--frames", 2,
+            "--max-new-tokens", 1, "--json", files / "s.json"]
+    assert _run(capsys, *base)[0] == 0
+    assert json.loads((files / "s.json").read_text())["sync_timings"] is False
+    assert _run(capsys, *base, "--sync-timings")[0] == 0
+    assert json.loads((files / "s.json").read_text())["sync_timings"] is True
+    assert seen == [False, True]
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--sync-timings" in capsys.readouterr().out
+
+
+def test_videoxl_short_stream_warning_in_report(files, capsys):
+    # 1 frame x 4 tokens + newline = 5 raw tokens < ratio 16: no summary token survives
+    with pytest.warns(UserWarning, match="does not depend on the video"):
+        code, out, err = _run(capsys, files / "v.mp4", "--model", files / "ckpt",
+                              "--question", "w3", "--strategy", "videoxl", "--frames", 1,
+                              "--max-new-tokens", 1)
+    assert code == 0, err
+    assert "warning          videoxl: the video gave 5 raw visual tokens, fewer than " \
+           "ratio=16" in out
+    assert "does not depend on the video" in out
+
+
+def test_placeholder_token_in_question_is_a_clear_error(files, capsys, tmp_path):
+    # a tokenizer that maps "<video>" to the model's video_token_id (as real LLaVA ones do)
+    ckpt = tmp_path / "ph"
+    ckpt.mkdir()
+    for f in os.listdir(files / "ckpt"):
+        if not f.startswith(("tokenizer", "special_tokens")):
+            (ckpt / f).write_bytes((files / "ckpt" / f).read_bytes())
+    vid = get_config("tiny-llava-onevision").video_token_id
+    vocab = {"[UNK]": 0, "<eos>": 1, "<video>": vid, **{f"w{i}": i for i in range(2, 254)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                            eos_token="<eos>").save_pretrained(ckpt)
+    code, out, err = _run(capsys, files / "v.mp4", "--model", ckpt, "--question",
+                          "w3 <video> w4", "--frames", 2, "--max-new-tokens", 1)
+    assert code == 2 and out == ""
+    assert err.startswith("lvlm-fast run: error: ")
+    assert f"question_ids holds the multimodal placeholder token(s) video_token_id={vid}" in err

@@ -90,3 +90,75 @@ def test_request_past_end(clip):
 def test_unsorted_indices_rejected(clip):
     with pytest.raises(ValueError, match="sorted"):
         list(video.iter_frames(clip[0], [3, 1]))
+
+
+# ------------------------------------------------------------------ host frame buffer (9.15)
+def test_caching_allocator_rounds_to_power_of_two_registration_does_not():
+    nbytes = 10_240 * 3 * 384 * 384 * 2  # 10,240 frames at 384 px in bf16: 9.06 GB
+    assert video.caching_allocator_pinned_bytes(nbytes) == 2**34  # 17.2 GB locked
+    page = 4096
+    for ptr in (0, 64, 4095, 4096 * 7 + 1):
+        got = video.registered_pinned_bytes(ptr, nbytes, page)
+        assert got % page == 0 and nbytes <= got < nbytes + 2 * page
+    assert video.registered_pinned_bytes(0, 4096, 4096) == 4096
+    assert video.registered_pinned_bytes(1, 4096, 4096) == 8192
+    assert video.registered_pinned_bytes(5, 0, 4096) == 0
+    assert video.caching_allocator_pinned_bytes(0) == 0
+    assert video.caching_allocator_pinned_bytes(4097) == 8192
+    with pytest.raises(ValueError, match="nbytes"):
+        video.caching_allocator_pinned_bytes(-1)
+    with pytest.raises(ValueError, match="nbytes"):
+        video.registered_pinned_bytes(0, -1)
+
+
+class _FakeCudart:
+    """Records cudaHostRegister/Unregister (no CUDA on the CPU test machine)."""
+
+    def __init__(self, err: int = 0) -> None:
+        self.err, self.calls = err, []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size, flags))
+        return self.err
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_host_frame_buffer_registers_exactly_its_bytes(monkeypatch):
+    fake = _FakeCudart()
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    with video.HostFrameBuffer((5, 3, 8, 8), torch.bfloat16, pin=True) as buf:
+        assert buf.tensor.shape == (5, 3, 8, 8) and buf.tensor.dtype == torch.bfloat16
+        assert buf.nbytes == 5 * 3 * 8 * 8 * 2
+        ptr = buf.tensor.data_ptr()
+        assert fake.calls == [("register", ptr, buf.nbytes, 1)]
+        assert buf.pin_method == "cudaHostRegister"
+        assert buf.pinned_bytes == video.registered_pinned_bytes(ptr, buf.nbytes)
+    # released after a device sync, once; the report value stays
+    assert syncs == [1] and fake.calls[-1] == ("unregister", ptr)
+    buf.release()
+    assert len(fake.calls) == 2 and buf.pinned_bytes > 0
+
+
+def test_host_frame_buffer_falls_back_to_pageable(monkeypatch):
+    fake = _FakeCudart(err=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(video, "_clear_cuda_error", lambda: None)
+    with pytest.warns(RuntimeWarning, match="could not page-lock"):
+        buf = video.HostFrameBuffer((2, 3, 4, 4), torch.float32, pin=True)
+    assert buf.pinned_bytes == 0 and "cudaHostRegister failed with cudaError 2" in buf.pin_method
+    buf.release()
+    assert [c[0] for c in fake.calls] == ["register"]  # nothing to unregister
+
+
+def test_host_frame_buffer_unpinned_on_cpu():
+    buf = video.HostFrameBuffer((3, 3, 4, 4), torch.float32, pin=False)
+    assert buf.pinned_bytes == 0 and buf.pin_method == "pageable"
+    assert not buf.tensor.is_pinned()
+    buf.release()
+    with pytest.raises(TypeError, match="pin must be a bool"):
+        video.HostFrameBuffer((1,), torch.float32, pin="yes")

@@ -105,8 +105,8 @@ def run_videoxl(
     """Run prefix, video windows, question and greedy generation (see module doc).
 
     ``prefix_ids`` (1, P) and ``question_ids`` (1, Q) int64, ``visual`` (1, N, D) in the
-    model's dtype. Summary projections are installed on first use (copies of the base
-    weights unless already installed). ``on_window(i)`` is called after each window
+    model's dtype. Summary projections are installed on first use (sharing the base
+    weights, no copy, unless already installed). ``on_window(i)`` is called after each window
     (benchmarks use it to time windows).
     """
     _check_ratio_window(ratio, window)

@@ -187,7 +187,8 @@ class PreallocatedLayer(CacheLayerMixin):
         if self.length + n > self.capacity:
             raise ValueError(
                 f"KV cache capacity exceeded: {self.length} cached + {n} new > capacity "
-                f"{self.capacity} (size a SummaryKVCache with SummaryKVCache.capacity_for)"
+                f"{self.capacity} (size the cache for the whole prompt and answer; a "
+                "SummaryKVCache with SummaryKVCache.capacity_for)"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

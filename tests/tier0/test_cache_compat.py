@@ -12,21 +12,16 @@ against DynamicCache on tiny random Qwen2 and Llama decoders (configs, no downlo
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lvlm_fast.cache import ATTN_NAME, PreallocatedKVCache, SummaryKVCache, check_cache_room
+from lvlm_fast.models._compat import cache_kwargs  # ``cache=`` on 5.x, else past_key_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 100
-# transformers 5.x renamed generate's/forward's ``past_key_values`` to ``cache`` (the old
-# name warns); use whichever this version's models take.
-CACHE_KW = ("cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters
-            else "past_key_values")
 
 
 def _model(kind: str, head_dim: int = 16, seed: int = 0):
@@ -49,7 +44,7 @@ def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 
 def _generate(model, ids, cache, **kw):
     kw.setdefault("do_sample", False)
-    return model.generate(ids, **{CACHE_KW: cache}, return_dict_in_generate=True,
+    return model.generate(ids, **cache_kwargs(model, cache), return_dict_in_generate=True,
                           output_scores=True, **kw)
 
 
@@ -101,7 +96,7 @@ def test_prompt_lookup_decoding_equals_dynamic_greedy(kind):
     calls = []
     orig = cache.crop
     cache.crop = lambda n: (calls.append(n), orig(n))[1]
-    out = model.generate(ids, **{CACHE_KW: cache}, do_sample=False, max_new_tokens=steps,
+    out = model.generate(ids, **cache_kwargs(model, cache), do_sample=False, max_new_tokens=steps,
                          prompt_lookup_num_tokens=3)
     assert torch.equal(out, greedy.sequences)
     assert any(n < 0 for n in calls)  # candidates were rejected and cropped away
@@ -114,11 +109,11 @@ def test_generate_refuses_a_too_small_cache_before_any_token():
     ids = _ids(1, 5)
     cache = PreallocatedKVCache(2, 5 + 10 - 2)  # one row short of prompt + 10 - 1
     with pytest.raises(ValueError, match=r"capacity 13 is too small .* needs 14 rows"):
-        model.generate(ids, **{CACHE_KW: cache}, do_sample=False, max_new_tokens=10)
+        model.generate(ids, **cache_kwargs(model, cache), do_sample=False, max_new_tokens=10)
     assert cache.get_seq_length() == 0 and not cache.is_initialized  # nothing ran
     # exactly enough rows: the full answer
     cache = PreallocatedKVCache(2, 5 + 10 - 1)
-    out = model.generate(ids, **{CACHE_KW: cache}, do_sample=False, max_new_tokens=10)
+    out = model.generate(ids, **cache_kwargs(model, cache), do_sample=False, max_new_tokens=10)
     assert out.shape == (1, 15)
     assert cache.get_seq_length() == 14
 
@@ -127,9 +122,9 @@ def test_generate_refuses_a_too_small_cache_before_any_token():
 def test_generate_refuses_a_cache_of_another_batch():
     model = _model("llama")
     cache = PreallocatedKVCache(2, 40)
-    model(_ids(1, 4), **{CACHE_KW: cache})  # allocated for batch 1
+    model(_ids(1, 4), **cache_kwargs(model, cache))  # allocated for batch 1
     with pytest.raises(ValueError, match="holds a batch of 1 rows but this generate call runs 4"):
-        model.generate(_ids(2, 4), **{CACHE_KW: cache}, num_beams=2, max_new_tokens=3)
+        model.generate(_ids(2, 4), **cache_kwargs(model, cache), num_beams=2, max_new_tokens=3)
 
 
 def test_update_with_another_batch_is_a_clear_error():
@@ -325,8 +320,8 @@ def test_fused_attention_refuses_padded_batch(kind):
         fused = model(ids, attention_mask=torch.ones_like(ids)).logits
         assert calls
         cache = PreallocatedKVCache(2, 8)
-        model(ids[:, :4], **{CACHE_KW: cache})
-        fused_step = model(ids[:, 4:], **{CACHE_KW: cache}).logits
+        model(ids[:, :4], **cache_kwargs(model, cache))
+        fused_step = model(ids[:, 4:], **cache_kwargs(model, cache)).logits
     finally:
         cache_mod.summary_attention = real
         model.set_attn_implementation("sdpa")

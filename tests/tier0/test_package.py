@@ -67,3 +67,74 @@ def test_cli_help():
             for opt in ("--device", "--quick", "--op", "--json", "--csv", "--repeats",
                         "--threads", "--gpu-bw", "--cases-dir"):
                 assert opt in r.stdout, opt
+
+
+def _run_all():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", os.path.join(ROOT, "tests",
+                                                                          "run_all.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_all"] = mod  # dataclasses resolve their module while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_all_counts_real_pytest_junit(tmp_path):
+    """junit_counts reads what pytest actually writes: pass, fail, error, skip, xfail."""
+    ra = _run_all()
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "def test_a(): pass\n"
+        "def test_b(): pass\n"
+        "def test_c(): assert False\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError\n"
+        "def test_d(broken): pass\n"
+        "@pytest.mark.skip\n"
+        "def test_e(): pass\n"
+        "@pytest.mark.xfail\n"
+        "def test_f(): assert False\n")
+    xml = tmp_path / "r.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={xml}", str(tmp_path / "test_x.py")], capture_output=True,
+                   cwd=tmp_path)
+    # errors (fixture crash) count as failed, xfail as skipped (pytest's own junit mapping)
+    assert ra.junit_counts(str(xml)) == ra.Counts(passed=2, failed=2, skipped=2)
+
+
+def test_run_all_ends_with_one_total_line():
+    ra = _run_all()
+    counts = {"tier0": ra.Counts(10, 0, 1), "tier1": ra.Counts(5, 1, 0),
+              "tier3": ra.Counts(0, 0, 60), "compat": ra.Counts(7, 0, 2)}
+    lines = ra.summary_lines({"ruff": True, "tier0": True, "tier1": False, "tier3": True,
+                              "compat": True}, counts)
+    assert lines[-1] == "total: 22 passed, 1 failed, 63 skipped"
+    assert re.fullmatch(r"(\w+: )?\d+ passed, \d+ failed, \d+ skipped", lines[-1])
+    # no earlier closing line may look like a pytest result line
+    assert not any(re.search(r"\d+ passed", ln) for ln in lines[:-1])
+
+
+def test_run_all_missing_report_is_a_failure(tmp_path):
+    """A pytest stage that dies before writing its report is counted, never dropped."""
+    ra = _run_all()
+    counts = {}
+    ok = ra._pytest("boom", sys.executable, ["-c", "raise SystemExit(3)"], str(tmp_path),
+                    counts)
+    assert not ok and counts["boom"] == ra.Counts(failed=1)
+
+
+def test_run_all_model_tests_cover_transformers_users():
+    ra = _run_all()
+    files = ra.model_test_files()
+    for name in ("test_models_wrapper.py", "test_summary_cache.py", "test_compat.py",
+                 "test_strategy_videoxl.py", "test_profile_memory.py", "test_cli_run.py"):
+        assert f"tests/tier0/{name}" in files, name
+    assert "tests/tier0/test_diff_weighted_pool.py" not in files
+    # every tier-0 file that names transformers is in the list
+    d = os.path.join(ROOT, "tests", "tier0")
+    for name in os.listdir(d):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(d, name)) as f:
+                if "transformers" in f.read():
+                    assert f"tests/tier0/{name}" in files, name

@@ -200,6 +200,12 @@ class ModelFamily(abc.ABC):
         last chunk) -> (units, h, w, D) LLM-space features, model dtype, model device."""
 
     @abc.abstractmethod
+    def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) -> (units, h, w, D): every frame through transformers' own vision
+        path in ONE call, the way released code does it (seed baselines measure its
+        memory); equals :meth:`encode` on the whole video."""
+
+    @abc.abstractmethod
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         """(t, h, w, D) -> the family's own per-unit token grid (t, h', w', D)."""
 

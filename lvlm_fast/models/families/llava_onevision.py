@@ -118,6 +118,26 @@ class LlavaOneVisionFamily(ModelFamily):
         g = self.patch_grid
         return feats.view(feats.shape[0], g, g, feats.shape[-1])
 
+    def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The released LLaVA tower call: ``output_hidden_states=True`` (every layer's
+        (N, P, C) hidden states alive at once), then the projector on all frames."""
+        model = self.model.model
+        cfg = self.config
+        p = self.model.lm_head.weight
+        # frames may sit in (pinned) host memory (``lvlm-fast run``): device AND dtype here
+        out = model.vision_tower(pixel_values.to(device=p.device, dtype=p.dtype),
+                                 output_hidden_states=True, return_dict=True)
+        layer = cfg.vision_feature_layer
+        hs = out.hidden_states
+        feats = hs[layer] if isinstance(layer, int) else \
+            torch.cat([hs[i] for i in layer], dim=-1)
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        x = model.multi_modal_projector(feats)
+        del out, hs, feats
+        g = self.patch_grid
+        return x.view(x.shape[0], g, g, x.shape[-1])
+
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         """(t, h, w, D) -> (t, ceil(h/2), ceil(w/2), D): transformers' ``apply_pooling``
         (bilinear resize); the result is a channels-last view."""

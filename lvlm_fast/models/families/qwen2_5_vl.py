@@ -197,6 +197,15 @@ class Qwen25VLFamily(ModelFamily):
         t, gh, gw = (int(v) for v in thw[0])
         return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
 
+    def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """transformers' path: the processor's patches of every frame, then
+        ``get_video_features`` in one call."""
+        w = self.model.lm_head.weight
+        flat, thw = self.patchify(pixel_values.to(device=w.device))
+        feats = self.model.model.get_video_features(flat, thw.to(w.device)).pooler_output[0]
+        t, gh, gw = (int(v) for v in thw[0])
+        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         return feats
 

@@ -26,6 +26,12 @@ Text queries Q (documented choice; LLaVA-OneVision has no LLaMA-VID Q-Former):
 
 Held in memory (``holds_all_patch_features = False``): the output ``(T * (1 + g*g) + 1, D)``,
 the question embeddings and one vision chunk.
+
+Other families: "frame" is the family's temporal unit (Qwen2.5-VL: a temporal patch of 2
+frames, X = its merged grid, the merger output), the end token is the family's (none on
+Qwen2.5-VL). Positions on a family with grid positions (M-RoPE): a unit's context token is
+a 1 x 1 grid at the unit's time (row 0, column 0), its content tokens a ``g x g`` grid at
+the same time (rows/columns 0 .. g-1); the end token 1 x 1 at the last unit.
 """
 
 from __future__ import annotations
@@ -37,12 +43,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
     StrategyConfig,
     VideoPrompt,
+    VisualEmbeds,
     register,
 )
+from lvlm_fast.models.strategies.full import end_blocks
 from lvlm_fast.models.strategies.vilamp import _check_int
 from lvlm_fast.nn.context_content import ContextContentPooling
 from lvlm_fast.ops import context_content_pool
@@ -85,9 +94,12 @@ class LlamaVID(EmbeddingStrategy):
     config_class = LlamaVIDConfig
     holds_all_patch_features = False
 
-    def tokens_per_frame(self) -> int:
+    def content_grid(self) -> int:
         cfg: LlamaVIDConfig = self.config
-        g = cfg.pooling.content_grid if cfg.pooling is not None else cfg.content_grid
+        return cfg.pooling.content_grid if cfg.pooling is not None else cfg.content_grid
+
+    def tokens_per_frame(self) -> int:
+        g = self.content_grid()
         return 1 + g * g
 
     def _check_pooling(self, vlm: LongVideoVLM) -> None:
@@ -104,12 +116,13 @@ class LlamaVID(EmbeddingStrategy):
         cfg: LlamaVIDConfig = self.config
         self._check_pooling(vlm)
         pv = prompt.pixel_values
-        t = pv.shape[0]
+        t = vlm.family.units(pv.shape[0])
         d = vlm.hidden_size
         per = self.tokens_per_frame()
         question = vlm.embed_tokens(prompt.question_ids)[0].to(vlm.dtype)  # (Lq, D)
         scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(d)
-        out = torch.empty((t * per + int(cfg.newline), d), dtype=vlm.dtype, device=vlm.device)
+        n_end = vlm.family.num_end_tokens() if cfg.newline else 0
+        out = torch.empty((t * per + n_end, d), dtype=vlm.dtype, device=vlm.device)
         for s, feats in vlm.iter_patch_features(pv):
             n = feats.shape[0]
             x = feats.reshape(n, -1, d)
@@ -122,6 +135,15 @@ class LlamaVID(EmbeddingStrategy):
                                            content_grid=cfg.content_grid)
             out[s * per:(s + n) * per] = tok.reshape(n * per, d).to(out.dtype)
             del feats, x, tok
-        if cfg.newline:
-            out[-1] = vlm.image_newline.to(vlm.dtype)
-        return out.unsqueeze(0), t
+        if n_end:
+            out[t * per:] = vlm.family.end_tokens().to(vlm.dtype)
+        blocks = None
+        if vlm.family.needs_blocks():
+            g = self.content_grid()
+            hw = (pv.shape[-2], pv.shape[-1])
+            blocks = TokenBlocks.per_unit([
+                TokenBlocks.grid(t, 1, 1, device=vlm.device, frame_hw=hw, fps=prompt.fps),
+                TokenBlocks.grid(t, g, g, device=vlm.device, frame_hw=hw, fps=prompt.fps)])
+            if n_end:
+                blocks = end_blocks(vlm, blocks, t - 1)
+        return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

@@ -21,6 +21,17 @@ Tokens on LLaVA-OneVision-7B with the default: each slow frame 14 x 7 = 98, ever
 frames are computed from T on the host (no device values involved), as the op's
 ``SlowFastConfig.slow_index`` does. ``separator=True`` puts the model's ``image_newline``
 between the streams (order ``"slow_fast"``) or after every frame (``"interleaved"``).
+
+Other families (through :mod:`lvlm_fast.models.families`): "frame" is the family's temporal
+unit (Qwen2.5-VL: a temporal patch of 2 frames; ``T`` = units), ``input_grid="pooled"``
+is the family's token grid and ``"patch"`` its feature grid (both the merged grid on
+Qwen2.5-VL), the end token is the family's (none on Qwen2.5-VL), and ``separator=True``
+needs a family with a separator vector (ValueError otherwise). Positions on a family with
+grid positions (M-RoPE), *pooled grid positions*: a slow unit's tokens are an
+``(h/k0) x (w/k1)`` grid at that unit's time, each token at its own row/column of the
+pooled grid (0 .. h/k0-1, 0 .. w/k1-1); a unit's fast tokens are an ``fh x fw`` grid at its
+time (rows 0 .. fh-1, columns 0 .. fw-1); separators and the end token are 1 x 1 at the
+unit they follow (the slow stream's separator at unit 0).
 """
 
 from __future__ import annotations
@@ -31,12 +42,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
     StrategyConfig,
     VideoPrompt,
+    VisualEmbeds,
     register,
 )
+from lvlm_fast.models.strategies.full import end_blocks
 from lvlm_fast.models.strategies.vilamp import _check_choice, _check_int
 from lvlm_fast.ops import SlowFastConfig, slowfast_pool
 from lvlm_fast.ops.slowfast_pool import FAST_FRAMES, ORDERS, SLOW_MODES
@@ -120,39 +134,79 @@ class SlowFast(EmbeddingStrategy):
     config_class = SlowFastStrategyConfig
     holds_all_patch_features = False
 
-    def grid_and_kernels(self, vlm: LongVideoVLM) -> tuple[int, int, SlowFastConfig]:
+    def grid_and_kernels(self, vlm: LongVideoVLM, frame_hw: tuple[int, int] | None = None
+                         ) -> tuple[int, int, SlowFastConfig]:
+        """(h, w) of the pooled input grid and the resolved config with the fast grid
+        clamped to it. ``frame_hw``: the frames' size (needed by families without a
+        fixed frame size, e.g. Qwen2.5-VL)."""
         cfg: SlowFastStrategyConfig = self.config
-        vc = vlm.config.vision_config
-        side = vc.image_size // vc.patch_size
-        if cfg.input_grid == "pooled":
-            side = (side + 1) // 2
+        fam = vlm.family
+        h, w = fam.token_grid(frame_hw) if cfg.input_grid == "pooled" else \
+            fam.feature_grid(frame_hw)
         sf = cfg.resolved()
-        fast = (min(sf.fast_grid[0], side), min(sf.fast_grid[1], side))
-        if side % sf.slow_kernel[0] or side % sf.slow_kernel[1]:
+        fast = (min(sf.fast_grid[0], h), min(sf.fast_grid[1], w))
+        if h % sf.slow_kernel[0] or w % sf.slow_kernel[1]:
             raise ValueError(f"slow_kernel {sf.slow_kernel} must divide the {cfg.input_grid} "
-                             f"grid {side}x{side} of this model (pick e.g. input_grid="
+                             f"grid {h}x{w} of this model (pick e.g. input_grid="
                              "'pooled' or a kernel that divides the grid)")
-        return side, side, SlowFastConfig(**{**sf.__dict__, "fast_grid": fast})
+        return h, w, SlowFastConfig(**{**sf.__dict__, "fast_grid": fast})
 
-    def num_tokens(self, vlm: LongVideoVLM, t: int) -> int:
-        """Visual tokens for a T-frame video, newline included."""
-        h, w, sf = self.grid_and_kernels(vlm)
+    def _end(self, vlm: LongVideoVLM) -> int:
+        return vlm.family.num_end_tokens() if self.config.newline else 0
+
+    def num_tokens(self, vlm: LongVideoVLM, t: int,
+                   frame_hw: tuple[int, int] | None = None) -> int:
+        """Visual tokens for a video of T units (frames on LLaVA-OneVision), end token
+        included."""
+        h, w, sf = self.grid_and_kernels(vlm, frame_hw)
         ns = len(self.config.slow_frames(t))
         return _num_tokens(t, ns, h, w, sf.slow_kernel, sf.fast_grid, sf.fast_frames,
-                           sf.order, self.config.separator) + int(self.config.newline)
+                           sf.order, self.config.separator) + self._end(vlm)
+
+    def blocks(self, vlm: LongVideoVLM, t: int, frame_hw: tuple[int, int],
+               fps: float | None) -> TokenBlocks:
+        """Where each token sits (module doc), in the op's output order."""
+        cfg: SlowFastStrategyConfig = self.config
+        h, w, sf = self.grid_and_kernels(vlm, frame_hw)
+        slow = cfg.slow_frames(t)
+        is_slow = set(slow)
+        fast = [u for u in range(t) if sf.fast_frames == "all" or u not in is_slow]
+        sh, sw = h // sf.slow_kernel[0], w // sf.slow_kernel[1]
+        fh, fw = sf.fast_grid
+        rows: list[tuple[int, int, int]] = []
+        if sf.order == "slow_fast":
+            rows += [(u, sh, sw) for u in slow]
+            rows += [(0, 1, 1)] if cfg.separator else []
+            rows += [(u, fh, fw) for u in fast]
+        else:
+            fast_set = set(fast)
+            for u in range(t):
+                rows += [(u, sh, sw)] if u in is_slow else []
+                rows += [(u, fh, fw)] if u in fast_set else []
+                rows += [(u, 1, 1)] if cfg.separator else []
+        tab = torch.tensor(rows, dtype=torch.int64, device=vlm.device).view(-1, 3)
+        out = TokenBlocks(tab[:, 0], tab[:, 1], tab[:, 2], frame_hw, fps)
+        return end_blocks(vlm, out, t - 1) if cfg.newline else out
 
     @torch.no_grad()
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         cfg: SlowFastStrategyConfig = self.config
         pv = prompt.pixel_values
-        t = pv.shape[0]
-        h, w, sf = self.grid_and_kernels(vlm)
+        frame_hw = (pv.shape[-2], pv.shape[-1])
+        t = vlm.family.units(pv.shape[0])
+        h, w, sf = self.grid_and_kernels(vlm, frame_hw)
         d = vlm.hidden_size
         slow = cfg.slow_frames(t)
         s_tok = (h // sf.slow_kernel[0]) * (w // sf.slow_kernel[1])
-        total = self.num_tokens(vlm, t)
+        total = self.num_tokens(vlm, t, frame_hw)
         out = torch.empty((total, d), dtype=vlm.dtype, device=vlm.device)
-        sep = vlm.image_newline.to(vlm.dtype) if cfg.separator else None
+        sep = None
+        if cfg.separator:
+            sep = vlm.family.separator()
+            if sep is None:
+                raise ValueError(f"separator=True needs a separator token, the "
+                                 f"{vlm.family.name} family has none")
+            sep = sep.to(vlm.dtype)
         slow_fast = sf.order == "slow_fast"
         slow_row = 0
         fast_row = len(slow) * s_tok + (1 if slow_fast and sep is not None else 0)
@@ -182,6 +236,8 @@ class SlowFast(EmbeddingStrategy):
                 out[row:row + tok.shape[0]] = tok
                 row += tok.shape[0]
             del feats, grid, tok
-        if cfg.newline:
-            out[-1] = vlm.image_newline.to(vlm.dtype)
-        return out.unsqueeze(0), t
+        if self._end(vlm):
+            out[total - self._end(vlm):] = vlm.family.end_tokens().to(vlm.dtype)
+        blocks = self.blocks(vlm, t, frame_hw, prompt.fps) if vlm.family.needs_blocks() \
+            else None
+        return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

@@ -75,12 +75,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
     StrategyConfig,
     VideoPrompt,
+    VisualEmbeds,
     register,
 )
+from lvlm_fast.models.strategies.full import end_blocks
 from lvlm_fast.nn.dfm import DifferentialFeatureMerging
 from lvlm_fast.ops import diff_weighted_pool, keyframe_select
 
@@ -278,8 +281,9 @@ def selector_query(cfg: ViLAMPConfig, device: torch.device) -> torch.Tensor | No
 
 
 def patch_mean_embeddings(vlm: LongVideoVLM, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Pass 1 without a selector: (N, D) float32 means of each frame's projected patches."""
-    n = pixel_values.shape[0]
+    """Pass 1 without a selector: (N, D) float32 means of each unit's projected patches
+    (N = temporal units: frames on LLaVA-OneVision, temporal patches on Qwen2.5-VL)."""
+    n = vlm.family.units(pixel_values.shape[0])
     emb = torch.empty((n, vlm.hidden_size), dtype=torch.float32, device=vlm.device)
     for start, feats in vlm.iter_patch_features(pixel_values):
         emb[start:start + feats.shape[0]] = feats.mean(dim=(1, 2)).float()
@@ -423,32 +427,81 @@ class KeyframeLayout:
         return rows.reshape(-1)
 
 
+def unit_embeddings(vlm: LongVideoVLM, emb: torch.Tensor) -> torch.Tensor:
+    """Per-frame selector embeddings (F, E) -> per-unit (N, E): the mean over the unit's
+    frames (the last frame repeated to fill the last unit, as the family's encoder does);
+    the identity on one-frame-per-unit families."""
+    fpu = vlm.family.frames_per_unit
+    if fpu == 1:
+        return emb
+    if pad := -emb.shape[0] % fpu:
+        emb = torch.cat([emb, emb[-1:].expand(pad, -1)])
+    return emb.view(-1, fpu, emb.shape[1]).mean(dim=1)
+
+
 def keyframe_tokens_of(cfg: ViLAMPConfig, vlm: LongVideoVLM, feats: torch.Tensor
                        ) -> torch.Tensor:
-    """(t, T_k, D) tokens a keyframe contributes: the model's 2x2 pooling, or all patches."""
+    """(t, T_k, D) tokens a keyframe contributes: the model's own pooling (LLaVA-OneVision
+    2x2 bilinear; identity on Qwen2.5-VL), or all patches."""
     grid = vlm.pool_2x2(feats) if cfg.keyframe_tokens == "pooled" else feats
     return grid.reshape(grid.shape[0], -1, grid.shape[-1])
 
 
-def tokens_per_keyframe(cfg: ViLAMPConfig, h: int, w: int) -> int:
-    return math.ceil(h / 2) * math.ceil(w / 2) if cfg.keyframe_tokens == "pooled" else h * w
+def keyframe_grid(cfg: ViLAMPConfig, vlm: LongVideoVLM, frame_hw: tuple[int, int]
+                  ) -> tuple[int, int]:
+    """(h, w) of a keyframe's tokens: the family's token grid (pooled) or feature grid."""
+    fam = vlm.family
+    return fam.token_grid(frame_hw) if cfg.keyframe_tokens == "pooled" else \
+        fam.feature_grid(frame_hw)
 
 
-def patch_grid(vlm: LongVideoVLM) -> tuple[int, int]:
-    vc = vlm.config.vision_config
-    side = vc.image_size // vc.patch_size
-    return side, side
+def tokens_per_keyframe(cfg: ViLAMPConfig, vlm: LongVideoVLM, frame_hw: tuple[int, int]
+                        ) -> int:
+    kh, kw = keyframe_grid(cfg, vlm, frame_hw)
+    return kh * kw
+
+
+def patch_grid(vlm: LongVideoVLM, pixel_values: torch.Tensor) -> tuple[int, int]:
+    """(h, w) of the family's feature grid for these frames."""
+    return vlm.family.feature_grid((pixel_values.shape[-2], pixel_values.shape[-1]))
+
+
+def _end_rows(vlm: LongVideoVLM, newline: bool) -> int:
+    n_end = vlm.family.num_end_tokens() if newline else 0
+    if n_end > 1:  # the layout keeps one row for the end token and one spare row
+        raise ValueError(f"vilamp supports at most one end token, the {vlm.family.name} "
+                         f"family has {n_end}")
+    return n_end
 
 
 def new_output(vlm: LongVideoVLM, layout: KeyframeLayout, newline: bool) -> torch.Tensor:
     out = torch.empty((layout.total + 2, vlm.hidden_size), dtype=vlm.dtype, device=vlm.device)
-    if newline:
-        out[layout.total] = vlm.image_newline.to(out.dtype)
+    if _end_rows(vlm, newline):
+        out[layout.total] = vlm.family.end_tokens()[0].to(out.dtype)
     return out
 
 
-def finish_output(out: torch.Tensor, layout: KeyframeLayout, newline: bool) -> torch.Tensor:
-    return out[: layout.total + (1 if newline else 0)].unsqueeze(0)
+def finish_output(out: torch.Tensor, layout: KeyframeLayout, newline: bool,
+                  vlm: LongVideoVLM | None = None) -> torch.Tensor:
+    n_end = _end_rows(vlm, newline) if vlm is not None else int(newline)
+    return out[: layout.total + n_end].unsqueeze(0)
+
+
+def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout,
+                    frame_hw: tuple[int, int], fps: float | None, newline: bool
+                    ) -> TokenBlocks | None:
+    """Positions (families with grid positions only): unit n is a keyframe grid block
+    ``(kh, kw)`` if it is a keyframe, else its DFM token is a 1 x 1 block at unit n (on
+    Qwen2.5-VL: M-RoPE ``(P + floor(n * interval), P, P)``, the time of its temporal
+    patch, row 0, column 0); the end tokens (if any) 1 x 1 at the last unit."""
+    if not vlm.family.needs_blocks():
+        return None
+    kh, kw = keyframe_grid(cfg, vlm, frame_hw)
+    one = torch.ones_like(layout.is_key, dtype=torch.int64)
+    blocks = TokenBlocks(torch.arange(layout.n, dtype=torch.int64, device=one.device),
+                         torch.where(layout.is_key, kh, one), torch.where(layout.is_key, kw, one),
+                         frame_hw, fps)
+    return end_blocks(vlm, blocks, layout.n - 1) if newline else blocks
 
 
 # --------------------------------------------------------------------------- strategy
@@ -473,21 +526,23 @@ class ViLAMP(EmbeddingStrategy):
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         cfg: ViLAMPConfig = self.config
         pv = prompt.pixel_values
-        n = pv.shape[0]
+        frame_hw = (pv.shape[-2], pv.shape[-1])
+        n_frames = pv.shape[0]
+        n = vlm.family.units(n_frames)  # selection and merging run over temporal units
         # ---- pass 1: selection embeddings (selector, or the projected patch means)
         if cfg.selector is not None:
-            emb = selector_embeddings(cfg, vlm, pv)
+            emb = unit_embeddings(vlm, selector_embeddings(cfg, vlm, pv))
             text_query = selector_query(cfg, emb.device)
-            encoded = n
+            encoded = n_frames
         else:
             emb = patch_mean_embeddings(vlm, pv)
             text_query = None
-            encoded = 2 * n
+            encoded = 2 * n_frames
         indices, ref_pos = select_keyframes(cfg, emb, text_query)
         del emb
         dfm = resolve_dfm(cfg, vlm, text_query, self._dfm_cache)
-        h, w = patch_grid(vlm)
-        layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, h, w))
+        h, w = patch_grid(vlm, pv)
+        layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, vlm, frame_hw))
         out = new_output(vlm, layout, cfg.newline)
         # ---- pass 2: stream the frames; DFM against [carried keyframe ; chunk]
         d = vlm.hidden_size
@@ -511,4 +566,6 @@ class ViLAMP(EmbeddingStrategy):
             kt = keyframe_tokens_of(cfg, vlm, feats)
             out.index_copy_(0, layout.keyframe_rows(s, t), kt.reshape(-1, d))
             del x, feats, kt, tok
-        return finish_output(out, layout, cfg.newline), encoded
+        return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), encoded,
+                            keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
+                                            cfg.newline))

@@ -33,20 +33,26 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from lvlm_fast.models.strategies.base import EmbeddingStrategy, VideoPrompt, register
+from lvlm_fast.models.strategies.base import (
+    EmbeddingStrategy,
+    VideoPrompt,
+    VisualEmbeds,
+    register,
+)
 from lvlm_fast.models.strategies.vilamp import (
     KeyframeLayout,
     ViLAMPConfig,
     _check_choice,
     finish_output,
+    keyframe_blocks,
     keyframe_tokens_of,
     new_output,
-    patch_grid,
     resolve_dfm,
     select_keyframes,
     selector_embeddings,
     selector_query,
     tokens_per_keyframe,
+    unit_embeddings,
 )
 
 if TYPE_CHECKING:
@@ -69,24 +75,11 @@ class ViLAMPSeedConfig(ViLAMPConfig):
 
 def encode_all_frames(vlm: LongVideoVLM, pixel_values: torch.Tensor, mode: str
                       ) -> torch.Tensor:
-    """(N, h, w, D) projector outputs of every frame, kept together."""
+    """(N, h, w, D) LLM-space features of every temporal unit, kept together: the
+    family's one-call transformers path (``all_at_once``) or the wrapper's chunks."""
     if mode == "chunked":
         return torch.cat([f for _, f in vlm.iter_patch_features(pixel_values)])
-    model = vlm.model.model
-    cfg = vlm.config
-    # frames may sit in (pinned) host memory (``lvlm-fast run``): device AND dtype here
-    out = model.vision_tower(pixel_values.to(device=vlm.device, dtype=vlm.dtype),
-                             output_hidden_states=True,
-                             return_dict=True)
-    layer = cfg.vision_feature_layer
-    hs = out.hidden_states
-    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
-    x = model.multi_modal_projector(feats)
-    del out, hs, feats
-    h, w = patch_grid(vlm)
-    return x.view(x.shape[0], h, w, x.shape[-1])
+    return vlm.family.encode_all_at_once(pixel_values)
 
 
 @register
@@ -106,12 +99,13 @@ class ViLAMPSeed(EmbeddingStrategy):
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         cfg: ViLAMPSeedConfig = self.config
         pv = prompt.pixel_values
-        n = pv.shape[0]
+        frame_hw = (pv.shape[-2], pv.shape[-1])
         x4 = encode_all_frames(vlm, pv, cfg.encode)  # (N, h, w, D), kept to the end
+        n = x4.shape[0]  # temporal units (frames on LLaVA-OneVision)
         h, w, d = x4.shape[1], x4.shape[2], x4.shape[3]
         x = x4.view(n, h * w, d)
         if cfg.selector is not None:
-            emb = selector_embeddings(cfg, vlm, pv)
+            emb = unit_embeddings(vlm, selector_embeddings(cfg, vlm, pv))
             text_query = selector_query(cfg, emb.device)
         else:
             emb = x4.mean(dim=(1, 2)).float()
@@ -123,7 +117,7 @@ class ViLAMPSeed(EmbeddingStrategy):
         indices, ref_pos = select_keyframes(cfg, emb, text_query)
         del f2f, f2t, en, emb
         dfm = resolve_dfm(cfg, vlm, text_query, self._dfm_cache)
-        layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, h, w))
+        layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, vlm, frame_hw))
 
         # released DFM (dense branch): full-size repeated reference and query
         frames = torch.arange(n, device=x.device)
@@ -159,4 +153,6 @@ class ViLAMPSeed(EmbeddingStrategy):
         off = torch.arange(layout.tk, device=x.device)
         rows = (layout.start.index_select(0, indices).unsqueeze(1) + off).reshape(-1)
         out.index_copy_(0, rows, kt.reshape(-1, d))
-        return finish_output(out, layout, cfg.newline), n
+        return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), pv.shape[0],
+                            keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
+                                            cfg.newline))

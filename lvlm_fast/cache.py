@@ -404,17 +404,30 @@ class SummaryKVCache(PreallocatedKVCache):
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, prefix: int, num_visual: int, ratio: int,
-                  window: int, tail: int, evict: bool = True) -> SummaryKVCache:
+                  window: int, tail: int, evict: bool = True,
+                  inv_freq: torch.Tensor | None = None) -> SummaryKVCache:
+        """``inv_freq``: the rotation applied to kept summaries on eviction; None = the
+        decoder's own 1-D RoPE frequencies (summaries re-rotated to ``sink + j``). A caller
+        that keeps logical positions (M-RoPE families, explicit position ids) passes zeros:
+        summaries are then moved without rotation."""
         cfg = model.config
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") != "default":
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
             raise NotImplementedError(
                 f"SummaryKVCache re-rotates keys with plain RoPE; rope_type "
                 f"{rope.get('rope_type')!r} is not supported"
             )
+        if inv_freq is None and "mrope_section" in rope:
+            raise NotImplementedError(
+                "SummaryKVCache: this decoder uses M-RoPE (mrope_section); a 1-D re-rotation "
+                "of its summaries would be wrong. Pass inv_freq (zeros keep logical positions, "
+                "as the videoxl strategy does through the model family)"
+            )
         inner = model.model if hasattr(model, "model") else model
         cap = cls.capacity_for(prefix, num_visual, ratio, window, tail, evict=evict)
-        return cls(cfg.num_hidden_layers, cap, inner.rotary_emb.inv_freq, evict=evict)
+        if inv_freq is None:
+            inv_freq = inner.rotary_emb.inv_freq
+        return cls(cfg.num_hidden_layers, cap, inv_freq, evict=evict)
 
     def bytes(self) -> int:
         """Bytes of live K/V rows (``length`` rows per layer), i.e. what the cache holds."""

@@ -69,18 +69,42 @@ class AttnImpl:
 
 
 @torch.no_grad()
+def interleave_positions(raw_pos: torch.Tensor, ratio: int, carry: int) -> torch.Tensor:
+    """Explicit position ids (..., n) of a window's raw tokens -> (..., n + k) of the
+    interleaved window: each summary token takes the position of the raw token right
+    before it (the last token of the group it summarises; there always is one, since the
+    first summary slot is ``ratio - carry >= 1``)."""
+    n = raw_pos.shape[-1]
+    k, first, stride, _ = window_layout(n, ratio, carry)
+    out = raw_pos.new_empty((*raw_pos.shape[:-1], n + k))
+    t = torch.arange(n, device=raw_pos.device)
+    out.index_copy_(-1, t + torch.div(t + carry, ratio, rounding_mode="floor"), raw_pos)
+    if k:
+        m = torch.arange(k, device=raw_pos.device)
+        out[..., first::stride] = raw_pos.index_select(-1, first - 1 + m * ratio)
+    return out
+
+
+@torch.no_grad()
 def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLayout,
-               raw: torch.Tensor, vst: torch.Tensor, ratio: int) -> int:
+               raw: torch.Tensor, vst: torch.Tensor, ratio: int,
+               raw_positions: torch.Tensor | None = None) -> int:
     """One window: interleave summaries, forward (attention implementation must already be
-    ``"lvlm_summary"``), evict. Returns the number of summaries kept."""
+    ``"lvlm_summary"``), evict. Returns the number of summaries kept.
+
+    ``raw_positions``: None = the decoder's default positions (cache length + arange; 1-D
+    RoPE, summaries re-rotated to ``sink + j`` on eviction); else explicit ids of the raw
+    tokens (e.g. M-RoPE (3, 1, n)), summaries placed by :func:`interleave_positions`."""
     n = raw.shape[1]
     k, first, stride, _ = window_layout(n, ratio, cache.carry)
     x = interleave(raw, vst, ratio, cache.carry)
     w0 = cache.get_seq_length()
     cache.check_room(x.shape[1])
+    kw = {} if raw_positions is None else \
+        {"position_ids": interleave_positions(raw_positions, ratio, cache.carry)}
     layout.set(first, stride, k)
     try:
-        model.model(inputs_embeds=x, **cache_kwargs(model.model, cache), use_cache=True)
+        model.model(inputs_embeds=x, **cache_kwargs(model.model, cache), use_cache=True, **kw)
     finally:
         layout.clear()
     return cache.evict_window(w0, n, ratio)

@@ -41,6 +41,20 @@ transformers' causal mask built from the cache's length: the same bottom-right c
 attention, only slower and with a mask tensor. Decoding after the prompt uses the
 model's own attention either way (one query row).
 
+Families with explicit positions (M-RoPE, Qwen2.5-VL): **logical positions are kept**.
+Every token has the position it has in the un-evicted interleaved stream: prefix and
+question as in ``full`` (the question from ``P + max(h, w)``), each raw visual token its
+``full`` M-RoPE position (temporal patch time, row, column), and each summary token the
+position of the raw token right before it (the last token of the group it summarises:
+:func:`lvlm_fast.models.videoxl_driver.interleave_positions`); generated tokens continue
+after the largest prompt position, as in ``full``. Eviction moves the kept summary rows
+without rotating them (the cache's ``inv_freq`` is zeros), so no key is ever re-rotated and
+the three M-RoPE sections can never disagree. This equals running the whole interleaved
+stream once with those positions under the mask "prefix, this window's rows and earlier
+windows' summaries; the question sees prefix, all summaries and itself" (tested against
+that plain-PyTorch reference through transformers' decoder). 1-D families keep the
+released scheme above (summaries re-rotated to ``sink + j``).
+
 ``PrefillResult.visual_tokens`` counts what the LLM read of the video: N raw tokens plus
 the summary tokens; ``llm_tokens`` adds prefix and question.
 """
@@ -56,6 +70,7 @@ import torch
 
 from lvlm_fast.cache import ATTN_NAME, SummaryKVCache, _check_ratio_window
 from lvlm_fast.models import videoxl_driver
+from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     PrefillResult,
     Strategy,
@@ -64,6 +79,7 @@ from lvlm_fast.models.strategies.base import (
     VideoPrompt,
     register,
 )
+from lvlm_fast.models.strategies.full import end_blocks
 from lvlm_fast.nn.summary_proj import install_summary_projections
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
@@ -148,17 +164,41 @@ class VideoXLStrategy(Strategy):
         layout = install_summary_projections(view)
         vst = _summary_vector(vlm, view, cfg.summary_embed)
         ratio, window = cfg.ratio, cfg.window
-        t_frames = prompt.pixel_values.shape[0]
-        per = vlm.tokens_per_frame
-        n_vis = t_frames * per + 1  # + the newline after the last frame
+        fam = vlm.family
+        pv = prompt.pixel_values
+        t_frames = pv.shape[0]
+        units = fam.units(t_frames)
+        frame_hw = (pv.shape[-2], pv.shape[-1])
+        gh, gw = fam.token_grid(frame_hw)
+        end = fam.end_tokens()  # LLaVA-OneVision: the newline after the last frame
+        n_vis = units * gh * gw + end.shape[0]
         p, q = prompt.prefix_ids.shape[1], prompt.question_ids.shape[1]
+        # explicit positions (M-RoPE): the full stream's logical positions (module doc)
+        plan = None
+        if fam.needs_blocks():
+            blocks = end_blocks(vlm, TokenBlocks.grid(units, gh, gw, device=vlm.device,
+                                                      frame_hw=frame_hw, fps=prompt.fps),
+                                units - 1)
+            plan = fam.position_plan(p, blocks, n_vis, q)
+        keep = None if plan is None else \
+            torch.zeros_like(vlm.language_model.rotary_emb.inv_freq)
         cache = SummaryKVCache.for_model(view, prefix=p, num_visual=n_vis, ratio=ratio,
                                          window=window, tail=q + vlm.decode_reserve,
-                                         evict=cfg.evict)
+                                         evict=cfg.evict, inv_freq=keep)
+        raw_done = 0  # raw visual tokens already sent (global index of the next window)
 
-        def step(x: torch.Tensor) -> torch.Tensor:
+        def step(x: torch.Tensor, lo: int) -> torch.Tensor:
             cache.check_room(x.shape[1])
-            return vlm.run_llm(x, cache)
+            pos = None if plan is None else plan.chunk(lo, lo + x.shape[1])
+            return vlm.run_llm(x, cache, pos)
+
+        def window_run(raw: torch.Tensor) -> None:
+            nonlocal raw_done
+            pos = None if plan is None else \
+                plan.chunk(p + raw_done, p + raw_done + raw.shape[1])
+            with vlm._stage("prefill"):
+                videoxl_driver.run_window(view, cache, layout, raw, vst, ratio, pos)
+            raw_done += raw.shape[1]
 
         buf = torch.empty((1, min(window, n_vis), vlm.hidden_size), dtype=vlm.dtype,
                           device=vlm.device)
@@ -173,28 +213,27 @@ class VideoXLStrategy(Strategy):
                 buf[:, fill : fill + take] = tokens[:, off : off + take]
                 fill, off = fill + take, off + take
                 if fill == buf.shape[1]:
-                    with vlm._stage("prefill"):
-                        videoxl_driver.run_window(view, cache, layout, buf, vst, ratio)
+                    window_run(buf)
                     fill = 0
 
         fused = view.head_dim in HEAD_DIMS
         attn = videoxl_driver.AttnImpl(view, ATTN_NAME) if fused else contextlib.nullcontext()
         with attn:
             with vlm._stage("prefill"):
-                step(vlm.embed_tokens(prompt.prefix_ids))
+                step(vlm.embed_tokens(prompt.prefix_ids), 0)
                 cache.mark_sink()
-            for _start, feats in vlm.iter_patch_features(prompt.pixel_values):
+            for _start, feats in vlm.iter_patch_features(pv):
                 pooled = vlm.pool_2x2(feats)
                 del feats
                 push(pooled.reshape(1, -1, vlm.hidden_size))
                 del pooled
-            push(vlm.image_newline.to(vlm.dtype).view(1, 1, -1))
+            if end.shape[0]:
+                push(end.to(vlm.dtype).unsqueeze(0))
             if fill:
-                with vlm._stage("prefill"):
-                    videoxl_driver.run_window(view, cache, layout, buf[:, :fill], vst, ratio)
+                window_run(buf[:, :fill])
             self.rows_after_video = cache.get_seq_length()
             with vlm._stage("prefill"):
-                last = step(vlm.embed_tokens(prompt.question_ids))[:, -1:].clone()
+                last = step(vlm.embed_tokens(prompt.question_ids), p + n_vis)[:, -1:].clone()
         s = cache.num_summaries
         notes = []
         if s == 0 and cfg.evict:  # host ints: no device read, meta-safe
@@ -205,4 +244,5 @@ class VideoXLStrategy(Strategy):
                 "smaller ratio or evict=False.")
             warnings.warn(notes[-1], StrategyWarning, stacklevel=2)
         return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n_vis + s + q,
-                             visual_tokens=n_vis + s, frames_encoded=t_frames, warnings=notes)
+                             visual_tokens=n_vis + s, frames_encoded=t_frames, warnings=notes,
+                             positions=plan)

@@ -36,7 +36,9 @@ Masking: padded queries (q >= Lq), patches (p >= P) and channels load 0, get wei
 are never stored. Accumulation fp32; ``tl.dot`` on fp16/bf16 tiles uses the tensor cores
 with fp32 accumulation (dS is rounded to the input dtype for the two gradient products,
 as in flash attention); on fp32 tiles it is forced to ieee fp32 (no tf32), matching the CPU
-kernel. Frame offsets are int64 (frame stride x N can pass 2^31). All strides are passed:
+kernel. Frame offsets are int64 (frame stride x N can pass 2^31); offsets inside a frame are
+int32, so a view whose single frame spans >= 2^31 elements is made contiguous first
+(:func:`_frame_i32`). All strides are passed:
 strided frames / patches / query rows need no copy; a strided channel dim is copied once by
 the launcher (as on CPU) so the compiled specialisation is the unit-stride one. fp64
 inputs on CUDA run the reference (documented). Launchers take the op's arguments, return its
@@ -390,6 +392,26 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _frame_i32(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """In-kernel offsets inside one frame (``patch * stride``, ``query * stride``) are int32;
+    frame offsets are int64. A view whose one frame spans >= 2^31 elements (e.g. x given as
+    ``(P, N, C).transpose(0, 1)``: patch stride N * C) is made contiguous once, which brings
+    the span down to P * C; that must then fit."""
+    if t is None or t.dim() < 3:
+        return t
+
+    def span(u: torch.Tensor) -> int:
+        return 1 + sum((n - 1) * abs(s) for n, s in zip(u.shape[1:], u.stride()[1:],
+                                                        strict=True) if n > 0)
+
+    if span(t) < 2**31:
+        return t
+    t = t.contiguous()
+    if span(t) >= 2**31:
+        raise ValueError(f"{name}: one frame holds {span(t)} elements (>= 2^31)")
+    return t
+
+
 def _q_strides(queries: torch.Tensor) -> tuple[int, int, int]:
     if queries.dim() == 2:
         return 0, queries.stride(0), queries.stride(1)
@@ -404,6 +426,7 @@ def context_content_pool_fwd(x, queries, keys, scale, content_grid):
 
         return reference_fwd(x, queries, keys, scale, content_grid)
     x, queries, keys = _unit_last(x), _unit_last(queries), _unit_last(keys)
+    x, queries, keys = _frame_i32(x, "x"), _frame_i32(queries, "queries"), _frame_i32(keys, "keys")
     n, p, c = x.shape
     k = x if keys is None else keys
     ck = k.shape[2]
@@ -440,7 +463,8 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
 
         return reference_bwd(grad_out, x, queries, keys, scale, content_grid, lse)
     x, queries, keys = _unit_last(x), _unit_last(queries), _unit_last(keys)
-    grad_out = _unit_last(grad_out)
+    x, queries, keys = _frame_i32(x, "x"), _frame_i32(queries, "queries"), _frame_i32(keys, "keys")
+    grad_out = _frame_i32(_unit_last(grad_out), "grad_out")
     n, p, c = x.shape
     k = x if keys is None else keys
     ck = k.shape[2]

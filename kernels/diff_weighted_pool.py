@@ -633,7 +633,17 @@ def _specs() -> list[dict]:
                           "fn": _diff_weighted_pool_bwd_query_kernel, "signature": sig,
                           "constexprs": {"BLOCK_P": bp, "BLOCK_DA": bd}, "num_warps": nw,
                           "num_stages": 1, "divisible_by_16": _div16(sig)})
+    # fp64 inputs run these kernels (fp32 accumulation): one config per kernel
+    specs += [_as_fp64(s) for s in specs if s["name"] in (
+        "dwp_fwd_D1152_bf16_AB=X", "dwp_bwd_D1152_bf16_AB=X", "dwp_bwd_query_D1152_bf16")]
     return specs
+
+
+def _as_fp64(spec: dict) -> dict:
+    """The same launch with fp64 data pointers (fp32 scratch unchanged): fp64 inputs reach
+    this kernel on CUDA, so it must compile for them too (tier 2, issue 9.4)."""
+    sig = {k: "*fp64" if v == "*bf16" else v for k, v in spec["signature"].items()}
+    return {**spec, "signature": sig, "name": spec["name"].replace("bf16", "fp64")}
 
 
 def _div16(sig: dict) -> list[str]:

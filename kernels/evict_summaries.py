@@ -81,6 +81,11 @@ def evict_summaries_fwd(
         return
     b, h, cap, d = key.shape
     for name, t in (("key", key), ("value", value)):
+        # the buffers are edited in place, so a strided last dim cannot be copied away: the
+        # raw op (which skips the public checks) must refuse it rather than misread rows
+        if t.stride(3) != 1 and d > 1:
+            raise ValueError(f"{name} must have a unit-stride last dim (edited in place), "
+                             f"got strides {tuple(t.stride())}")
         if (cap - 1) * t.stride(2) + d >= 2**31:
             raise ValueError(f"{name}: one head's slice spans >= 2^31 elements")
     half = d // 2
@@ -97,19 +102,20 @@ def evict_summaries_fwd(
 
 def _specs() -> list[dict]:
     specs = []
-    for ty in ("bf16", "fp16", "fp32"):
-        for d in (64, 80, 96, 128):
-            sig = {"K": "*" + ty, "V": "*" + ty, "INV_FREQ": "*fp32",
-                   "skb": "i64", "skh": "i32", "skn": "i32", "svb": "i64", "svh": "i32",
-                   "svn": "i32", "H": "i32", "src": "i32", "first": "i32", "stride": "i32",
-                   "count": "i32", "dst": "i32", "pos_delta": "i32",
-                   "HALF": "constexpr", "HALF_P": "constexpr", "BLOCK_M": "constexpr"}
-            cx = {"HALF": d // 2, "HALF_P": triton.next_power_of_2(d // 2),
-                  "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"]}
-            specs.append({"name": f"evict_{ty}_d{d}", "fn": _evict_summaries_fwd_kernel,
-                          "signature": sig, "constexprs": cx,
-                          "num_warps": DEFAULT_CONFIG["num_warps"],
-                          "num_stages": DEFAULT_CONFIG["num_stages"]})
+    # fp64 buffers run the kernel too (rotation in fp32): head dims 80 (padded) and 128
+    cases = [(t, d) for t in ("bf16", "fp16", "fp32") for d in (64, 80, 96, 128)]
+    for ty, d in [*cases, ("fp64", 80), ("fp64", 128)]:
+        sig = {"K": "*" + ty, "V": "*" + ty, "INV_FREQ": "*fp32",
+               "skb": "i64", "skh": "i32", "skn": "i32", "svb": "i64", "svh": "i32",
+               "svn": "i32", "H": "i32", "src": "i32", "first": "i32", "stride": "i32",
+               "count": "i32", "dst": "i32", "pos_delta": "i32",
+               "HALF": "constexpr", "HALF_P": "constexpr", "BLOCK_M": "constexpr"}
+        cx = {"HALF": d // 2, "HALF_P": triton.next_power_of_2(d // 2),
+              "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"]}
+        specs.append({"name": f"evict_{ty}_d{d}", "fn": _evict_summaries_fwd_kernel,
+                      "signature": sig, "constexprs": cx,
+                      "num_warps": DEFAULT_CONFIG["num_warps"],
+                      "num_stages": DEFAULT_CONFIG["num_stages"]})
     return specs
 
 

@@ -299,36 +299,41 @@ def keyframe_select_fwd(frame_emb, query_emb, k, threshold, min_relevance, fill)
 # --------------------------------------------------------------------------- compile specs
 def _specs() -> list[dict]:
     specs = []
-    ty = ("fp32", "fp16", "bf16")
     e = 512
-    block_n, block_e, nw = fwd_config(e)
-    for name in ty:
+    # fp64 inputs run the IS_F64 variants: fp64 accumulation buffers and parameters, and
+    # half the column tile (fwd_config)
+    for name in ("fp32", "fp16", "bf16", "fp64"):
         p = "*" + name
-        ce = dict(HAS_FLOOR=True, IS_F64=False, BLOCK_N=block_n, BLOCK_E=block_e)
-        sig = dict(e_ptr=p, q_ptr=p, norm_ptr="*fp32", rel_ptr="*fp32", vis_ptr="*i8",
-                   best_v_ptr="*fp32", best_i_ptr="*i64", param_ptr="*fp32", N="i32",
+        f64 = name == "fp64"
+        acc = "*fp64" if f64 else "*fp32"
+        block_n, block_e, nw = fwd_config(e, f64)
+        ce = dict(HAS_FLOOR=True, IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
+        sig = dict(e_ptr=p, q_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8",
+                   best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, N="i32",
                    E="i32", stride_n="i32")
         sig.update({c: "constexpr" for c in ce})
         div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
         specs.append({"name": f"kfs_prep_E{e}_{name}", "fn": _keyframe_select_prep_kernel,
                       "signature": sig, "constexprs": ce, "num_warps": nw, "num_stages": 1,
                       "divisible_by_16": div16})
-        ce = dict(IS_F64=False, BLOCK_N=block_n, BLOCK_E=block_e)
-        sig = dict(e_ptr=p, norm_ptr="*fp32", rel_ptr="*fp32", vis_ptr="*i8", picks_ptr="*i64",
-                   best_v_ptr="*fp32", best_i_ptr="*i64", param_ptr="*fp32", step="i32",
+        ce = dict(IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
+        sig = dict(e_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8", picks_ptr="*i64",
+                   best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, step="i32",
                    N="i32", E="i32", stride_n="i32")
         sig.update({c: "constexpr" for c in ce})
         div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
         specs.append({"name": f"kfs_fwd_E{e}_{name}", "fn": _keyframe_select_fwd_kernel,
                       "signature": sig, "constexprs": ce, "num_warps": nw, "num_stages": 1,
                       "divisible_by_16": div16})
-    # the pick kernel only sees fp32 candidates (the accumulation dtype of fp32/fp16/bf16)
-    ce = dict(BLOCK_B=PICK_BLOCK)
-    sig = dict(best_v_ptr="*fp32", best_i_ptr="*i64", picks_ptr="*i64", step="i32", NB="i32",
-               N="i32", BLOCK_B="constexpr")
-    specs.append({"name": "kfs_pick_fp32", "fn": _keyframe_select_pick_kernel,
-                  "signature": sig, "constexprs": ce, "num_warps": PICK_WARPS, "num_stages": 1,
-                  "divisible_by_16": ["best_v_ptr", "best_i_ptr", "picks_ptr"]})
+    # the pick kernel sees candidates in the accumulation dtype: fp32, or fp64 for fp64
+    for acc in ("fp32", "fp64"):
+        ce = dict(BLOCK_B=PICK_BLOCK)
+        sig = dict(best_v_ptr="*" + acc, best_i_ptr="*i64", picks_ptr="*i64", step="i32",
+                   NB="i32", N="i32", BLOCK_B="constexpr")
+        specs.append({"name": f"kfs_pick_{acc}", "fn": _keyframe_select_pick_kernel,
+                      "signature": sig, "constexprs": ce, "num_warps": PICK_WARPS,
+                      "num_stages": 1,
+                      "divisible_by_16": ["best_v_ptr", "best_i_ptr", "picks_ptr"]})
     return specs
 
 

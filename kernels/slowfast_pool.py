@@ -274,6 +274,13 @@ def slowfast_pool_bwd(grad_out, argmax, slow_index, x_shape, has_separator, slow
     return gx, grad_sep
 
 
+def _as_fp64(spec: dict) -> dict:
+    """The same launch with fp64 data pointers (fp32 scratch unchanged): fp64 inputs reach
+    this kernel on CUDA, so it must compile for them too (tier 2, issue 9.4)."""
+    sig = {k: "*fp64" if v == "*bf16" else v for k, v in spec["signature"].items()}
+    return {**spec, "signature": sig, "name": spec["name"].replace("bf16", "fp64")}
+
+
 # --------------------------------------------------------------------------- tier-2 specs
 def _specs() -> list[dict]:
     specs = []
@@ -315,6 +322,9 @@ def _specs() -> list[dict]:
                               "fn": _slowfast_pool_bwd_kernel, "signature": sig,
                               "constexprs": ce, "num_warps": nw, "num_stages": 1,
                               "divisible_by_16": div16})
+    # fp64 inputs run these kernels (fp32 accumulation): the max and avg settings at D 1152
+    specs += [_as_fp64(s) for s in specs if s["name"].startswith("sfp_")
+              and s["name"].endswith(("D1152_bf16_24_1x2max_4x4", "D1152_bf16_24_2x2avg_4x4"))]
     return specs
 
 

@@ -25,8 +25,11 @@ dot products unchanged); query rows >= Lq and key columns >= S are masked on loa
 store. Every query sees key 0, so no row is empty. Accumulation fp32 throughout; fp32
 inputs use tl.dot's default TF32 tensor-core dots (~1e-3 relative error on GPU, like cuBLAS
 with TF32 on; IEEE and 3xTF32 fp32 dots spill at head dim 128 - measured with ptxas).
-Program bases (batch/head) are int64; offsets inside one head's slice are int32 (the
-launcher checks each slice spans < 2^31 elements).
+Program bases (batch/head) are int64; row offsets inside one head's slice (``row * stride``)
+are int32, or int64 (constexpr I64) when the launcher finds a slice of any input or output
+spanning >= 2^31 elements (e.g. the output at ~600K query rows, Hq = 28, D = 128).
+fp64 inputs run the reference (Triton rejects the fp64-promoted loop-carried accumulators
+at compile time).
 Strides of every input are honoured (k/v are views of a preallocated cache); the last
 dim must be unit-stride (the launcher copies once otherwise). Output: a (B, Hq, Lq, D)
 view of a contiguous (B, Lq, Hq, D) tensor. Launchers do not assert CUDA.
@@ -46,12 +49,22 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _rows(offs, I64: tl.constexpr):
+    """Row indices for a ``rows * stride`` offset: int64 when the launcher found a span of
+    >= 2^31 elements inside one (batch, head) slice (I64), else int32 (cheaper)."""
+    if I64:
+        return offs.to(tl.int64)
+    else:
+        return offs
+
+
+@triton.jit
 def _summary_attention_fwd_kernel(
     Q, K, V, O, LSE, MASS,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, G, Lq, S, D, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    RETURN_MASS: tl.constexpr,
+    RETURN_MASS: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -63,7 +76,8 @@ def _summary_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < Lq
     dmask = offs_d < D
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    rows_m = _rows(offs_m, I64)
+    q_ptrs = Q + b * sqb + h * sqh + rows_m[:, None] * sqm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mmask[:, None] & dmask[None, :], other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
@@ -76,7 +90,7 @@ def _summary_attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < S
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+        kt = tl.load(k_base + _rows(offs_n, I64)[None, :] * skn + offs_d[:, None],
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
         s = tl.dot(q, kt)
         valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
@@ -85,20 +99,20 @@ def _summary_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+        vt = tl.load(v_base + _rows(offs_n, I64)[:, None] * svn + offs_d[None, :],
                      mask=nmask[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
     acc = acc / l_i[:, None]
     lse2 = m_i + tl.log2(l_i)
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
+    o_ptrs = O + b * sob + h * soh + rows_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
     tl.store(LSE + (b * Hq + h) * Lq + offs_m, lse2 * 0.6931471805599453, mask=mmask)
     if RETURN_MASS:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             nmask = offs_n < S
-            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None],
+            kt = tl.load(k_base + _rows(offs_n, I64)[None, :] * skn + offs_d[:, None],
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
             s = tl.dot(q, kt)
             valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
@@ -112,7 +126,7 @@ def _summary_attention_bwd_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, Hkv, G, Lq, S, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -124,9 +138,10 @@ def _summary_attention_bwd_kernel(
     nmask = offs_n < S
     dmask = offs_d < D
     kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :],
+    rows_n = _rows(offs_n, I64)
+    k = tl.load(K + b * skb + hk * skh + rows_n[:, None] * skn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
+    v = tl.load(V + b * svb + hk * svh + rows_n[:, None] * svn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -144,9 +159,10 @@ def _summary_attention_bwd_kernel(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mmask = offs_m < Lq
             qd_mask = mmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :],
+            rows_m = _rows(offs_m, I64)
+            q = tl.load(q_base + rows_m[:, None] * sqm + offs_d[None, :],
                         mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :],
+            do = tl.load(do_base + rows_m[:, None] * sdom + offs_d[None, :],
                          mask=qd_mask, other=0.0)
             lse2 = tl.load(LSE + row_base + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + row_base + offs_m, mask=mmask, other=0.0)
@@ -158,7 +174,7 @@ def _summary_attention_bwd_kernel(
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    out_off = (b * Hkv + hk) * S * D + (offs_n[:, None] * D + offs_d[None, :])
+    out_off = (b * Hkv + hk) * S * D + (rows_n[:, None] * D + offs_d[None, :])
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -168,7 +184,7 @@ def _summary_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
     Hq, G, Lq, S, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -181,9 +197,10 @@ def _summary_attention_bwd_dq_kernel(
     mmask = offs_m < Lq
     dmask = offs_d < D
     qd_mask = mmask[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    rows_m = _rows(offs_m, I64)
+    q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqm + offs_d[None, :],
                 mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
+    do = tl.load(DO + b * sdob + h * sdoh + rows_m[:, None] * sdom + offs_d[None, :],
                  mask=qd_mask, other=0.0)
     row_base = (b * Hq + h) * Lq
     lse2 = tl.load(LSE + row_base + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
@@ -198,9 +215,10 @@ def _summary_attention_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < S
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :],
+        rows_n = _rows(offs_n, I64)
+        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :],
+        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k))
         dp = tl.dot(do, tl.trans(v))
@@ -208,7 +226,7 @@ def _summary_attention_bwd_dq_kernel(
         p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    dq_off = (b * Hq + h) * Lq * D + (offs_m[:, None] * D + offs_d[None, :])
+    dq_off = (b * Hq + h) * Lq * D + (rows_m[:, None] * D + offs_d[None, :])
     tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -217,10 +235,11 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def fwd_config(dtype: torch.dtype, block_d: int) -> dict:
+def fwd_config(dtype: torch.dtype, block_d: int, i64: bool = False) -> dict:
     # chosen with ptxas -v on sm_80/sm_90: the largest tiles without spills
     if dtype == torch.float32 and block_d > 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        # int64 row offsets (I64) cost registers: fp32 at head dim 128 spills at BLOCK_N 32
+        return {"BLOCK_M": 32, "BLOCK_N": 16 if i64 else 32, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32 or block_d > 64:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -244,27 +263,40 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _check_slice_i32(**tensors: torch.Tensor) -> None:
-    # In-kernel tile offsets within one (batch, head) slice are int32.
-    for name, t in tensors.items():
-        span = (t.shape[2] - 1) * t.stride(2) + t.shape[3]
-        if span >= 2**31:
-            raise ValueError(f"{name}: one head's slice spans {span} elements (>= 2^31)")
+INT32_SPAN = 2**31  # row offsets are int32 below this span (a module constant: tests lower it)
+
+
+def _needs_i64(*tensors: torch.Tensor) -> bool:
+    """True when ``row * stride`` inside one (batch, head) slice of any tensor can reach
+    2^31 elements: e.g. the output (a view of (B, Lq, Hq, D), row stride Hq * D) at ~600K
+    query rows with Hq = 28, D = 128. The kernels then index rows in int64."""
+    for t in tensors:
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:],
+                                                            strict=True) if n > 0)
+        if span >= INT32_SPAN:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- launchers
 def summary_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_key_mass: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.dtype == torch.float64:
+        # Triton's fp64 dot promotes the loop-carried fp32 m_i / acc to fp64, which it
+        # rejects at compile time (the interpreter does not): fp64 runs the reference.
+        from lvlm_fast.ops.summary_attention import reference_fwd
+
+        return reference_fwd(q, k, v, scale, return_key_mass)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    _check_slice_i32(q=q, k=k, v=v)
     b, hq, lq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     mass = (torch.zeros((b, s), dtype=torch.float32, device=q.device) if return_key_mass
             else torch.empty((0,), dtype=torch.float32, device=q.device))
-    cfg = fwd_config(q.dtype, _block_d(d))
+    i64 = _needs_i64(q, k, v, out)
+    cfg = fwd_config(q.dtype, _block_d(d), i64)
     grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
     _summary_attention_fwd_kernel[grid](
         q, k, v, out, lse, mass,
@@ -272,7 +304,7 @@ def summary_attention_fwd(
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, lq, s, d, float(scale),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
-        RETURN_MASS=bool(return_key_mass),
+        RETURN_MASS=bool(return_key_mass), I64=i64,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, lse, mass
@@ -282,9 +314,12 @@ def summary_attention_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    if q.dtype == torch.float64:  # see summary_attention_fwd
+        from lvlm_fast.ops.summary_attention import reference_bwd
+
+        return reference_bwd(grad_out, q, k, v, out, lse, scale)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     do = _unit_last(grad_out.to(q.dtype))
-    _check_slice_i32(q=q, k=k, v=v, grad_out=do)
     b, hq, lq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -295,32 +330,43 @@ def summary_attention_bwd(
     dv = torch.empty((b, hkv, s, d), dtype=v.dtype, device=v.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    i64 = _needs_i64(q, k, v, do, dq, dk, dv)
     cfg = bwd_config(q.dtype, _block_d(d))
     _summary_attention_bwd_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, hq, hkv, g, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     cfg = dq_config(q.dtype, _block_d(d))
     _summary_attention_bwd_dq_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
         q, k, v, do, lse, delta, dq, *strides, hq, g, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return dq, dk, dv
 
 
 # --------------------------------------------------------------------------- compile specs
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+       torch.float64: "fp64"}
 
 
-def _specs() -> list[dict]:
+def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, True)) -> list[dict]:
+    """fwd (with and without key mass), dK/dV and dQ at the launcher's default configs, for
+    head dims 64 and 128, with int32 row offsets (I64 = False, the usual launch) and, at
+    128, int64 ones (I64 = True, a slice spanning >= 2^31 elements) - both must compile
+    without spills. fp64 is not here: the launchers route it to the reference (see
+    :func:`summary_attention_fwd`); ``_specs((torch.float64,))`` builds the specs that
+    show why (tests/tier2)."""
     specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in dtypes:
         t = "*" + _TY[dtype]
-        for d in (64, 128):  # 80 and 96 pad to 128: same code as 128
+        cfg_dtype = torch.float32 if dtype == torch.float64 else dtype
+        # 80/96 pad to 128; int64 row offsets only at 128 (the register-heaviest tiles)
+        for d, i64 in [(64, False)] * (False in i64s) + [(128, i) for i in i64s]:
             bd = _block_d(d)
-            cfg = fwd_config(dtype, bd)
+            tag = f"{_TY[dtype]}_d{d}{'_i64' if i64 else ''}"
+            cfg = fwd_config(cfg_dtype, bd, i64)
             for mass in (False, True):
                 sig = {n: t for n in ("Q", "K", "V", "O")}
                 sig.update({"LSE": "*fp32", "MASS": "*fp32"})
@@ -331,35 +377,37 @@ def _specs() -> list[dict]:
                 sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
                             "scale": "fp32"})
                 cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd,
-                      "RETURN_MASS": mass}
+                      "RETURN_MASS": mass, "I64": i64}
                 sig.update({n: "constexpr" for n in cx})
-                specs.append({"name": f"fwd_{_TY[dtype]}_d{d}{'_mass' if mass else ''}",
+                specs.append({"name": f"fwd_{tag}{'_mass' if mass else ''}",
                               "fn": _summary_attention_fwd_kernel, "signature": sig,
                               "constexprs": cx, "num_warps": cfg["num_warps"],
                               "num_stages": cfg["num_stages"]})
             strides = {n: "i64" if n.endswith("b") else "i32"
                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
                                  "svb", "svh", "svn", "sdob", "sdoh", "sdom")}
-            cfg = bwd_config(dtype, bd)
+            cfg = bwd_config(cfg_dtype, bd)
             sig = {n: t for n in ("Q", "K", "V", "DO")}
             sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DK": t, "DV": t})
             sig.update(strides)
             sig.update({"Hq": "i32", "Hkv": "i32", "G": "i32", "Lq": "i32", "S": "i32",
                         "D": "i32", "scale": "fp32"})
-            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd,
+                  "I64": i64}
             sig.update({n: "constexpr" for n in cx})
-            specs.append({"name": f"bwd_{_TY[dtype]}_d{d}", "fn": _summary_attention_bwd_kernel,
+            specs.append({"name": f"bwd_{tag}", "fn": _summary_attention_bwd_kernel,
                           "signature": sig, "constexprs": cx, "num_warps": cfg["num_warps"],
                           "num_stages": cfg["num_stages"]})
-            cfg = dq_config(dtype, bd)
+            cfg = dq_config(cfg_dtype, bd)
             sig = {n: t for n in ("Q", "K", "V", "DO")}
             sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DQ": t})
             sig.update(strides)
             sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
                         "scale": "fp32"})
-            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd}
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd,
+                  "I64": i64}
             sig.update({n: "constexpr" for n in cx})
-            specs.append({"name": f"bwd_dq_{_TY[dtype]}_d{d}",
+            specs.append({"name": f"bwd_dq_{tag}",
                           "fn": _summary_attention_bwd_dq_kernel, "signature": sig,
                           "constexprs": cx, "num_warps": cfg["num_warps"],
                           "num_stages": cfg["num_stages"]})

@@ -20,7 +20,8 @@ Definitions:
   probability each key received, summed over the window's queries and all query heads.
   Not differentiable.
 * Accumulation fp32 (fp64 for fp64 inputs); output in q's dtype. Every query sees key 0,
-  so no row is fully masked.
+  so no row is fully masked. fp64 inputs on CUDA run the plain-PyTorch reference (Triton
+  rejects the fp64 kernels at compile time).
 
 Layers: C++ ``csrc/summary_attention.cpp`` (CPU; builds on torch's fused flash SDPA for
 CPU called on views: the visible-to-all part and the causal square part, merged with their

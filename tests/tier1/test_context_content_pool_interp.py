@@ -100,3 +100,46 @@ def test_large_scores_stable(launched):
     assert torch.isfinite(out).all()
     want, _ = reference_fwd((x * 30).double(), (q * 30).double(), None, 8**-0.5, 1)
     torch.testing.assert_close(out.double(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_transposed_and_expanded_inputs(launched):
+    # issue 9.5 audit: frames as a transposed (P, N, C) view, per-frame queries broadcast over
+    # the frames (stride 0) and a broadcast grad_out are all read through their strides
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 3, 19, generator=g).transpose(0, 1)  # patch stride 3 * 19
+    qf = torch.randn(1, 5, 19, generator=g).expand(3, 5, 19)
+    assert x.stride(1) == 57 and qf.stride(0) == 0
+    _check(x, qf, None, 2, torch.float32, launched)
+    _, lse = K.context_content_pool_fwd(x, qf, None, 0.3, 1)
+    go = torch.randn(1, 2, 19, generator=g).expand(3, 2, 19)
+    got = K.context_content_pool_bwd(go, x, qf, None, 0.3, 1, lse)
+    want = K.context_content_pool_bwd(go.contiguous(), x.contiguous(), qf.contiguous(), None,
+                                      0.3, 1, lse)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_frame_spanning_2_31_elements_is_made_contiguous(monkeypatch):
+    # issue 9.6 audit: offsets inside a frame (patch * stride) are int32; x given as a
+    # (P, N, C).transpose(0, 1) view of 10,240 SigLIP frames has a patch stride of N * C,
+    # so patch 728 sits 8.6e9 elements in. The launcher (on the meta device, kernels
+    # recorded, not run) must hand the kernels a copy whose frame spans P * C.
+    seen = []
+
+    class Rec:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append(a)
+
+    for name in ("_context_content_pool_fwd_kernel", "_context_content_pool_pool_kernel"):
+        monkeypatch.setattr(K, name, Rec())
+    n, p, c = 10_240, 729, 1152
+    x = torch.empty(p, n, c, device="meta", dtype=torch.bfloat16).transpose(0, 1)
+    q = torch.empty(32, c, device="meta", dtype=torch.bfloat16)
+    K.context_content_pool_fwd(x, q, None, 0.1, 1)
+    fwd_keys, pool_x = seen[0][1], seen[-1][0]
+    assert fwd_keys.stride() == (p * c, c, 1) and pool_x.stride() == (p * c, c, 1)
+    # a modest view keeps its strides (no copy)
+    seen.clear()
+    small = torch.empty(p, 8, c, device="meta", dtype=torch.bfloat16).transpose(0, 1)
+    K.context_content_pool_fwd(small, q, None, 0.1, 1)
+    assert seen[0][1].stride() == small.stride()

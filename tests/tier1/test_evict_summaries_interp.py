@@ -31,3 +31,28 @@ def test_matches_reference(launched, dtype, ratio, carry, n_raw, d):
     assert torch.equal(v, vr)
     assert len(launched) == 1
     assert_interpreted(launched[0])
+
+
+def test_strided_buffers(launched):
+    # issue 9.5 audit: a (B, C, H, D) cache viewed as (B, H, C, D) and a buffer with padded
+    # rows are read and written through their strides
+    count, first, stride, _ = summary_layout(37, 2, 1)
+    g = torch.Generator().manual_seed(4)
+    inv = 1.0 / 10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    k = torch.randn(2, 70, 3, 64, generator=g).transpose(1, 2)
+    v = torch.randn(2, 3, 70, 72, generator=g)[..., 4:68]
+    assert not k.is_contiguous() and v.stride(2) == 72
+    kr, vr = k.clone(), v.clone()
+    evict_summaries_fwd(k, v, inv, 7, first, stride, count, 5, 0)
+    ref_evict(kr, vr, inv, 7, first, stride, count, 5)
+    torch.testing.assert_close(k, kr, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v, vr)
+
+
+def test_strided_last_dim_is_refused():
+    # the raw op skips the public checks; an in-place edit cannot copy a strided last dim
+    k = torch.randn(1, 2, 20, 128)[..., ::2]
+    v = torch.randn(1, 2, 20, 64)
+    inv = torch.ones(32)
+    with pytest.raises(ValueError, match="key must have a unit-stride last dim"):
+        evict_summaries_fwd(k, v, inv, 2, 1, 2, 3, 1, 0)

@@ -91,3 +91,59 @@ def test_harness_flags_a_spilling_config():
     r = compile_spec("diff_weighted_pool", bad, 80)
     assert not r.error, r.error
     assert r.spill_stores > 0 and not r.ok
+
+
+# --------------------------------------------------------------------------- fp64 (issue 9.4)
+# fp64 inputs reach these kernels on CUDA (fp32 accumulation), so fp64 is in their matrix;
+# the two below reject fp64 at compile time (their fp64 dots promote the loop-carried fp32
+# accumulators), so their launchers route fp64 to the reference instead.
+FP64_COMPILED = ("diff_weighted_pool", "evict_summaries", "keyframe_select", "slowfast_pool")
+FP64_ROUTED_AWAY = ("context_content_pool", "summary_attention")
+
+
+@pytest.mark.parametrize("stem", FP64_COMPILED)
+def test_fp64_is_in_the_compile_matrix(stem):
+    specs = load_specs(stem)
+    fp64 = [s for s in specs if "*fp64" in s["signature"].values()]
+    kernels = {s["fn"].fn.__name__ for s in specs}
+    assert {s["fn"].fn.__name__ for s in fp64} == kernels, (stem, [s["name"] for s in fp64])
+
+
+def _fp64_spec(stem: str) -> dict:
+    if stem == "summary_attention":
+        import torch
+        from lvlm_fast.kernels.summary_attention import _specs
+
+        return next(s for s in _specs((torch.float64,), (False,)) if s["name"] == "fwd_fp64_d64")
+    spec = next(s for s in load_specs(stem) if s["name"] == "ccp_fwd_fp32_P256")
+    sig = {k: "*fp64" if v == "*fp32" and k in ("q_ptr", "k_ptr") else v
+           for k, v in spec["signature"].items()}
+    return {**spec, "signature": sig, "name": "ccp_fwd_fp64_P256"}
+
+
+@pytest.mark.parametrize("stem", FP64_ROUTED_AWAY)
+def test_fp64_is_rejected_by_triton_and_routed_to_the_reference(stem, monkeypatch):
+    import torch
+
+    r = compile_spec(stem, _fp64_spec(stem), 80)
+    assert r.error, f"{stem}: fp64 now compiles; add it to the matrix, drop the routing"
+    mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
+
+    def no_launch(*a, **k):
+        raise AssertionError(f"{stem}: an fp64 input reached a Triton kernel")
+
+    for name in dir(mod):  # every kernel of the module: launching one fails the test
+        if isinstance(getattr(mod, name), triton.runtime.JITFunction):
+            monkeypatch.setattr(mod, name, type("K", (), {"__getitem__": no_launch})())
+    g = torch.Generator().manual_seed(0)
+    if stem == "summary_attention":
+        q = torch.randn(1, 2, 3, 64, generator=g, dtype=torch.float64)
+        kv = torch.randn(1, 1, 5, 64, generator=g, dtype=torch.float64)
+        out, lse, _ = mod.summary_attention_fwd(q, kv, kv, 0.125, False)
+        grads = mod.summary_attention_bwd(torch.ones_like(out), q, kv, kv, out, lse, 0.125)
+    else:
+        x = torch.randn(2, 16, 8, generator=g, dtype=torch.float64)
+        qs = torch.randn(3, 8, generator=g, dtype=torch.float64)
+        out, lse = mod.context_content_pool_fwd(x, qs, None, 0.3, 1)
+        grads = mod.context_content_pool_bwd(torch.ones_like(out), x, qs, None, 0.3, 1, lse)
+    assert out.dtype == torch.float64 and all(t.dtype == torch.float64 for t in grads[:2])

@@ -97,3 +97,17 @@ def test_peak_memory_and_speed_vs_seed():
     seed_peak, seed_ms = peak_and_time(lambda: seed_context_content(x, q))
     assert fused_peak * 8 <= seed_peak, (fused_peak, seed_peak)
     assert fused_ms < seed_ms, (fused_ms, seed_ms)
+
+
+def test_transposed_frames_on_cuda():
+    # issue 9.5/9.6 audit: frames given as a (P, N, C).transpose(0, 1) view (read through
+    # their strides, or copied when one frame would span >= 2^31 elements) and broadcast
+    # per-frame queries give the contiguous result
+    from lvlm_fast.ops import context_content_pool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 6, 64, generator=g).cuda().transpose(0, 1)
+    q = torch.randn(1, 32, 64, generator=g).cuda().expand(6, 32, 64)
+    got = context_content_pool(x, q)
+    want = context_content_pool(x.contiguous(), q.contiguous())
+    torch.testing.assert_close(got, want)

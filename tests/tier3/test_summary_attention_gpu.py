@@ -31,3 +31,36 @@ def test_forward_backward_cuda(dtype, d):
     out.backward(go.to(dtype))
     r.backward(go)
     torch.testing.assert_close(q.grad.float(), qr.grad, atol=tol * 4, rtol=tol * 4)
+
+
+def test_fp64_runs_on_cuda():
+    # issue 9.4: fp64 inputs used to reach the Triton kernel, which Triton rejects at compile
+    # time; they now run the reference on the device (forward and backward)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 9, 64, generator=g, dtype=torch.float64).cuda().requires_grad_(True)
+    k = torch.randn(1, 2, 23, 64, generator=g, dtype=torch.float64).cuda()
+    out = summary_attention(q, k, k)
+    r = ref(q.detach().cpu(), k.cpu(), k.cpu())
+    torch.testing.assert_close(out.detach().cpu(), r, atol=1e-12, rtol=1e-12)
+    out.sum().backward()
+    assert q.grad.dtype == torch.float64 and torch.isfinite(q.grad).all()
+
+
+def test_output_rows_past_2_31_elements():
+    # issue 9.6: out is a view of (B, Lq, Hq, D), so row * stride passes 2^31 elements at
+    # Lq * Hq * D >= 2^31 (here 131,073 x 128 x 128, 4.3 GB per bf16 tensor). With int32
+    # offsets the last rows of the last heads were written to wrapped addresses.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs ~12 GB of free GPU memory")
+    hq, d, lq = 128, 128, 2**17 + 1
+    assert (lq - 1) * hq * d >= 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, hq, lq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 1, lq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 1, lq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = summary_attention(q, k, v)
+    for h, i in ((hq - 1, lq - 1), (hq - 1, lq - 2), (hq // 2, lq - 1), (0, 5), (hq - 1, 7)):
+        s = (q[0, h, i].float() @ k[0, 0, : i + 1].float().T) / d**0.5
+        want = torch.softmax(s, -1) @ v[0, 0, : i + 1].float()
+        torch.testing.assert_close(out[0, h, i].float(), want, atol=2e-2, rtol=2e-2)

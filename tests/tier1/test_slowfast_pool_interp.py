@@ -81,3 +81,26 @@ def test_no_slow_frames(launched):
     x = torch.randn(3, 5, 5, 16)
     _check(x, [], torch.randn(16), (1, 1), "max", (2, 3), "all", "slow_fast", torch.float32,
            launched)
+
+
+def test_expanded_and_strided_inputs(launched):
+    # issue 9.5 audit: frames broadcast over T (stride 0), a strided slow_index and a
+    # strided separator are read through their strides (or copied by the launcher)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 6, 16, generator=gen).expand(3, 6, 6, 16)
+    assert x.stride(0) == 0
+    idx = torch.tensor([0, 9, 2, 9])[::2]  # [0, 2], stride 2
+    sep = torch.randn(32, generator=gen)[::2]
+    x = x.to(torch.float32)
+    out, am = K.slowfast_pool_fwd(x, idx, sep, (2, 2), "max", (2, 3), "all", "slow_fast", True)
+    want, want_am = reference_fwd(x.contiguous(), idx.contiguous(), sep.contiguous(), (2, 2),
+                                  "max", (2, 3), "all", "slow_fast", True)
+    _close("out", out, want, torch.float32)
+    assert torch.equal(am, want_am)
+    g = torch.randn(1, 16, generator=gen).expand(out.shape[0], 16)  # broadcast grad_out
+    gx, gs = K.slowfast_pool_bwd(g, am, idx, list(x.shape), True, (2, 2), "max", (2, 3), "all",
+                                 "slow_fast")
+    wgx, wgs = reference_bwd(g.contiguous(), want_am, idx.contiguous(), list(x.shape), True,
+                             (2, 2), "max", (2, 3), "all", "slow_fast")
+    _close("grad_x", gx, wgx, torch.float32)
+    _close("grad_separator", gs, wgs, torch.float32)

@@ -193,3 +193,33 @@ def test_vilamp_selector_embeddings_are_per_temporal_patch(vlm, prompt):
     assert u.shape == (UNITS, 2)
     torch.testing.assert_close(u[0], e[0:2].mean(0))
     torch.testing.assert_close(u[-1], e[-1])
+
+
+@pytest.mark.parametrize("name", ["full", "uniform", "vilamp", "vilamp-seed", "slowfast",
+                                  "llamavid", "videoxl"])
+def test_every_strategy_runs_on_meta(vlm, prompt, name):
+    """The profiler's simulation: the same pipeline on a meta-device model and meta frames
+    (vision metadata from the host grid), with the same token counts as the real run."""
+    meta = LongVideoVLM.from_config("tiny-qwen2.5-vl", device="meta", vision_chunk_frames=4,
+                                    prefill_chunk_tokens=13)
+    kw = {"num_frames": 6} if name == "uniform" else {}
+    pm = VideoPrompt(torch.empty(FRAMES, 3, H, W, device="meta"),
+                     torch.zeros(1, P, dtype=torch.long, device="meta"),
+                     torch.ones(1, Q, dtype=torch.long, device="meta"), fps=FPS)
+    logits = meta.first_token(pm, name, **kw)
+    assert logits.shape == (1, 256) and logits.device.type == "meta"
+    vlm.first_token(prompt, name, **kw)
+    if name not in ("vilamp", "vilamp-seed"):  # keyframe counts need real selections
+        assert meta.last_prefill.visual_tokens == vlm.last_prefill.visual_tokens
+
+
+def test_qwen2_5_vl_7b_full_on_meta():
+    """The shipped 7B config end to end on meta: 448x448 frames -> 16 x 16 = 256 tokens per
+    temporal patch."""
+    meta = LongVideoVLM.from_config("qwen2.5-vl-7b", device="meta", dtype=torch.bfloat16)
+    pm = VideoPrompt(torch.empty(8, 3, 448, 448, device="meta"),
+                     torch.zeros(1, 5, dtype=torch.long, device="meta"),
+                     torch.ones(1, 9, dtype=torch.long, device="meta"))
+    assert meta.first_token(pm).shape == (1, 152064)
+    assert meta.last_prefill.visual_tokens == 4 * 256
+    assert meta.fused_attention  # head dim 128

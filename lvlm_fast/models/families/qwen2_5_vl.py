@@ -187,12 +187,37 @@ class Qwen25VLFamily(ModelFamily):
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * gh * gw, c * self.tps * p * p)
         return x, torch.tensor([[t, gh, gw]], dtype=torch.int64)
 
+    def _meta_vision_kwargs(self, thw: torch.Tensor) -> dict[str, Any]:
+        """On the meta device (the profiler's simulation): the vision tower's host-side
+        metadata (window order, cu_seqlens, rotary positions) precomputed from the CPU
+        ``grid_thw`` with transformers' own helpers (they read values with ``.tolist()``,
+        impossible on meta); the index tensors then go to meta, the segment lengths stay
+        on the host where the SDPA path splits by them."""
+        from transformers.utils.generic import get_max_seqlen
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_position_ids,
+            get_vision_window_index,
+        )
+
+        vc = self.config.vision_config
+        cu, mx = get_vision_attention_seqlens(thw, vc)
+        wi, cuw = get_vision_window_index(thw, spatial_merge_size=self.merge,
+                                          window_size=vc.window_size, patch_size=self.patch)
+        return dict(position_ids=get_vision_position_ids(thw, self.merge).to("meta"),
+                    window_index=wi.to("meta"), cu_window_seqlens=cuw, cu_seqlens=cu,
+                    max_seqlen=mx,
+                    max_window_seqlen=get_max_seqlen(cuw, vc, kwarg_name="max_window_seqlen"))
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         w = self.model.lm_head.weight
         visual = self.model.model.visual
         flat, thw = self.patchify(frames.to(device=w.device, non_blocking=True))
         flat = flat.to(visual.dtype)
-        out = visual(flat, grid_thw=thw.to(w.device))
+        if w.device.type == "meta":
+            out = visual(flat, grid_thw=thw, **self._meta_vision_kwargs(thw))
+        else:
+            out = visual(flat, grid_thw=thw.to(w.device))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         t, gh, gw = (int(v) for v in thw[0])
         return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
@@ -202,7 +227,9 @@ class Qwen25VLFamily(ModelFamily):
         ``get_video_features`` in one call."""
         w = self.model.lm_head.weight
         flat, thw = self.patchify(pixel_values.to(device=w.device))
-        feats = self.model.model.get_video_features(flat, thw.to(w.device)).pooler_output[0]
+        kw = self._meta_vision_kwargs(thw) if w.device.type == "meta" else {}
+        feats = self.model.model.get_video_features(
+            flat, thw if kw else thw.to(w.device), **kw).pooler_output[0]
         t, gh, gw = (int(v) for v in thw[0])
         return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
 

@@ -57,6 +57,16 @@ themselves, the released convention):
   ablation ``softmax(1 - (0.5 + 0.5 cos))``); a ``DifferentialFeatureMerging(learned=False)``
   passed as ``dfm`` uses its own ``tau`` instead.
 
+Other families (:mod:`lvlm_fast.models.families`): "frame" above is the family's temporal
+unit. On Qwen2.5-VL keyframes are selected over temporal patches (2 frames each, N = units):
+the selection embedding of a unit is the mean of its merged grid (or, with a selector, the
+mean of its frames' selector embeddings), a keyframe keeps its whole merged grid
+(``"pooled"`` and ``"full"`` coincide there), the DFM compares merged-grid tokens, and no
+end token follows. M-RoPE positions (stated here, built by :func:`keyframe_blocks`): a
+keyframe's tokens are its grid at its temporal patch's time, ``(P + floor(n * interval),
+P + row, P + col)``, exactly as in ``full``; a non-keyframe's DFM token is a 1 x 1 grid at
+its temporal patch's time, ``(P + floor(n * interval), P, P)``.
+
 The DFM of a chunk runs as one fused :func:`lvlm_fast.ops.diff_weighted_pool` call whose
 reference bank is ``[carried keyframe ; the chunk's own frames]`` and whose per-frame bank
 row is computed on device from the keyframe indices; keyframe rows are computed and then

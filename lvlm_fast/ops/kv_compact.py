@@ -1,0 +1,274 @@
+"""``kv_compact``: InfiniPot-V-style budgeted KV compaction, in place, one launch for every
+layer and KV head of a window, with its query-agnostic scores computed in the same kernel.
+
+Spec (regions, TaR/VaN, selection order, ties, position rule):
+:mod:`lvlm_fast.reference.kv_compact`. In short, per (layer, batch, KV head) of a
+(L, B, H, C, D) key / (L, B, H, C, Dv) value buffer holding ``n = length`` valid rows:
+keep the protected prefix ``[0, p)`` and the newest ``recent`` rows; if ``n > budget``
+keep ``k = budget - p - recent`` of the middle rows ``[p, n - recent)``: ``primary_slots``
+by the primary score (TaR, or caller-given ``scores``), the rest by the secondary score
+(VaN); ties go to the earlier row. Kept rows move, in time order, to the front; each key is
+re-rotated by its slot delta (``new slot - old slot``) so positions are slots of the bounded
+buffer and never pass C. New length = ``min(n, budget)``.
+
+Why scores live inside this op (the "fused" choice): the selection needs every middle
+row's score before the first row can move, and one head's K/V (C x D) does not fit on
+chip, so any design reads K/V once for the scores and once more for the rows that move.
+Computing TaR and VaN in the compaction kernel's first phase costs no extra pass over the
+cache, no (L, B, H, C) round trip between launches and no second launch. TaR uses the
+linearity of the mean of cosines: ``-mean_f cos(K_i, K_{f,j}) = -K^_i . M_j`` with
+``M_j = mean_f K^_{f,j}`` (a (P, D) fp32 table per head built from the recent keys first),
+so each middle key is read once instead of F times.
+
+Returned: ``new_length`` (0-d int64 on the buffers' device, no host sync), ``keep``
+(L, B, H, C) bool over the OLD rows, ``score`` (2, L, B, H, C) fp32: the (primary,
+secondary) score of each old row, 0 outside the middle (for inspection, ablations and
+the quality proxy).
+
+Caller-given scores (e.g. the attention mass each key got from the window's queries,
+``summary_attention(q, k, v, return_key_mass=True)`` -> (B, S) per layer): stack them to
+(L, B, S), pad/expand to (L, B, H, C) (``expand`` views are fine: strides are honoured)
+and pass ``scores=``; all ``k`` selectable slots then go to that score.
+
+Race freedom: the kept rows' destinations are ``dest(i) = #kept rows before i <= i``.
+Both kernels move rows of one (layer, batch, head) in increasing i (C++: one task per
+head, row by row, each row read fully before its destination is written; Triton: one
+program per head, blocks of rows in order, loads of a block before a barrier, stores
+after it). A row's destination is never a row that a later block still has to read
+(dest(i) <= i < every later source), so in-place moves are safe without scratch.
+
+Not differentiable (an in-place inference-time cache edit): inputs that require grad are
+rejected. Layers: C++ ``csrc/kv_compact.cpp`` (CPU), Triton ``kernels/kv_compact.py``
+(CUDA), a fake kernel for meta/FakeTensor (outputs depend only on shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from lvlm_fast.ops import _validate as v
+
+OP = "lvlm_fast::kv_compact"
+
+torch.library.define(
+    OP,
+    "(Tensor(a!) key, Tensor(b!) value, Tensor length, Tensor inv_freq, Tensor? scores, "
+    "int budget, int prefix, int recent, int tokens_per_frame, int primary_slots, "
+    "int rotary_pairs) -> (Tensor new_length, Tensor keep, Tensor score)",
+)
+
+DEFAULT_TAR_RATIO = 0.5  # the released code's tar_ratio default
+
+
+@torch.library.register_fake(OP)
+def _fake(key, value, length, inv_freq, scores, budget, prefix, recent, tokens_per_frame,
+          primary_slots, rotary_pairs):
+    nl, b, h, c, _ = key.shape
+    new_length = key.new_empty((), dtype=torch.int64)
+    keep = key.new_empty((nl, b, h, c), dtype=torch.bool)
+    score = key.new_empty((2, nl, b, h, c), dtype=torch.float32)
+    return new_length, keep, score
+
+
+@torch.library.impl(OP, "CUDA")
+def _cuda(key, value, length, inv_freq, scores, budget, prefix, recent, tokens_per_frame,
+          primary_slots, rotary_pairs):
+    from lvlm_fast.kernels.kv_compact import kv_compact_fwd
+
+    return kv_compact_fwd(key, value, length, inv_freq, scores, budget, prefix, recent,
+                          tokens_per_frame, primary_slots, rotary_pairs)
+
+
+def reference_impl(key, value, length, inv_freq, scores, budget, prefix, recent,
+                   tokens_per_frame, primary_slots, rotary_pairs):
+    """CPU fallback only if the C++ build is missing."""
+    from lvlm_fast.reference.kv_compact import kv_compact as ref
+
+    d = key.shape[-1]
+    section = None if rotary_pairs == d // 2 else [rotary_pairs, d // 2 - rotary_pairs, 0]
+    new_len, keep, score = ref(key, value, int(length), inv_freq, budget=budget,
+                               prefix=prefix, recent=recent, tokens_per_frame=tokens_per_frame,
+                               primary_slots=primary_slots, scores=scores,
+                               mrope_section=section)
+    return torch.tensor(new_len, dtype=torch.int64), keep, score
+
+
+CPU_FALLBACKS = {"kv_compact": reference_impl}
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCompactResult:
+    """``new_length``: 0-d int64 device tensor (== ``min(length, budget)``); ``keep``:
+    (L, B, H, C) bool over the old rows; ``score``: (2, L, B, H, C) fp32 (primary,
+    secondary) scores of the old rows, 0 outside the middle."""
+
+    new_length: torch.Tensor
+    keep: torch.Tensor
+    score: torch.Tensor
+
+
+def _check_int(name: str, x: object, lo: int | None = None) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
+def stacked_layer_view(buffers: torch.Tensor | Sequence[torch.Tensor], name: str
+                       ) -> torch.Tensor:
+    """(L, B, H, C, D) view of per-layer buffers without a copy.
+
+    A 5-D tensor is returned as is. A sequence of 4-D (B, H, C, D) layer buffers must be
+    views of ONE storage with the same shape/strides, spaced by one constant offset (e.g.
+    ``stacked = torch.empty(L, B, H, C, D); layer.key_buffer = stacked[l]``); anything else
+    would need a copy (or one launch per layer) and is rejected."""
+    if isinstance(buffers, torch.Tensor):
+        v.check_tensor(name, buffers, 5)
+        return buffers
+    if not isinstance(buffers, Sequence) or not buffers:
+        raise TypeError(f"{name} must be a 5-D tensor or a non-empty sequence of 4-D tensors")
+    for i, t in enumerate(buffers):
+        v.check_tensor(f"{name}[{i}]", t, 4)
+    t0 = buffers[0]
+    if len(buffers) == 1:
+        return t0.unsqueeze(0)
+    step = buffers[1].storage_offset() - t0.storage_offset()
+    base = t0.untyped_storage().data_ptr()
+    for i, t in enumerate(buffers):
+        if (t.shape != t0.shape or t.stride() != t0.stride() or t.dtype != t0.dtype
+                or t.device != t0.device or t.untyped_storage().data_ptr() != base
+                or t.storage_offset() != t0.storage_offset() + i * step):
+            raise ValueError(
+                f"{name}: the layer buffers must be equally spaced views of one storage "
+                f"(allocate one (L, B, H, C, D) tensor and give layer l the view [l]); "
+                f"{name}[{i}] is not"
+            )
+    return t0.as_strided((len(buffers), *t0.shape), (step, *t0.stride()),
+                         t0.storage_offset())
+
+
+def kv_compact(
+    key: torch.Tensor | Sequence[torch.Tensor],
+    value: torch.Tensor | Sequence[torch.Tensor],
+    length: int | torch.Tensor,
+    *,
+    budget: int,
+    inv_freq: torch.Tensor,
+    prefix: int = 0,
+    recent: int = 0,
+    tokens_per_frame: int = 0,
+    tar_ratio: float | None = None,
+    scores: torch.Tensor | None = None,
+    mrope_section: Sequence[int] | None = None,
+) -> KVCompactResult:
+    """Compact every layer's cache of a window to ``budget`` rows, in place (module doc).
+
+    Args:
+        key, value: (L, B, H, C, D) / (L, B, H, C, Dv) buffers (last dim unit-stride, D even),
+            or sequences of L per-layer (B, H, C, D) buffers that are views of one stacked
+            tensor (:func:`stacked_layer_view`). Post-RoPE keys at position = row.
+        length: valid rows n (host int, 0 <= n <= C; or a 1-element int64 tensor on the
+            buffers' device, clamped to [0, C] in the kernel: no host sync).
+        budget: rows kept in total (prefix + selected + recent) when n > budget; the new
+            length is ``min(n, budget)``. Needs ``budget >= prefix + recent``.
+        inv_freq: (D/2,) RoPE inverse frequencies of the model.
+        prefix: protected leading rows (system prompt, text before the video).
+        recent: protected newest rows (whole frames: a multiple of ``tokens_per_frame``).
+        tokens_per_frame: P, tokens per frame (TaR's patch index); 0 = no TaR (then
+            ``tar_ratio`` must be 0 or ``scores`` given).
+        tar_ratio: share of the ``k = budget - prefix - recent`` selectable slots filled by
+            TaR (``round(tar_ratio * k)``, half up); the rest by VaN. Default 0.5 (the
+            released code's default; note its ratio counts the recent frames inside TaR's
+            share). Not allowed with ``scores``.
+        scores: optional (L, B, H, C) caller-given score (higher = keep), e.g. attention
+            mass; then every selectable slot goes to it.
+        mrope_section: None for 1-D RoPE, or M-RoPE's (t, h, w) with t + h + w = D/2: only
+            the temporal pairs are shifted by the slot delta.
+
+    Returns:
+        :class:`KVCompactResult` (new_length tensor, keep mask, scores).
+    """
+    key = stacked_layer_view(key, "key")
+    value = stacked_layer_view(value, "value")
+    c, d = key.shape[3], key.shape[4]
+    if value.shape[:4] != key.shape[:4]:
+        raise ValueError(f"value must be (L, B, H, C, Dv) = {tuple(key.shape[:4])} + (Dv,), "
+                         f"got {tuple(value.shape)}")
+    v.check_same("device", "key", key, value=value, inv_freq=inv_freq)
+    v.check_same("dtype", "key", key, value=value)
+    for name, t in (("key", key), ("value", value), ("scores", scores)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad: kv_compact is an in-place inference "
+                             "cache edit and is not differentiable")
+    if d % 2:
+        raise ValueError(f"key.shape[4] (head dim) must be even for RoPE, got {d}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value must have a unit-stride last dim (edited in place)")
+    v.check_tensor("inv_freq", inv_freq, 1)
+    if inv_freq.shape[0] != d // 2:
+        raise ValueError(f"inv_freq must be (D/2 = {d // 2},), got {tuple(inv_freq.shape)}")
+    _check_int("budget", budget, 1)
+    _check_int("prefix", prefix, 0)
+    _check_int("recent", recent, 0)
+    _check_int("tokens_per_frame", tokens_per_frame, 0)
+    if prefix + recent > budget:
+        raise ValueError(f"budget must be >= prefix + recent = {prefix + recent} (both are "
+                         f"always kept), got {budget}")
+    k = budget - prefix - recent
+    if scores is not None:
+        if tar_ratio is not None:
+            raise ValueError("tar_ratio must not be given with scores (every selectable slot "
+                             "goes to the given scores)")
+        v.check_tensor("scores", scores, 4)
+        if scores.shape != key.shape[:4]:
+            raise ValueError(f"scores must be (L, B, H, C) = {tuple(key.shape[:4])}, got "
+                             f"{tuple(scores.shape)}")
+        v.check_same("device", "key", key, scores=scores)
+        primary_slots, tpf = k, 0
+    else:
+        ratio = DEFAULT_TAR_RATIO if tar_ratio is None else tar_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
+            raise ValueError(f"tar_ratio must be a number in [0, 1], got {tar_ratio!r}")
+        primary_slots = int(ratio * k + 0.5)
+        tpf = tokens_per_frame
+        if primary_slots > 0 or tpf > 0:
+            if tpf < 1:
+                raise ValueError("tokens_per_frame must be >= 1 for TaR (tar_ratio > 0); "
+                                 f"got {tokens_per_frame} (pass tar_ratio=0 for VaN only)")
+            if recent < tpf or recent % tpf:
+                raise ValueError(f"recent must be a positive multiple of tokens_per_frame = "
+                                 f"{tpf} (TaR compares against whole recent frames), got "
+                                 f"{recent}")
+    if mrope_section is None:
+        rotary_pairs = d // 2
+    else:
+        sec = list(mrope_section)
+        if len(sec) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0
+                                for s in sec) or sum(sec) != d // 2:
+            raise ValueError(f"mrope_section must be 3 non-negative ints summing to D/2 = "
+                             f"{d // 2}, got {mrope_section!r}")
+        rotary_pairs = sec[0]
+    if isinstance(length, torch.Tensor):
+        v.check_int_tensor("length", length, length.dim())
+        if length.numel() != 1 or length.dtype != torch.int64:
+            raise ValueError(f"length must be a host int or a 1-element int64 tensor, got "
+                             f"{length.dtype} shape {tuple(length.shape)}")
+        v.check_same("device", "key", key, length=length)
+        length_t = length.reshape(())
+    else:
+        _check_int("length", length, 0)
+        if length > c:
+            raise ValueError(f"length must be <= the buffer capacity key.shape[3] = {c}, "
+                             f"got {length}")
+        length_t = torch.full((), length, dtype=torch.int64, device=key.device)
+    new_length, keep, score = torch.ops.lvlm_fast.kv_compact(
+        key, value, length_t, inv_freq, scores, budget, prefix, recent, tpf, primary_slots,
+        rotary_pairs)
+    return KVCompactResult(new_length, keep, score)
+
+
+__all__ = ["KVCompactResult", "kv_compact", "stacked_layer_view"]

@@ -15,5 +15,7 @@ __all__ = [
 ]
 
 from lvlm_fast.nn.context_content import ContextContentPooling
+from lvlm_fast.nn.qformer import AudioQFormer, VideoQFormer
 
 __all__ += ["ContextContentPooling"]
+__all__ += ["AudioQFormer", "VideoQFormer"]

@@ -2,6 +2,7 @@
 
     lvlm-fast profile [--model M] [--frames N,...] [--budget GIB] [--json OUT]   memory vs frames
     lvlm-fast run VIDEO --model PATH --question "..." [--strategy NAME] [--frames N|--fps F]
+    lvlm-fast batch MANIFEST.jsonl --model PATH --out DIR [--strategy NAME] ...  many videos
     lvlm-fast bench [--quick] [--op NAME ...] [--json OUT] [--csv OUT]   microbenchmarks
     lvlm-fast info                                                       kernel status
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from lvlm_fast.models import command as _run_cmd
 
     _run_cmd.add_parser(sub)
+    from lvlm_fast import batch as _batch_cmd
+
+    _batch_cmd.add_parser(sub)
     from lvlm_fast.profile import command as _profile_cmd
 
     profile = sub.add_parser("profile", help="peak memory vs frame count per strategy "

@@ -162,14 +162,16 @@ def preprocess_config(path: str, vision_config: Any) -> dict[str, Any]:
             "source": f"{'CLIP' if clip else 'SigLIP'} defaults"}
 
 
-def preprocess(frames_u8, size: int, pre: dict[str, Any], out) -> None:
-    """uint8 (t, H, W, 3) -> normalised (t, 3, size, size) written into ``out``."""
+def preprocess(frames_u8, size: int | tuple[int, int], pre: dict[str, Any], out) -> None:
+    """uint8 (t, H, W, 3) -> normalised (t, 3, h, w) written into ``out``; ``size`` is
+    ``(h, w)`` or one int for a square (also used by :mod:`lvlm_fast.models.pipeline`)."""
     import torch
     import torch.nn.functional as F
 
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     x = frames_u8.to(out.device).permute(0, 3, 1, 2).float()
-    if x.shape[2] != size or x.shape[3] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+    if x.shape[2] != hw[0] or x.shape[3] != hw[1]:
+        x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False,
                           antialias=True)
     x = x.clamp_(0, 255).mul_(pre["rescale_factor"])
     mean = torch.tensor(pre["image_mean"], device=x.device).view(1, 3, 1, 1)

@@ -23,25 +23,39 @@ with eviction (the peak is inside a window or after the tail), ``prefix + N + N 
 tail`` without. Over-filling raises ``ValueError`` before anything is written.
 Batch: every row of the batch shares the layout (no padding support).
 
+Hybrid decoders (Qwen3.5: Gated DeltaNet linear-attention layers + full-attention layers,
+``config.layer_types``): built with ``layer_types``, a cache holds a
+:class:`PreallocatedLayer` (K/V rows) per full-attention layer and a
+:class:`PreallocatedStateLayer` (the fixed-size conv window and recurrent state, updated
+in place, never growing) per linear-attention layer. Capacity, ``get_seq_length``,
+eviction and every KV budget concern the full-attention layers only: a linear-attention
+layer has no per-token rows, its recurrent state has already absorbed every token it saw
+(including raw tokens whose K/V rows :meth:`SummaryKVCache.evict_window` drops), so
+eviction leaves it untouched. :meth:`PreallocatedKVCache.kv_bytes` and
+:meth:`PreallocatedKVCache.state_bytes` report the two kinds of memory separately: the
+first grows with the tokens held, the second is constant.
+
 Generation API (both caches): beam-search reordering and ``crop`` (assisted /
 prompt-lookup decoding) work in place in the preallocated buffers;
 ``batch_repeat_interleave``/``batch_select_indices`` reallocate (see
 :class:`PreallocatedLayer`). ``model.generate(..., <cache>)`` checks the capacity against
-the generation's length before the prompt runs.
+the generation's length before the prompt runs. On a hybrid cache holding recurrent
+state, ``crop`` raises: a recurrent state cannot be rewound to an earlier token.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 from transformers.modeling_utils import AttentionInterface
 
 from lvlm_fast.ops import evict_summaries, summary_attention
+from lvlm_fast.ops._validate import is_meta_or_fake
 
 ATTN_NAME = "lvlm_summary"
 
@@ -299,6 +313,237 @@ def _batch_index(indices: Any, batch: int, name: str, device: torch.device) -> t
     return indices.to(device=device, dtype=torch.long) % batch
 
 
+# layer_types (transformers' config.layer_types) whose layers cache per-token K/V rows;
+# sliding/chunked layers are kept as full K/V (the "lvlm_summary" mask function refuses
+# their masks at run time, with a message, rather than here).
+KV_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+STATE_LAYER_TYPES = ("linear_attention",)
+
+
+class PreallocatedStateLayer(LinearAttentionCacheLayerMixin):
+    """One linear-attention layer's fixed-size states (Qwen3.5's Gated DeltaNet): per state
+    index, a conv window ``(B, channels, kernel)`` (the last ``kernel`` inputs of the causal
+    depthwise conv) and a recurrent state (``(B, heads, d_k, d_v)`` for Gated DeltaNet).
+
+    The interface is transformers' (``update_conv_state`` / ``update_recurrent_state`` /
+    ``has_previous_state``, read by the model through ``Cache.get_conv_state``): the
+    buffers are allocated on the first update with the shapes the layer gives and from
+    then on only written in place (``copy_``), so a prefill of any length, in any number
+    of chunks, and every decode step reuse the same storage. ``update_conv_state`` returns
+    ``[previous window ; new inputs]`` (a temporary the conv reads), exactly as
+    transformers' ``LinearAttentionLayer`` does, so chunked prefill carries the states
+    across chunks exactly.
+
+    What it cannot do, it refuses (``ValueError``) before touching anything: ``crop`` of a
+    layer holding state (a recurrent state cannot be rewound to an earlier token), past
+    recording (it would grow the conv window), offloading, an update whose batch or state
+    shape differs from the allocated one. Beam reordering is in place; batch ops reallocate
+    (the batch dimension changes), as :class:`PreallocatedLayer`'s do."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, number_of_states: int = 1) -> None:
+        if not isinstance(number_of_states, int) or isinstance(number_of_states, bool) \
+                or number_of_states < 1:
+            raise ValueError(f"number_of_states must be a positive int, got "
+                             f"{number_of_states!r}")
+        super().__init__(number_of_states=number_of_states)
+        self.is_initialized = False  # read by transformers' generic cache code
+
+    # ------------------------------------------------------------------ transformers API
+    def lazy_initialization(self, conv_states: torch.Tensor | None = None,
+                            recurrent_states: torch.Tensor | None = None, state_idx: int = 0,
+                            conv_kernel_size: int | None = None) -> None:
+        if conv_states is not None:
+            if self.device is None:
+                self.dtype, self.device = conv_states.dtype, conv_states.device
+            k = conv_states.shape[-1] if conv_kernel_size is None else conv_kernel_size
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"conv_kernel_size must be a positive int, got {k!r}")
+            self.conv_kernel_size[state_idx] = k
+            self.conv_states[state_idx] = conv_states.new_zeros((*conv_states.shape[:-1], k))
+            self.is_conv_states_initialized[state_idx] = True
+        if recurrent_states is not None:
+            if self.device is None:
+                self.dtype, self.device = recurrent_states.dtype, recurrent_states.device
+            self.recurrent_states[state_idx] = torch.zeros_like(recurrent_states)
+            self.is_recurrent_states_initialized[state_idx] = True
+        self.is_initialized = True
+
+    def _check_state_idx(self, state_idx: object) -> int:
+        if not isinstance(state_idx, int) or isinstance(state_idx, bool) \
+                or not 0 <= state_idx < self.number_of_states:
+            raise ValueError(f"state_idx must be an int in [0, {self.number_of_states}), got "
+                             f"{state_idx!r}")
+        return state_idx
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """Store the last ``kernel`` inputs in place; return the inputs with the previous
+        window prepended (the first update: left-padded with zeros to ``kernel`` if
+        shorter, as transformers' ``LinearAttentionLayer``)."""
+        i = self._check_state_idx(state_idx)
+        if not isinstance(conv_states, torch.Tensor) or conv_states.dim() != 3:
+            got = tuple(conv_states.shape) if isinstance(conv_states, torch.Tensor) \
+                else type(conv_states).__name__
+            raise ValueError(f"conv_states must be a (batch, channels, length) tensor, got {got}")
+        if not self.is_conv_states_initialized[i]:
+            self.lazy_initialization(conv_states=conv_states, state_idx=i,
+                                     conv_kernel_size=conv_kernel_size)
+        buf = self.conv_states[i]
+        if conv_states.shape[:2] != buf.shape[:2]:
+            raise ValueError(
+                f"conv_states has (batch, channels) = {tuple(conv_states.shape[:2])} but this "
+                f"cache was allocated for {tuple(buf.shape[:2])}; a cache holds one batch "
+                "(change it with batch_repeat_interleave / batch_select_indices)")
+        k = buf.shape[-1]
+        if not self.has_previous_state[i]:
+            full = conv_states
+            if full.shape[-1] < k:
+                full = torch.nn.functional.pad(full, (k - full.shape[-1], 0), value=0)
+            self.has_previous_state[i] = True
+        else:
+            full = torch.cat([buf, conv_states.to(buf.dtype)], dim=-1)
+        buf.copy_(full[..., -k:])
+        return full
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0,
+                               **kwargs: Any) -> torch.Tensor:
+        """Copy the new recurrent state into the buffer (in place); return the buffer."""
+        i = self._check_state_idx(state_idx)
+        if not isinstance(recurrent_states, torch.Tensor):
+            raise ValueError(f"recurrent_states must be a tensor, got "
+                             f"{type(recurrent_states).__name__}")
+        if not self.is_recurrent_states_initialized[i]:
+            self.lazy_initialization(recurrent_states=recurrent_states, state_idx=i)
+        buf = self.recurrent_states[i]
+        if recurrent_states.shape != buf.shape:
+            raise ValueError(f"recurrent_states has shape {tuple(recurrent_states.shape)} but "
+                             f"this cache was allocated for {tuple(buf.shape)}")
+        buf.copy_(recurrent_states)
+        return buf
+
+    def _buffers(self) -> list[tuple[dict[int, torch.Tensor | None], int]]:
+        """(dict, state index) of every allocated buffer."""
+        out = []
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i]:
+                out.append((self.conv_states, i))
+            if self.is_recurrent_states_initialized[i]:
+                out.append((self.recurrent_states, i))
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        # read by transformers' ``Cache.batch_size``; absent (AttributeError) until allocated
+        bufs = self._buffers()
+        if not bufs:
+            raise AttributeError("batch_size")
+        d, i = bufs[0]
+        return d[i].shape[0]
+
+    @property
+    def has_state(self) -> bool:
+        """True once any token went through this layer (since the last ``reset``)."""
+        return any(self.has_previous_state.values())
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        return not self.has_state
+
+    def nbytes(self) -> int:
+        """Bytes of the allocated state buffers (constant in the number of tokens)."""
+        return sum(d[i].nbytes for d, i in self._buffers())
+
+    def get_seq_length(self) -> int:
+        # no per-token rows: the cache's length is its full-attention layers' (transformers'
+        # Cache.get_seq_length skips linear layers the same way)
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # reset (inherited): zero the buffers in place, has_previous_state False
+
+    def offload(self) -> None:
+        raise NotImplementedError("PreallocatedKVCache does not support offloading")
+
+    prefetch = offload
+
+    def activate_past_recording(self) -> None:
+        raise ValueError("PreallocatedStateLayer keeps fixed-size states in place: past "
+                         "recording (a growing conv window for crop) is not supported; a "
+                         "recurrent state cannot be rewound anyway")
+
+    # ------------------------------------------------------------------ generation ops
+    def crop(self, tokens_to_remove: int) -> None:
+        """Refused once the layer holds state (``ValueError``): the recurrent state has
+        absorbed every token and cannot be rewound. ``crop(0)`` and crops of an empty
+        layer are no-ops."""
+        if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool):
+            raise TypeError(f"tokens_to_remove must be an int, got "
+                            f"{type(tokens_to_remove).__name__}")
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove (as "
+                             f"DynamicCache), got {tokens_to_remove}")
+        if tokens_to_remove and self.has_state:
+            raise ValueError(
+                f"cannot crop {-tokens_to_remove} token(s) from a linear-attention layer: its "
+                "recurrent state has absorbed them and cannot be rewound (assisted / "
+                "prompt-lookup decoding is not supported on hybrid models with this cache)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``, in place."""
+        bufs = self._buffers()
+        if not bufs:
+            return
+        b = self.batch_size
+        idx = _batch_index(beam_idx, b, "beam_idx", bufs[0][0][bufs[0][1]].device)
+        if idx.shape[0] != b:
+            raise ValueError(f"beam_idx must have one entry per cached row ({b}), got "
+                             f"{idx.shape[0]}")
+        for d, i in bufs:
+            d[i].copy_(d[i].index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (new buffers: the batch changes)."""
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if repeats == 1:
+            return
+        for d, i in self._buffers():
+            d[i] = d[i].repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows ``indices`` (int indices or a bool mask over the batch)."""
+        bufs = self._buffers()
+        if not bufs:
+            return
+        idx = _batch_index(indices, self.batch_size, "indices", bufs[0][0][bufs[0][1]].device)
+        for d, i in bufs:
+            d[i] = d[i].index_select(0, idx)
+
+
+def _check_layer_types(layer_types: object, num_layers: int) -> list[str] | None:
+    if layer_types is None:
+        return None
+    if isinstance(layer_types, str) or not isinstance(layer_types, Sequence):
+        raise TypeError(f"layer_types must be a sequence of layer type names or None, got "
+                        f"{type(layer_types).__name__}")
+    types = list(layer_types)
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types must name {num_layers} layers (num_layers), got "
+                         f"{len(types)}")
+    bad = sorted({t for t in types if t not in KV_LAYER_TYPES + STATE_LAYER_TYPES}, key=str)
+    if bad:
+        raise ValueError(f"layer_types holds unsupported layer type(s) {bad}; supported: "
+                         f"{', '.join(KV_LAYER_TYPES + STATE_LAYER_TYPES)}")
+    if not any(t in KV_LAYER_TYPES for t in types):
+        raise ValueError("layer_types has no attention layer: a KV cache needs at least one")
+    return types
+
+
 class PreallocatedKVCache(Cache):
     """A transformers ``Cache`` with one preallocated K/V buffer per layer.
 
@@ -313,20 +558,70 @@ class PreallocatedKVCache(Cache):
     with another batch size raises. Given to ``model.generate``, it checks its capacity
     against the generation's ``max_length`` before the prompt runs (see
     :meth:`_check_generate`); ``torch.compile`` of the decode step is not supported
-    (``is_compileable`` is False)."""
+    (``is_compileable`` is False).
 
-    def __init__(self, num_layers: int, capacity: int) -> None:
+    ``layer_types`` (the decoder config's ``layer_types``; None = every layer full
+    attention): ``"linear_attention"`` layers get a :class:`PreallocatedStateLayer`
+    (fixed-size conv/recurrent states, in place), every attention type a
+    :class:`PreallocatedLayer` of ``capacity`` rows. ``capacity`` and the length are those
+    of the attention layers (see the module doc); :meth:`for_config` reads both from a
+    config."""
+
+    def __init__(self, num_layers: int, capacity: int,
+                 layer_types: Sequence[str] | None = None) -> None:
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+        types = _check_layer_types(layer_types, num_layers)
+        layers: list[Any] = [
+            PreallocatedStateLayer() if types is not None and types[i] in STATE_LAYER_TYPES
+            else PreallocatedLayer(capacity) for i in range(num_layers)]
+        super().__init__(layers=layers)
         self.capacity = capacity
+        self.layer_types = types
+
+    @classmethod
+    def for_config(cls, config: Any, capacity: int, **kwargs: Any) -> PreallocatedKVCache:
+        """A cache for the decoder described by ``config`` (a text config, or a VLM config
+        with ``text_config``): its layer count and ``layer_types``."""
+        tc = getattr(config, "text_config", None) or config
+        return cls(tc.num_hidden_layers, capacity, getattr(tc, "layer_types", None), **kwargs)
+
+    @property
+    def kv_layers(self) -> list[PreallocatedLayer]:
+        """The full-attention layers (per-token K/V rows; what eviction and budgets act on)."""
+        return [la for la in self.layers if isinstance(la, PreallocatedLayer)]
+
+    @property
+    def state_layers(self) -> list[PreallocatedStateLayer]:
+        """The linear-attention layers (fixed-size recurrent states; never evicted)."""
+        return [la for la in self.layers if isinstance(la, PreallocatedStateLayer)]
 
     def allocated_bytes(self) -> int:
-        """Bytes of the allocated K/V buffers (all ``capacity`` rows)."""
+        """Bytes of the allocated K/V buffers (all ``capacity`` rows; full-attention layers
+        only, see :meth:`state_bytes` for the linear-attention layers)."""
         return sum(layer.key_buffer.nbytes + layer.value_buffer.nbytes
-                   for layer in self.layers if layer.is_initialized)
+                   for layer in self.kv_layers if layer.is_initialized)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the K/V rows held (``length`` rows per full-attention layer): memory
+        that grows with the tokens kept."""
+        return sum(layer.keys.nbytes + layer.values.nbytes
+                   for layer in self.kv_layers if layer.is_initialized)
+
+    def state_bytes(self) -> int:
+        """Bytes of the linear-attention layers' conv and recurrent states: constant in the
+        number of tokens (0 for a decoder without linear-attention layers)."""
+        return sum(layer.nbytes() for layer in self.state_layers)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """As :meth:`PreallocatedLayer.crop` on every attention layer; refused
+        (``ValueError``, nothing changed) when a linear-attention layer holds state."""
+        for layer in self.layers:  # type and sign checks first: nothing cropped on error
+            if isinstance(layer, PreallocatedStateLayer):
+                layer.crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
 
     def check_room(self, n: int) -> None:
         """Raise (before any write) if ``n`` more rows do not fit."""
@@ -376,11 +671,14 @@ class PreallocatedKVCache(Cache):
 
 
 class SummaryKVCache(PreallocatedKVCache):
-    """Preallocated per-layer KV buffers with Video-XL eviction (see module doc)."""
+    """Preallocated per-layer KV buffers with Video-XL eviction (see module doc). On a
+    hybrid decoder (``layer_types``) the capacity, the eviction and the byte counts of
+    :meth:`bytes` concern the full-attention layers only; the linear-attention layers'
+    recurrent states are never evicted (they already summarise every token)."""
 
     def __init__(self, num_layers: int, capacity: int, inv_freq: torch.Tensor, *,
-                 evict: bool = True) -> None:
-        super().__init__(num_layers, capacity)
+                 evict: bool = True, layer_types: Sequence[str] | None = None) -> None:
+        super().__init__(num_layers, capacity, layer_types)
         self.inv_freq = inv_freq
         self.evict = evict
         self.carry = 0
@@ -427,15 +725,27 @@ class SummaryKVCache(PreallocatedKVCache):
         cap = cls.capacity_for(prefix, num_visual, ratio, window, tail, evict=evict)
         if inv_freq is None:
             inv_freq = inner.rotary_emb.inv_freq
-        return cls(cfg.num_hidden_layers, cap, inv_freq, evict=evict)
+        half = (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) // 2
+        if inv_freq.shape[0] < half:
+            # partial rotary (Qwen3.5 rotates 1/4 of the head dim, pairing dims (i, i + rot/2)):
+            # a re-rotation here pairs (i, i + D/2), so only keeping positions (zero
+            # frequencies: no rotation at all) is defined; the rest are padded with zeros.
+            # One host read at construction (skipped on meta, where nothing runs).
+            if not is_meta_or_fake(inv_freq) and bool(inv_freq.any()):
+                raise NotImplementedError(
+                    f"SummaryKVCache: this decoder rotates {2 * inv_freq.shape[0]} of its "
+                    f"{2 * half} head dims (partial rotary); re-rotating summaries is not "
+                    "supported. Pass inv_freq=zeros (logical positions kept, as the videoxl "
+                    "strategy does)")
+            inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(half - inv_freq.shape[0])])
+        return cls(cfg.num_hidden_layers, cap, inv_freq, evict=evict,
+                   layer_types=getattr(cfg, "layer_types", None))
 
     def bytes(self) -> int:
-        """Bytes of live K/V rows (``length`` rows per layer), i.e. what the cache holds."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        """Bytes of live K/V rows (``length`` rows per full-attention layer), i.e. what the
+        cache holds of tokens (:meth:`kv_bytes`); a hybrid decoder's recurrent states are
+        :meth:`state_bytes`."""
+        return self.kv_bytes()
 
     def reset(self) -> None:
         """Empty the cache and its window bookkeeping (buffers kept)."""
@@ -471,16 +781,20 @@ class SummaryKVCache(PreallocatedKVCache):
     def evict_window(self, window_start: int, n_raw: int, ratio: int) -> int:
         """After a window of ``n_raw`` raw tokens appended at ``window_start`` with this
         cache's carried remainder: keep its summaries (re-rotated), drop its raw rows.
-        Returns the number of summaries kept. Advances the carried remainder."""
+        Returns the number of summaries kept. Advances the carried remainder.
+
+        Full-attention layers only: a hybrid decoder's linear-attention layers are left
+        exactly as they are (their recurrent state has already absorbed the window's raw
+        and summary tokens; there are no rows to drop)."""
         _check_ratio_window(ratio, max(n_raw, 1))
         count = (n_raw + self.carry) // ratio
         expect = window_start + n_raw + count
         for li, layer in enumerate(self.layers):
-            if layer.length != expect:
+            if isinstance(layer, PreallocatedLayer) and layer.length != expect:
                 raise ValueError(f"layer {li} holds {layer.length} rows, expected {expect} "
                                  "(window_start + raw tokens + summaries)")
         if self.evict:
-            for layer in self.layers:
+            for layer in self.kv_layers:
                 evict_summaries(layer.key_buffer, layer.value_buffer, window_start=window_start,
                                 ratio=ratio, carry=self.carry, count=count, dst=window_start,
                                 inv_freq=self.inv_freq)

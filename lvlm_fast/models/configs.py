@@ -124,6 +124,68 @@ def tiny_qwen2_5_vl():
                        vision_start_token_id=252, vision_end_token_id=253)
 
 
+def _qwen3_5(vision: dict[str, Any], text: dict[str, Any], **kw: Any):
+    from transformers import Qwen3_5Config
+
+    return Qwen3_5Config(vision_config=vision, text_config=text, **kw)
+
+
+def qwen3_5_9b():
+    """Qwen3.5-9B (Qwen3-VL-style ViT without DeepStack + a hybrid decoder: 32 layers, every
+    4th full attention (gated, head dim 256, partial rotary 1/4, interleaved M-RoPE 11/11/10),
+    the other 24 Gated DeltaNet linear attention with a kernel-4 conv).
+
+    Values are transformers' ``Qwen3_5TextConfig`` defaults (documented there as the 9B
+    layout) and the published Qwen3.5 family settings. Uncertain (no checkpoint was read
+    here): the ViT depth/width (the Qwen3-VL SigLIP-2 tower as transformers' default, depth
+    27, hidden 1,152), ``rope_theta`` 1e7, ``max_position_embeddings`` 262,144, the EOS id
+    and ``tie_word_embeddings`` False; none of them changes the KV/state byte accounting
+    except ``max_position_embeddings`` (positions only)."""
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                  in_channels=3, out_hidden_size=4096, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=2304,
+                  hidden_act="gelu_pytorch_tanh", initializer_range=0.02)
+    text = dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288,
+                num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                head_dim=256, hidden_act="silu", max_position_embeddings=262144,
+                rms_norm_eps=1e-6, attention_bias=False, tie_word_embeddings=False,
+                linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+                linear_num_key_heads=16, linear_num_value_heads=32,
+                layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                             for i in range(32)],
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0,
+                                 "partial_rotary_factor": 0.25,
+                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                bos_token_id=None, eos_token_id=248046)  # eos: <|im_end|> (uncertain)
+    return _qwen3_5(vision, text, image_token_id=248056, video_token_id=248057,
+                    vision_start_token_id=248053, vision_end_token_id=248054,
+                    tie_word_embeddings=False)
+
+
+def tiny_qwen3_5():
+    """Toy Qwen3.5: 2-block ViT (patch 16, 2x2 merge), 4-layer hybrid decoder (linear, full,
+    linear, full; head dim 64 so the fused attention runs, partial rotary 1/4 with
+    interleaved M-RoPE sections 3/3/2; 2 key / 4 value Gated DeltaNet heads of 32, conv 4),
+    vocab 256."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                  out_hidden_size=128, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64,
+                  hidden_act="gelu_pytorch_tanh")
+    text = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                max_position_embeddings=65536, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                linear_conv_kernel_dim=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                linear_num_key_heads=2, linear_num_value_heads=4,
+                layer_types=["linear_attention", "full_attention"] * 2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
+                                 "partial_rotary_factor": 0.25,
+                                 "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _qwen3_5(vision, text, image_token_id=250, video_token_id=251,
+                    vision_start_token_id=252, vision_end_token_id=253,
+                    tie_word_embeddings=False)
+
+
 MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "llava-onevision-qwen2-7b": llava_onevision_qwen2_7b,
     "videoxl-qwen2-7b": videoxl_qwen2_7b,
@@ -131,6 +193,8 @@ MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "tiny-videoxl": tiny_videoxl,
     "qwen2.5-vl-7b": qwen2_5_vl_7b,
     "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+    "qwen3.5-9b": qwen3_5_9b,
+    "tiny-qwen3.5": tiny_qwen3_5,
 }
 
 

@@ -439,8 +439,10 @@ class LongVideoVLM:
             lm.set_attn_implementation(old)
 
     def make_cache(self, capacity: int):
-        """A :class:`PreallocatedKVCache` with ``capacity`` rows for this model's LLM."""
-        return PreallocatedKVCache(self.config.text_config.num_hidden_layers, capacity)
+        """A :class:`PreallocatedKVCache` with ``capacity`` rows for this model's LLM
+        (hybrid decoders: K/V rows in the full-attention layers, fixed-size states in the
+        linear-attention ones, from ``text_config.layer_types``)."""
+        return PreallocatedKVCache.for_config(self.config.text_config, capacity)
 
     @torch.no_grad()
     def run_llm(self, embeds: torch.Tensor, cache: Any,

@@ -107,7 +107,9 @@ def install_summary_projections(
     layers = model.model.layers if hasattr(model, "model") else model.layers
     layout = None
     for li, layer in enumerate(layers):
-        attn = layer.self_attn
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:  # hybrid decoders (Qwen3.5): a linear-attention layer has no q/k/v
+            continue  # projections; summary tokens pass it with its own weights
         for name in ("q", "k", "v"):
             cur = getattr(attn, f"{name}_proj")
             if isinstance(cur, SummaryLinear):
@@ -123,6 +125,8 @@ def install_summary_projections(
     if layout is None:
         raise ValueError("model has no decoder layers with self_attn.q_proj/k_proj/v_proj")
     for layer in layers:  # one layout object for every layer
+        if getattr(layer, "self_attn", None) is None:
+            continue
         for name in ("q", "k", "v"):
             getattr(layer.self_attn, f"{name}_proj").layout = layout
     return layout
@@ -132,7 +136,7 @@ def summary_weights(model: nn.Module) -> list[dict[str, nn.Linear]]:
     """The summary q/k/v linears per layer (for the reference loop)."""
     layers = model.model.layers if hasattr(model, "model") else model.layers
     return [{n: getattr(layer.self_attn, f"{n}_proj").summary for n in ("q", "k", "v")}
-            for layer in layers]
+            if getattr(layer, "self_attn", None) is not None else {} for layer in layers]
 
 
 class SummaryEmbedding(nn.Module):

@@ -368,3 +368,28 @@ def test_raw_op_checks():
     with pytest.raises(RuntimeError, match="inv_freq"):
         torch.ops.lvlm_fast.kv_compact(k, v, torch.tensor(40), _inv_freq(8), None, 12, 1, 1,
                                        0, 0, 8)
+
+
+def test_seed_baseline_keeps_the_same_rows():
+    """The benchmark's seed (the released per-layer gather + cat) and the fused op keep the
+    same rows when tar_ratio gives TaR the seed's TaR slots (the released ratio counts the
+    recent frames inside TaR's share)."""
+    from benchmarks.seed.infinipot_v import seed_process_kv_cache
+
+    L, H, D, P, sys_len, frames, keep_f, recent_f = 3, 2, 32, 9, 5, 8, 5, 2
+    c = sys_len + frames * P
+    k, v = _bufs((L, 1, H, c, D), seed=4)
+    keys, values = [k[i].clone() for i in range(L)], [v[i].clone() for i in range(L)]
+    _, new_v, kept = seed_process_kv_cache(keys, values, sys_len, P, keep_f, recent_f)
+    keep_tokens, recent = keep_f * P, recent_f * P
+    tar_slots = keep_tokens - round(0.5 * keep_tokens) - recent
+    budget = sys_len + keep_tokens
+    res = kv_compact(k, v, c, budget=budget, prefix=sys_len, recent=recent,
+                     tokens_per_frame=P, tar_ratio=tar_slots / (budget - sys_len - recent),
+                     inv_freq=_inv_freq(D))
+    for li in range(L):
+        want = torch.zeros(H, c, dtype=torch.bool)
+        want[:, :sys_len] = True
+        want.scatter_(1, kept[li] + sys_len, True)
+        assert torch.equal(res.keep[li, 0], want)
+        assert torch.equal(v[li, 0, :, :budget], new_v[li][0])  # values: same rows, same order

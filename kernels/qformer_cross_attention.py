@@ -15,8 +15,9 @@ cast to the input dtype for the tensor-core dot) and the head's weight slices
 computes scores with ``tl.dot``, and runs an online softmax in base 2 (scale folded with
 log2 e) with an fp32 output accumulator. No K/V row and no score ever touches memory: the
 program writes one partial (BLOCK_M, Dh) output and its lse (fp32) per split. The
-launcher merges the splits with their log-sum-exps (torch, (splits, B, H, Lq, Dh) fp32:
-the split count is capped, so memory is constant in T).
+launcher merges the splits with their log-sum-exps ((splits, B, H, Lq, Dh) fp32: the split
+count is capped, so memory is constant in T) in one launch of the merge kernel shared with
+summary_attention's decode path (:mod:`.split_kv`, which also holds the online-softmax step).
 Each head re-reads the frame tile (H times in all, mostly from L2); the projection FLOPs
 (4 N E C) dominate, as in the unfused GEMM.
 
@@ -35,6 +36,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .split_kv import finish_partial, merge_partials, online_softmax_step
 
 
 @triton.jit
@@ -91,17 +94,12 @@ def _qformer_xattn_fwd_kernel(
         v = v + bv[None, :]
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
-    acc = acc / l_i[:, None]
+        m_i, l_i, acc = online_softmax_step(s, v.to(q.dtype), m_i, l_i, acc)
+    acc, lse = finish_partial(acc, m_i, l_i)
     base = (pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh) * Lq
     tl.store(OP + (base + offs_m[:, None]) * D + offs_d[None, :], acc,
              mask=mmask[:, None] & dmask[None, :])
-    tl.store(LSEP + base + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mmask)
+    tl.store(LSEP + base + offs_m, lse, mask=mmask)
 
 
 # --------------------------------------------------------------------------- configs
@@ -157,10 +155,10 @@ def qformer_cross_attention_fwd(
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, BLOCK_E=cfg["BLOCK_E"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    # exact merge of the splits (small: capped split count x B x H x Lq x Dh fp32)
-    lse = torch.logsumexp(lse_part, 0)  # (B, H, Lq)
-    w = torch.exp(lse_part - lse)[..., None]
-    out = (w * o_part).sum(0).transpose(1, 2).reshape(b, lq, c).to(q.dtype)
+    # exact merge of the splits (small: capped split count x B x H x Lq x Dh fp32), one
+    # launch of the shared split-KV merge (kernels/split_kv.py) into the (B, Lq, C) output
+    out = torch.empty((b, lq, c), dtype=q.dtype, device=q.device)
+    lse = merge_partials(o_part, lse_part, out.view(b, lq, num_heads, d).transpose(1, 2))
     return out, lse
 
 

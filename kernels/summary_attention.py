@@ -13,6 +13,16 @@ second walk over the same key blocks recomputes the scores, normalises them with
 final lse, and atomically adds each block's column sums (over its queries) into
 ``key_mass[b, j]`` (fp32 atomics: summed over query blocks and heads, order not fixed).
 
+Decode / small Lq (``_summary_attention_splitkv_kernel``, flash-decoding; chosen by
+:func:`use_splitkv`: Lq <= 16 and no key mass): grid (key splits, B * Hkv * row blocks).
+The G query heads of one KV head are packed into one program's rows (row r = g * Lq + i,
+row blocks of <= 32), so each K/V tile of the group is read once, not G times; S is split
+into ranges of a multiple of BLOCK_N keys (:func:`splitkv_splits`: ~4 waves of programs,
+>= 256 keys per split). Each program writes an fp32 partial normalised by its own sum and
+its lse; a row whose split holds no key it may see (the causal tail) writes 0 / -inf. The
+shared merge kernel (:mod:`.split_kv`, also used by qformer_cross_attention) combines the
+partials with their log-sum-exps into ``out`` and ``lse`` (one more launch).
+
 Backward: ``delta = rowsum(dO * O)`` (fp32, torch, one small pass in the launcher), then
 ``_summary_attention_bwd_kernel`` (dK/dV): one program per (BLOCK_N keys, b, kv-head),
 looping over the G query heads of that KV head and over the query blocks that can see
@@ -43,6 +53,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .split_kv import finish_partial, merge_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -230,6 +242,59 @@ def _summary_attention_bwd_dq_kernel(
     tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
+@triton.jit
+def _summary_attention_splitkv_kernel(
+    Q, K, V, OP, LSEP,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    Hq, Hkv, G, Lq, S, D, keys_per_split, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr,
+):  # fmt: skip
+    # grid (splits, B * Hkv * row blocks); rows r = g * Lq + i of one KV group (G heads)
+    pid_s = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_rb = tl.cdiv(G * Lq, BLOCK_M)
+    rb = pid % n_rb
+    bhk = pid // n_rb
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    offs_r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = offs_r < G * Lq
+    gi = offs_r // Lq
+    qi = offs_r % Lq
+    h = hk * G + gi  # int64 (B, Hq) head of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + _rows(qi, I64)[:, None] * sqm
+                + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    shift = S - Lq
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo = pid_s * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, S)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        rows_n = _rows(offs_n, I64)
+        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None],
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)
+        s = tl.dot(q, kt)
+        valid = (offs_n[None, :] <= shift + qi[:, None]) & nmask[None, :]
+        s = tl.where(valid, s * qk_scale, float("-inf"))
+        vt = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :],
+                     mask=nmask[:, None] & dmask[None, :], other=0.0)
+        m_i, l_i, acc = online_softmax_step(s, vt, m_i, l_i, acc)
+    o, lse = finish_partial(acc, m_i, l_i)
+    # partial rows ordered (split, b, h, i): the layout merge_partials reads
+    nbh = (tl.num_programs(1) // n_rb).to(tl.int64) * G  # B * Hq
+    row = (pid_s * nbh + b * Hq + h) * Lq + qi
+    tl.store(OP + row[:, None] * D + offs_d[None, :], o, mask=rmask[:, None] & dmask[None, :])
+    tl.store(LSEP + row, lse, mask=rmask)
+
+
 # --------------------------------------------------------------------------- configs
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
@@ -257,6 +322,43 @@ def dq_config(dtype: torch.dtype, block_d: int) -> dict:
     if dtype == torch.float32 or block_d > 64:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+# Split-KV (flash-decoding) path: Lq <= SPLITKV_MAX_LQ and no key mass. The G query heads
+# of a KV group share one program's rows (G * Lq rows, in row blocks of <= 64), so each
+# K/V tile is read once per group; S is split so that ~SPLITKV_TARGET_PROGRAMS programs run
+# (>= SPLITKV_MIN_KEYS keys each: fewer, longer splits below that), then one merge launch.
+SPLITKV_MAX_LQ = 16
+SPLITKV_TARGET_PROGRAMS = 528  # 4 waves on 132 SMs (H100); also caps the partial buffer
+SPLITKV_MIN_KEYS = 256
+
+
+def splitkv_config(dtype: torch.dtype, rows: int, block_d: int = 128) -> dict:
+    # ptxas -v sm_80/sm_90 (tier 2), the largest tiles without spills incl. int64 rows:
+    # 64-row blocks spill at every tried BLOCK_N (4 or 8 warps), so row blocks are <= 32
+    # (G * Lq > 32 takes several row blocks, each reading the group's K/V once); 32-row
+    # blocks spill at BLOCK_N 64 on sm_90, and at 8 warps with head dim 64 on sm_80 (ptxas
+    # caps that one at 128 registers), hence BLOCK_N 32 and 4 warps there.
+    bm = min(32, max(16, triton.next_power_of_2(rows)))
+    if dtype == torch.float32:
+        return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if bm == 16:
+        return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 4 if block_d <= 64 else 8,
+            "num_stages": 2}
+
+
+def splitkv_splits(s: int, programs: int, block_n: int) -> tuple[int, int]:
+    """(number of splits, keys per split) for ``programs`` (b, group, row block) programs:
+    every split holds >= 1 key; keys per split is a multiple of BLOCK_N."""
+    want = max(1, min(triton.cdiv(SPLITKV_TARGET_PROGRAMS, programs),
+                      triton.cdiv(s, SPLITKV_MIN_KEYS)))
+    per = triton.cdiv(triton.cdiv(s, want), block_n) * block_n
+    return triton.cdiv(s, per), per
+
+
+def use_splitkv(lq: int, return_key_mass: bool) -> bool:
+    return lq <= SPLITKV_MAX_LQ and not return_key_mass
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -296,6 +398,23 @@ def summary_attention_fwd(
     mass = (torch.zeros((b, s), dtype=torch.float32, device=q.device) if return_key_mass
             else torch.empty((0,), dtype=torch.float32, device=q.device))
     i64 = _needs_i64(q, k, v, out)
+    if use_splitkv(lq, return_key_mass):
+        g = hq // hkv
+        cfg = splitkv_config(q.dtype, g * lq, _block_d(d))
+        n_rb = triton.cdiv(g * lq, cfg["BLOCK_M"])
+        nsplit, per = splitkv_splits(s, b * hkv * n_rb, cfg["BLOCK_N"])
+        o_part = torch.empty((nsplit, b, hq, lq, d), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((nsplit, b, hq, lq), dtype=torch.float32, device=q.device)
+        _summary_attention_splitkv_kernel[(nsplit, b * hkv * n_rb)](
+            q, k, v, o_part, lse_part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            hq, hkv, g, lq, s, d, per, float(scale),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        lse = merge_partials(o_part, lse_part, out)
+        return out, lse, mass
     cfg = fwd_config(q.dtype, _block_d(d), i64)
     grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
     _summary_attention_fwd_kernel[grid](
@@ -414,4 +533,30 @@ def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, T
     return specs
 
 
-COMPILE_SPECS: list[dict] = _specs()
+def _splitkv_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[dict]:
+    """The split-KV (decode) kernel at its configs: row blocks of 16 (G * Lq <= 16: 7B
+    decode) and 32 (the largest), head dims 64 and 128 (80/96 pad to 128), int32 rows, and
+    int64 rows at 128."""
+    specs = []
+    for dtype in dtypes:
+        t = "*" + _TY[dtype]
+        for d, rows, i64 in ((64, 16, False), (128, 16, False), (64, 32, False),
+                             (128, 32, False), (128, 16, True), (128, 32, True)):
+            cfg = splitkv_config(dtype, rows, _block_d(d))
+            sig = {n: t for n in ("Q", "K", "V")}
+            sig.update({"OP": "*fp32", "LSEP": "*fp32"})
+            sig.update({n: "i64" if n.endswith("b") else "i32"
+                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")})
+            sig.update({n: "i32" for n in ("Hq", "Hkv", "G", "Lq", "S", "D", "keys_per_split")})
+            sig["scale"] = "fp32"
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": _block_d(d),
+                  "I64": i64}
+            sig.update({n: "constexpr" for n in cx})
+            specs.append({"name": f"splitkv_{_TY[dtype]}_d{d}_m{rows}{'_i64' if i64 else ''}",
+                          "fn": _summary_attention_splitkv_kernel, "signature": sig,
+                          "constexprs": cx, "num_warps": cfg["num_warps"],
+                          "num_stages": cfg["num_stages"]})
+    return specs
+
+
+COMPILE_SPECS: list[dict] = _specs() + _splitkv_specs()

@@ -110,10 +110,16 @@ def test_launcher_picks_int64_for_a_huge_cache_stride(monkeypatch):
     # a k/v view into a cache whose row stride is huge (e.g. a (cap, Hkv*D) buffer viewed
     # per head): the span inside one head's slice, not the number of rows, decides
     recs = _patch_kernels(monkeypatch)
-    q = torch.empty(1, 2, 4, 64, device="meta")
-    kv = torch.empty(1, 2, 8, 64, device="meta").as_strided((1, 2, 8, 64), (0, 64, 2**29, 1))
+    q = torch.empty(1, 2, 20, 64, device="meta")
+    kv = torch.empty(1, 2, 24, 64, device="meta").as_strided((1, 2, 24, 64), (0, 64, 2**29, 1))
     kern.summary_attention_fwd(q, kv, kv, 0.1, False)
     assert recs["_summary_attention_fwd_kernel"].calls[-1]["I64"] is True
+    # the split-KV (decode) path likewise
+    recs["split"] = _Recorder()
+    monkeypatch.setattr(kern, "_summary_attention_splitkv_kernel", recs["split"])
+    monkeypatch.setattr(kern, "merge_partials", lambda o, l_, out: torch.empty(l_.shape[1:]))
+    kern.summary_attention_fwd(q[:, :, :1], kv, kv, 0.1, False)
+    assert recs["split"].calls[-1]["I64"] is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -153,3 +159,67 @@ def test_fp64_runs_the_reference_not_triton(monkeypatch):
     assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
     assert all(g.dtype == torch.float64 for g in grads)
     assert not any(rec.calls for rec in recs.values())
+
+
+# --------------------------------------------------------------------------- issue 14.2.1
+@pytest.mark.parametrize(("dtype", "b", "hq", "hkv", "lq", "s", "d"), [
+    (torch.float16, 1, 8, 1, 1, 2000, 64),    # decode, G = 8, 8 splits of 256 keys
+    (torch.float32, 1, 4, 2, 16, 700, 80),    # Lq 16, G 2, ragged last split, Dh 80
+    (torch.float16, 2, 3, 3, 5, 333, 128),    # G 1 (MHA), batch 2
+    (torch.float32, 1, 8, 1, 16, 300, 64),    # G 8 x Lq 16 = 128 rows: four row blocks
+    (torch.float16, 1, 28, 4, 1, 900, 128),   # the 7B decode shape (G 7) at a short cache
+])  # fmt: skip
+def test_splitkv_decode_matches_reference(launched, dtype, b, hq, hkv, lq, s, d):
+    q, k, v = _inputs(b, hq, hkv, lq, s, d, dtype, seed=3)
+    scale = 1 / math.sqrt(d)
+    out, lse, mass = kern.summary_attention_fwd(q, k, v, scale, False)
+    assert mass.numel() == 0
+    names = [f.fn.__name__ for f in launched]
+    assert names == ["_summary_attention_splitkv_kernel", "_lse_merge_kernel"], names
+    for f in launched:
+        assert_interpreted(f)
+    r = ref(q.double(), k.double(), v.double(), scale=scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), r, atol=tol, rtol=tol)
+    assert out.transpose(1, 2).is_contiguous()
+    # lse matches the reference's (it is what the backward reads)
+    from lvlm_fast.reference.summary_attention import bottom_right_mask
+
+    g = hq // hkv
+    sc = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~bottom_right_mask(lq, s, q.device), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(sc, -1), atol=1e-4, rtol=1e-4)
+    # the backward runs on the split path's out / lse
+    dq, dk, dv = kern.summary_attention_bwd(torch.ones_like(out), q, k, v, out, lse, scale)
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+
+
+def test_splitkv_split_with_no_visible_key_for_some_rows(monkeypatch, launched):
+    # short splits: the last split [64, 70) holds no key that the first queries can see
+    # (row i sees j <= 54 + i), so those partials are empty (lse -inf) and must merge to 0
+    monkeypatch.setattr(kern, "SPLITKV_MIN_KEYS", 8)
+    q, k, v = _inputs(1, 4, 2, 16, 70, 64, torch.float32, seed=5)
+    out, lse, _ = kern.summary_attention_fwd(q, k, v, 0.125, False)
+    assert kern.splitkv_splits(70, 1, 32)[0] == 3
+    torch.testing.assert_close(out, ref(q, k, v, scale=0.125), atol=2e-5, rtol=2e-5)
+    assert torch.isfinite(lse).all()
+
+
+def test_splitkv_chosen_only_for_small_lq_without_mass(monkeypatch):
+    recs = _patch_kernels(monkeypatch)
+    for name in ("_summary_attention_splitkv_kernel",):
+        recs[name] = _Recorder()
+        monkeypatch.setattr(kern, name, recs[name])
+    monkeypatch.setattr(kern, "merge_partials", lambda o, l_, out: torch.empty(l_.shape[1:]))
+    kv = torch.empty(1, 4, 100_000, 128, device="meta", dtype=torch.bfloat16)
+    q = torch.empty(1, 28, 1, 128, device="meta", dtype=torch.bfloat16)
+    kern.summary_attention_fwd(q, kv, kv, 0.1, False)
+    assert len(recs["_summary_attention_splitkv_kernel"].calls) == 1
+    kern.summary_attention_fwd(q, kv, kv, 0.1, True)  # key mass: the one-pass kernel
+    assert len(recs["_summary_attention_fwd_kernel"].calls) == 1
+    q = torch.empty(1, 28, 17, 128, device="meta", dtype=torch.bfloat16)
+    kern.summary_attention_fwd(q, kv, kv, 0.1, False)
+    assert len(recs["_summary_attention_fwd_kernel"].calls) == 2
+    # 7B decode at S = 100K: 4 KV groups x 1 row block; splits fill ~4 waves of 132 SMs
+    nsplit, per = kern.splitkv_splits(100_000, 4, 64)
+    assert nsplit * 4 >= 132 * 3 and per % 64 == 0 and nsplit * per >= 100_000

@@ -64,3 +64,20 @@ def test_output_rows_past_2_31_elements():
         s = (q[0, h, i].float() @ k[0, 0, : i + 1].float().T) / d**0.5
         want = torch.softmax(s, -1) @ v[0, 0, : i + 1].float()
         torch.testing.assert_close(out[0, h, i].float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("hq", "hkv", "lq", "s", "d"), [
+    (28, 4, 1, 131_072, 128), (28, 4, 16, 20_000, 128), (8, 8, 3, 5_000, 64),
+    (32, 4, 4, 9_000, 80),
+])  # fmt: skip
+def test_splitkv_decode_cuda(dtype, hq, hkv, lq, s, d):
+    # issue 14.2.1: Lq <= 16 without key mass runs the split-KV kernel + the lse merge
+    torch.manual_seed(0)
+    k = torch.randn(1, hkv, s, d, device="cuda", dtype=dtype)
+    v = torch.randn(1, hkv, s, d, device="cuda", dtype=dtype)
+    q = torch.randn(1, lq, hq, d, device="cuda", dtype=dtype).transpose(1, 2)
+    out = summary_attention(q, k, v)
+    r = ref(q.float(), k.float(), v.float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(out.float(), r, atol=tol, rtol=tol)

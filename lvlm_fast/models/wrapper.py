@@ -53,6 +53,7 @@ activations incl. the MLP). A budget smaller than one frame (or one token) raise
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import numbers
@@ -304,6 +305,12 @@ class LongVideoVLM:
         return self.config.text_config.hidden_size
 
     @property
+    def feature_size(self) -> int:
+        """Channels of the visual rows strategies build (hidden, or hidden x (1 + DeepStack
+        levels) on Qwen3-VL: :meth:`ModelFamily.feature_size`)."""
+        return self.family.feature_size()
+
+    @property
     def vocab_size(self) -> int:
         return self.config.text_config.vocab_size
 
@@ -446,12 +453,16 @@ class LongVideoVLM:
 
     @torch.no_grad()
     def run_llm(self, embeds: torch.Tensor, cache: Any,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, **decoder_kwargs: Any
+                ) -> torch.Tensor:
         """One decoder forward of (1, L, hidden) embeddings appended to ``cache``;
         returns the final-normed hidden states (1, L, hidden). No LM head.
         ``position_ids``: None = the decoder's default (cache length + arange), else the
-        family's ids (M-RoPE: (3, 1, L))."""
-        kw = {} if position_ids is None else {"position_ids": position_ids}
+        family's ids (M-RoPE: (3, 1, L)). ``decoder_kwargs``: the family's extra inputs
+        (Qwen3-VL's DeepStack rows, :meth:`ModelFamily.decoder_kwargs`)."""
+        kw = dict(decoder_kwargs)
+        if position_ids is not None:
+            kw["position_ids"] = position_ids
         return self.language_model(inputs_embeds=embeds, **kw,
                                    **cache_kwargs(self.language_model, cache),
                                    use_cache=True).last_hidden_state
@@ -472,49 +483,82 @@ class LongVideoVLM:
     def prefill_embeds(self, prefix_ids: torch.Tensor, visual: torch.Tensor,
                        question_ids: torch.Tensor, *, frames_encoded: int,
                        reserve: int | None = None,
-                       blocks: TokenBlocks | None = None) -> PrefillResult:
+                       blocks: TokenBlocks | None = None,
+                       text_ids: Any = None) -> PrefillResult:
         """Chunked prefill of ``[prefix ; visual ; question]`` (see module doc).
 
-        ``visual`` (1, N, hidden), N >= 0. ``reserve``: extra cache rows for decoding
-        (default :attr:`decode_reserve`). ``blocks``: where each visual token sits, for a
-        family with grid positions (M-RoPE; required there when N > 0, ignored by 1-D
-        families); each prefill chunk gets its ids from the family's
-        :class:`~lvlm_fast.models.families.PositionPlan`."""
+        ``visual`` (1, N, feature_size), N >= 0 (``feature_size`` = hidden, or hidden x (1 +
+        DeepStack levels) on Qwen3-VL: the extra channels are split off per chunk and given
+        to the decoder by the family, :meth:`ModelFamily.decoder_kwargs`). ``reserve``:
+        extra cache rows for decoding (default :attr:`decode_reserve`). ``blocks``: where
+        each visual token sits, for a family with grid positions (M-RoPE; required there
+        when N > 0, ignored by 1-D families); each prefill chunk gets its ids from the
+        family's :class:`~lvlm_fast.models.families.PositionPlan`. A family that frames
+        units with text (Qwen3-VL timestamps, :meth:`ModelFamily.visual_layout`) gets it
+        inserted between the visual rows here, tokenized with ``text_ids``."""
         self._check_ids("prefix_ids", prefix_ids)
         self._check_ids("question_ids", question_ids)
+        fs = self.feature_size
         if not isinstance(visual, torch.Tensor) or visual.dim() != 3 or visual.shape[0] != 1 \
-                or visual.shape[2] != self.hidden_size:
+                or visual.shape[2] != fs:
             got = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual)
-            raise ValueError(f"visual must be (1, N, hidden={self.hidden_size}), got {got}")
+            raise ValueError(f"visual must be (1, N, feature_size={fs}), got {got}")
         reserve = self.decode_reserve if reserve is None else reserve
         p, n, q = prefix_ids.shape[1], visual.shape[1], question_ids.shape[1]
-        total = p + n + q
-        plan = self.family.position_plan(p, blocks, n, q)
+        fam = self.family
+        layout = fam.visual_layout(blocks, n, text_ids=text_ids)
+        if layout is None:
+            plan = fam.position_plan(p, blocks, n, q)
+            mid: list[Any] = [(0, n)] if n else []
+            n_llm = n
+        else:
+            plan = fam.position_plan(p, blocks, n, q, layout=layout)
+            mid, n_llm = list(layout.pieces), layout.length
+        total = p + n_llm + q
+        hid = self.hidden_size
+        # segments of the LLM sequence: a (1, k) id tensor (embedded when reached) or a
+        # (lo, hi) range of visual rows
+        pieces: list[Any] = [prefix_ids] + [m if isinstance(m, tuple) else m.view(1, -1)
+                                            for m in mid] + [question_ids]
+        lengths = [x[1] - x[0] if isinstance(x, tuple) else x.shape[1] for x in pieces]
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
         with self._stage("prefill"), self.llm_attention():
             cache = self.make_cache(total + reserve)
-            segments = [(self.embed_tokens(prefix_ids), p),
-                        (visual.to(self.dtype), n),
-                        (None, q)]  # question embedded when reached
             step = self.prefill_chunk_tokens
             last = None
             for a in range(0, total, step):
                 b = min(a + step, total)
-                pieces, off = [], 0
-                for si, (seg, length) in enumerate(segments):
-                    lo, hi = max(a - off, 0), min(b - off, length)
+                embs, masks, extra = [], [], []
+                i = max(bisect.bisect_right(starts, a) - 1, 0)
+                while i < len(pieces) and starts[i] < b:
+                    lo, hi = max(a - starts[i], 0), min(b - starts[i], lengths[i])
                     if lo < hi:
-                        if seg is None:
-                            seg = self.embed_tokens(question_ids)
-                            segments[si] = (seg, length)
-                        pieces.append(seg[:, lo:hi])
-                    off += length
-                x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-                del pieces
-                out = self.run_llm(x, cache, None if plan is None else plan.chunk(a, b))
-                del x
+                        seg = pieces[i]
+                        if isinstance(seg, tuple):
+                            rows = visual[:, seg[0] + lo : seg[0] + hi]
+                            embs.append(rows[..., :hid].to(self.dtype))
+                            if fs != hid:
+                                extra.append(rows[0, :, hid:])
+                            masks.append(True)
+                        else:
+                            embs.append(self.embed_tokens(seg[:, lo:hi]))
+                            masks.append(False)
+                        masks[-1] = (masks[-1], hi - lo)
+                    i += 1
+                x = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+                del embs
+                kw: dict[str, Any] = {}
+                if extra:
+                    mask = torch.cat([torch.full((k,), m, dtype=torch.bool, device=x.device)
+                                      for m, k in masks]).view(1, -1)
+                    kw = fam.decoder_kwargs(mask, torch.cat(extra))
+                del extra
+                out = self.run_llm(x, cache, None if plan is None else plan.chunk(a, b), **kw)
+                del x, kw
                 last = out[:, -1:].clone() if b == total else None
                 del out
-            del segments
         return PrefillResult(last_hidden=last, cache=cache, llm_tokens=total, visual_tokens=n,
                              frames_encoded=frames_encoded, positions=plan)
 
@@ -535,6 +579,12 @@ class LongVideoVLM:
         strat = self.strategy if strategy is None and not overrides else \
             get_strategy(strategy if strategy is not None else self.strategy.name, **overrides)
         res = strat.prefill(self, prompt)
+        if res.positions is None and self.family.needs_blocks():
+            # decoding would silently fall back to 1-D positions on an M-RoPE decoder
+            raise ValueError(f"strategy {strat.name!r} returned PrefillResult.positions=None "
+                             f"on the {self.family.name} family, whose decoder needs explicit "
+                             "position ids: set it to the family's PositionPlan "
+                             "(vlm.family.position_plan / the plan prefill_embeds returns)")
         self.last_prefill = res
         return res
 
@@ -576,6 +626,10 @@ class LongVideoVLM:
     def decode(self, res: PrefillResult, max_new_tokens: int) -> torch.Tensor:
         """Greedy tokens (1, max_new_tokens) continuing a prefill (no host sync)."""
         max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+        if res.positions is None and self.family.needs_blocks():
+            raise ValueError(f"res.positions is None but the {self.family.name} family's "
+                             "decoder needs explicit position ids (a custom strategy must set "
+                             "PrefillResult.positions to the family's PositionPlan)")
         # all rows checked up front: a cache that fills mid-answer would lose the tokens made
         check_cache_room(res.cache, res.cache.get_seq_length() + max_new_tokens - 1,
                          f"decoding {max_new_tokens} tokens after this prefill (set "

@@ -62,9 +62,11 @@ def test_token_blocks_grid_per_unit_cat():
 
 
 def test_registry_and_errors():
-    assert set(FAMILIES) == {"llava_onevision", "qwen2_5_vl"}
-    assert supported_class_names() == ("LlavaOnevisionForConditionalGeneration",
-                                       "Qwen2_5_VLForConditionalGeneration")
+    # every shipped family (later families add to the set)
+    assert {"llava_onevision", "qwen2_5_vl", "qwen3_vl"} <= set(FAMILIES)
+    assert supported_class_names()[:2] == ("LlavaOnevisionForConditionalGeneration",
+                                           "Qwen2_5_VLForConditionalGeneration")
+    assert "Qwen3VLForConditionalGeneration" in supported_class_names()
     assert family_for_config(get_config("tiny-qwen2.5-vl")).name == "qwen2_5_vl"
     assert family_for_config(get_config("tiny-videoxl")).name == "llava_onevision"
     with pytest.raises(TypeError, match=r"holds a llama model; supported: Llava.*Qwen2_5_VL"):

@@ -234,8 +234,9 @@ def test_budget_too_small_says_bytes_needed(siglip):
 
 
 def test_unsupported_model_class_names_supported():
-    assert SUPPORTED_MODEL_CLASSES == ("LlavaOnevisionForConditionalGeneration",
-                                       "Qwen2_5_VLForConditionalGeneration")
+    assert SUPPORTED_MODEL_CLASSES[:2] == ("LlavaOnevisionForConditionalGeneration",
+                                           "Qwen2_5_VLForConditionalGeneration")
+    assert "Qwen3VLForConditionalGeneration" in SUPPORTED_MODEL_CLASSES
     with pytest.raises(TypeError, match=r"Linear.*LlavaOnevisionForConditionalGeneration, "
                                         r"Qwen2_5_VLForConditionalGeneration"):
         LongVideoVLM(torch.nn.Linear(2, 2))

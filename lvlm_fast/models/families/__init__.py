@@ -12,6 +12,7 @@ from lvlm_fast.models.families.base import (
     ModelFamily,
     PositionPlan,
     TokenBlocks,
+    VisualLayout,
     family_for,
     family_for_config,
     family_for_model_type,
@@ -23,6 +24,6 @@ for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["FAMILIES", "ModelFamily", "PositionPlan", "TokenBlocks", "family_for",
+__all__ = ["FAMILIES", "ModelFamily", "PositionPlan", "TokenBlocks", "VisualLayout", "family_for",
            "family_for_config", "family_for_model_type", "register_family",
            "supported_class_names"]

@@ -62,7 +62,9 @@ class TokenBlocks:
     The tokens a block covers: ``h[i] * w[i]``; the whole description covers
     ``sum(h * w)`` tokens, which must equal the visual segment's length. ``frame_hw``: the
     video's frame size in pixels and ``fps``: its sampling rate (None = unknown), which
-    some families' positions depend on.
+    some families' positions depend on. ``num_frames``: frames in the sequence the units
+    number (None = unknown: every unit taken as full); Qwen3-VL's timestamp of a padded
+    last unit depends on it.
     """
 
     t: torch.Tensor
@@ -70,33 +72,36 @@ class TokenBlocks:
     w: torch.Tensor
     frame_hw: tuple[int, int] | None = None
     fps: float | None = None
+    num_frames: int | None = None
 
     @classmethod
     def grid(cls, units: torch.Tensor | int, h: int, w: int, *,
              device: torch.device | str | None = None, frame_hw: tuple[int, int] | None = None,
-             fps: float | None = None) -> TokenBlocks:
+             fps: float | None = None, num_frames: int | None = None) -> TokenBlocks:
         """One ``h x w`` block per unit of ``units`` (an int n = units 0..n-1)."""
         if isinstance(units, int):
             units = torch.arange(units, dtype=torch.int64, device=device)
         n = units.shape[0]
         full = lambda v: torch.full((n,), v, dtype=torch.int64, device=units.device)
-        return cls(units.to(torch.int64), full(h), full(w), frame_hw, fps)
+        return cls(units.to(torch.int64), full(h), full(w), frame_hw, fps, num_frames)
 
     @classmethod
     def per_unit(cls, parts: list[TokenBlocks]) -> TokenBlocks:
         """Interleave equally long block lists: ``p0[0], p1[0], ..., p0[1], p1[1], ...``."""
         def mix(attr: str) -> torch.Tensor:
             return torch.stack([getattr(p, attr) for p in parts], dim=1).reshape(-1)
-        return cls(mix("t"), mix("h"), mix("w"), parts[0].frame_hw, parts[0].fps)
+        return cls(mix("t"), mix("h"), mix("w"), parts[0].frame_hw, parts[0].fps,
+                   parts[0].num_frames)
 
     @classmethod
     def cat(cls, parts: list[TokenBlocks]) -> TokenBlocks:
         return cls(torch.cat([p.t for p in parts]), torch.cat([p.h for p in parts]),
-                   torch.cat([p.w for p in parts]), parts[0].frame_hw, parts[0].fps)
+                   torch.cat([p.w for p in parts]), parts[0].frame_hw, parts[0].fps,
+                   parts[0].num_frames)
 
     def to(self, device: torch.device | str) -> TokenBlocks:
         return TokenBlocks(self.t.to(device), self.h.to(device), self.w.to(device),
-                           self.frame_hw, self.fps)
+                           self.frame_hw, self.fps, self.num_frames)
 
     @property
     def num_blocks(self) -> int:
@@ -116,6 +121,21 @@ class TokenBlocks:
         local = idx - start
         w = self.w[b]
         return self.t[b], local // w, local % w
+
+
+@dataclass
+class VisualLayout:
+    """Where the visual tokens sit in the LLM sequence when a family puts text between
+    them (Qwen3-VL: ``<t seconds><|vision_start|> ... <|vision_end|>`` per frame).
+
+    ``pieces``: in order, each an int64 ``(k,)`` CPU tensor of text ids (the wrapper embeds
+    them) or a ``(lo, hi)`` range of rows of the strategy's visual tensor. ``items``: the
+    same sequence as ``(tokens, h, w)`` runs for positions (``h = 0``: text; else one
+    ``h x w`` visual block). ``length``: tokens the region takes in the LLM."""
+
+    pieces: list[Any]
+    items: list[tuple[int, int, int]]
+    length: int
 
 
 class PositionPlan(abc.ABC):
@@ -176,6 +196,29 @@ class ModelFamily(abc.ABC):
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    # ------------------------------------------------------------------ DeepStack
+    def deepstack_levels(self) -> int:
+        """Extra vision feature levels the decoder adds at the visual positions (Qwen3-VL's
+        DeepStack: one per early decoder layer); 0 for most families."""
+        return 0
+
+    def feature_size(self) -> int:
+        """Channels of :meth:`encode`'s rows and of a strategy's visual tensor:
+        ``(1 + deepstack_levels()) * hidden_size`` (main features first; strategies score
+        and compare on the first ``hidden_size`` channels and reduce all channels alike)."""
+        return (1 + self.deepstack_levels()) * self.hidden_size
+
+    def decoder_kwargs(self, visual_mask: torch.Tensor, extra: torch.Tensor
+                       ) -> dict[str, Any]:
+        """Extra decoder keyword arguments for one prefill chunk: ``visual_mask`` (1, L)
+        bool marks the chunk's visual tokens, ``extra`` (n_visual, feature_size -
+        hidden_size) their channels past the main ones. None of that for most families."""
+        return {}
+
     # ------------------------------------------------------------------ (a) vision
     def units(self, num_frames: int) -> int:
         """Temporal units of a ``num_frames``-frame video (the last unit is padded by
@@ -232,7 +275,16 @@ class ModelFamily(abc.ABC):
 
     def position_plan(self, prefix: int, blocks: TokenBlocks | None, num_visual: int,
                       question: int) -> PositionPlan | None:
-        """None: the decoder's default 1-D positions (cache length + arange) are right."""
+        """None: the decoder's default 1-D positions (cache length + arange) are right.
+        (A family with a :meth:`visual_layout` takes it as the keyword ``layout``.)"""
+        return None
+
+    def visual_layout(self, blocks: TokenBlocks | None, num_visual: int, *,
+                      text_ids: Any = None) -> VisualLayout | None:
+        """None: the visual tokens go to the LLM as one run. Else the text the family puts
+        around temporal units (timestamps), from the strategy's :class:`TokenBlocks` (each
+        maximal run of blocks of one unit is framed as one frame) and ``text_ids`` (the
+        caller's tokenizer: text -> ids)."""
         return None
 
     # ------------------------------------------------------------------ (d) preprocessing

@@ -18,6 +18,7 @@ only ops with fake implementations.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,12 +44,15 @@ class VideoPrompt:
     video; ``question_ids``: (1, Q) tokens after it (question + assistant header).
     ``fps``: the rate the frames were sampled at (None = unknown); families whose positions
     depend on time use it (Qwen2.5-VL: temporal M-RoPE step), others ignore it.
+    ``text_ids``: the tokenizer as a callable text -> ids (no special tokens), for families
+    that put text inside the video (Qwen3-VL's per-frame timestamps); others ignore it.
     """
 
     pixel_values: torch.Tensor
     prefix_ids: torch.Tensor
     question_ids: torch.Tensor
     fps: float | None = None
+    text_ids: Callable[[str], list[int]] | None = None
 
 
 @dataclass
@@ -124,7 +128,8 @@ class EmbeddingStrategy(Strategy):
         out = self.visual_embeds(vlm, prompt)
         visual, frames = out
         return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
-                                  frames_encoded=frames, blocks=getattr(out, "blocks", None))
+                                  frames_encoded=frames, blocks=getattr(out, "blocks", None),
+                                  text_ids=prompt.text_ids)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -10,6 +10,14 @@ per unit), which is ``get_rope_index``'s. Frames go through the vision tower in 
 but the visual embeddings of all frames are held by definition (units * tokens_per_unit +
 end rows, written into one preallocated tensor; no concatenation); features before
 pooling live one chunk at a time.
+
+Qwen3-VL: per temporal unit the merger's grid with its DeepStack levels stacked on the
+channels (``vlm.feature_size`` = (1 + levels) x hidden), every unit framed
+by its own timestamp text (``<t seconds><|vision_start|> ... <|vision_end|>``, inserted by
+the family at prefill); the DeepStack rows are split off and added to the first decoder
+layers chunk by chunk of the prefill. Equals ``Qwen3VLForConditionalGeneration.generate``.
+The visual tensor holds every unit's main and DeepStack rows (``full`` holds all tokens by
+definition).
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ def end_blocks(vlm: LongVideoVLM, blocks: TokenBlocks, last_unit: int | torch.Te
     if not n_end:
         return blocks
     unit = torch.as_tensor(last_unit, dtype=torch.int64, device=blocks.t.device).reshape(1)
-    tail = TokenBlocks.grid(unit.expand(n_end), 1, 1, frame_hw=blocks.frame_hw, fps=blocks.fps)
+    tail = TokenBlocks.grid(unit.expand(n_end), 1, 1, frame_hw=blocks.frame_hw, fps=blocks.fps,
+                            num_frames=blocks.num_frames)
     return TokenBlocks.cat([blocks, tail])
 
 
@@ -62,7 +71,7 @@ def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
     gh, gw = fam.token_grid(frame_hw)
     per = gh * gw
     end = fam.end_tokens()
-    out = torch.empty((1, t_total * per + end.shape[0], vlm.hidden_size), dtype=vlm.dtype,
+    out = torch.empty((1, t_total * per + end.shape[0], vlm.feature_size), dtype=vlm.dtype,
                       device=vlm.device)
     for start, feats in vlm.iter_patch_features(pixel_values, frame_index):
         pooled = vlm.pool_2x2(feats)
@@ -75,7 +84,8 @@ def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
     blocks = None
     if fam.needs_blocks():
         blocks = end_blocks(vlm, TokenBlocks.grid(t_total, gh, gw, device=vlm.device,
-                                                  frame_hw=frame_hw, fps=fps), t_total - 1)
+                                                  frame_hw=frame_hw, fps=fps,
+                                                  num_frames=f_total), t_total - 1)
     return VisualEmbeds(out, f_total, blocks)
 
 

@@ -32,6 +32,14 @@ frames, X = its merged grid, the merger output), the end token is the family's (
 Qwen2.5-VL). Positions on a family with grid positions (M-RoPE): a unit's context token is
 a 1 x 1 grid at the unit's time (row 0, column 0), its content tokens a ``g x g`` grid at
 the same time (rows/columns 0 .. g-1); the end token 1 x 1 at the last unit.
+
+Qwen3-VL: a unit's context and content tokens sit in ONE frame of the prompt with the
+unit's timestamp (``<t seconds><|vision_start|> context content <|vision_end|>``), the
+context at the running position ``(cur, cur, cur)``, the content grid after it
+(``(cur + 1, cur + 1 + y, cur + 1 + x)``). DeepStack: the attention keys (and a
+``query_module``) read the main channels only; the SAME attention weights and content bins
+pool every DeepStack level, so a context/content token carries the pooled DeepStack rows
+of its unit. A learned ``pooling`` module is refused there (it was trained on D channels).
 """
 
 from __future__ import annotations
@@ -117,23 +125,30 @@ class LlamaVID(EmbeddingStrategy):
         self._check_pooling(vlm)
         pv = prompt.pixel_values
         t = vlm.family.units(pv.shape[0])
-        d = vlm.hidden_size
+        d, fs = vlm.hidden_size, vlm.feature_size
+        if cfg.pooling is not None and fs != d:
+            raise ValueError(f"a learned pooling module maps D={d} features; the "
+                             f"{vlm.family.name} family's rows carry DeepStack levels "
+                             f"({fs} channels) it was not trained on: use pooling=None")
         per = self.tokens_per_frame()
         question = vlm.embed_tokens(prompt.question_ids)[0].to(vlm.dtype)  # (Lq, D)
         scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(d)
         n_end = vlm.family.num_end_tokens() if cfg.newline else 0
-        out = torch.empty((t * per + n_end, d), dtype=vlm.dtype, device=vlm.device)
+        out = torch.empty((t * per + n_end, fs), dtype=vlm.dtype, device=vlm.device)
         for s, feats in vlm.iter_patch_features(pv):
             n = feats.shape[0]
-            x = feats.reshape(n, -1, d)
+            x = feats.reshape(n, -1, fs)
+            # DeepStack families: attention keys (and the query module) read the main
+            # channels; the same attention weights and content bins pool every level
+            xm = x if fs == d else x[..., :d].contiguous()
             queries = question if cfg.query_module is None else \
-                cfg.query_module(x, question).to(x.dtype)
+                cfg.query_module(xm, question).to(x.dtype)
             if cfg.pooling is not None:
                 tok = cfg.pooling(x, queries)
             else:
-                tok = context_content_pool(x, queries, scale=scale,
+                tok = context_content_pool(x, queries, None if fs == d else xm, scale=scale,
                                            content_grid=cfg.content_grid)
-            out[s * per:(s + n) * per] = tok.reshape(n * per, d).to(out.dtype)
+            out[s * per:(s + n) * per] = tok.reshape(n * per, fs).to(out.dtype)
             del feats, x, tok
         if n_end:
             out[t * per:] = vlm.family.end_tokens().to(vlm.dtype)
@@ -142,8 +157,10 @@ class LlamaVID(EmbeddingStrategy):
             g = self.content_grid()
             hw = (pv.shape[-2], pv.shape[-1])
             blocks = TokenBlocks.per_unit([
-                TokenBlocks.grid(t, 1, 1, device=vlm.device, frame_hw=hw, fps=prompt.fps),
-                TokenBlocks.grid(t, g, g, device=vlm.device, frame_hw=hw, fps=prompt.fps)])
+                TokenBlocks.grid(t, 1, 1, device=vlm.device, frame_hw=hw, fps=prompt.fps,
+                                 num_frames=pv.shape[0]),
+                TokenBlocks.grid(t, g, g, device=vlm.device, frame_hw=hw, fps=prompt.fps,
+                                 num_frames=pv.shape[0])])
             if n_end:
                 blocks = end_blocks(vlm, blocks, t - 1)
         return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

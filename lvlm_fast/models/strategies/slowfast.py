@@ -32,6 +32,13 @@ grid positions (M-RoPE), *pooled grid positions*: a slow unit's tokens are an
 pooled grid (0 .. h/k0-1, 0 .. w/k1-1); a unit's fast tokens are an ``fh x fw`` grid at its
 time (rows 0 .. fh-1, columns 0 .. fw-1); separators and the end token are 1 x 1 at the
 unit they follow (the slow stream's separator at unit 0).
+
+Qwen3-VL: every run of a unit's tokens is framed as a frame with the unit's timestamp
+(``order="slow_fast"``: a slow unit's grid in the slow stream and its fast grid later in
+the fast stream each carry that unit's timestamp; ``"interleaved"``: one frame per unit
+holding its slow then fast grid); units in neither stream lose their timestamp. Each grid
+is positioned at the running position like an image. DeepStack: the pooling (average,
+and the slow stream's max, per channel over the same windows) acts on every level alike.
 """
 
 from __future__ import annotations
@@ -164,7 +171,7 @@ class SlowFast(EmbeddingStrategy):
                            sf.order, self.config.separator) + self._end(vlm)
 
     def blocks(self, vlm: LongVideoVLM, t: int, frame_hw: tuple[int, int],
-               fps: float | None) -> TokenBlocks:
+               fps: float | None, num_frames: int | None = None) -> TokenBlocks:
         """Where each token sits (module doc), in the op's output order."""
         cfg: SlowFastStrategyConfig = self.config
         h, w, sf = self.grid_and_kernels(vlm, frame_hw)
@@ -185,7 +192,7 @@ class SlowFast(EmbeddingStrategy):
                 rows += [(u, fh, fw)] if u in fast_set else []
                 rows += [(u, 1, 1)] if cfg.separator else []
         tab = torch.tensor(rows, dtype=torch.int64, device=vlm.device).view(-1, 3)
-        out = TokenBlocks(tab[:, 0], tab[:, 1], tab[:, 2], frame_hw, fps)
+        out = TokenBlocks(tab[:, 0], tab[:, 1], tab[:, 2], frame_hw, fps, num_frames)
         return end_blocks(vlm, out, t - 1) if cfg.newline else out
 
     @torch.no_grad()
@@ -195,7 +202,7 @@ class SlowFast(EmbeddingStrategy):
         frame_hw = (pv.shape[-2], pv.shape[-1])
         t = vlm.family.units(pv.shape[0])
         h, w, sf = self.grid_and_kernels(vlm, frame_hw)
-        d = vlm.hidden_size
+        d = vlm.feature_size  # DeepStack levels (if any) pooled with the main channels
         slow = cfg.slow_frames(t)
         s_tok = (h // sf.slow_kernel[0]) * (w // sf.slow_kernel[1])
         total = self.num_tokens(vlm, t, frame_hw)
@@ -238,6 +245,6 @@ class SlowFast(EmbeddingStrategy):
             del feats, grid, tok
         if self._end(vlm):
             out[total - self._end(vlm):] = vlm.family.end_tokens().to(vlm.dtype)
-        blocks = self.blocks(vlm, t, frame_hw, prompt.fps) if vlm.family.needs_blocks() \
-            else None
+        blocks = self.blocks(vlm, t, frame_hw, prompt.fps, pv.shape[0]) \
+            if vlm.family.needs_blocks() else None
         return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

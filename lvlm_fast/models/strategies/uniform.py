@@ -12,6 +12,9 @@ sampled frames are grouped into units in order (the last frame repeated if the c
 odd, as the processor does) and positioned as the video of the sampled frames would be:
 units 0, 1, ... of the sampled sequence at the time step of the sampled rate (``fps``
 scaled by ``num_frames / T``, or unknown if the prompt's ``fps`` is).
+
+Qwen3-VL: ``full`` on the sampled video: its units carry the timestamps of the sampled
+video at the sampled rate, and the DeepStack rows of the sampled units only.
 """
 
 from __future__ import annotations

@@ -72,6 +72,14 @@ reference bank is ``[carried keyframe ; the chunk's own frames]`` and whose per-
 row is computed on device from the keyframe indices; keyframe rows are computed and then
 overwritten by the keyframe's patch tokens (as in the paper, DFM tokens at keyframe
 positions are discarded).
+
+Qwen3-VL: a keyframe keeps its merged grid and its own timestamp; every other unit's DFM
+token is framed as a one-token frame with THAT unit's timestamp (``<t seconds>
+<|vision_start|> dfm <|vision_end|>``, position ``(cur, cur, cur)``), so timestamps stay
+aligned with the units the tokens stand for. DeepStack: selection embeddings, DFM
+relevance and redundancy read the main channels only; the same softmax weights over
+patches pool every DeepStack level (``diff_weighted_pool`` with ``rel``/``red`` = main
+channels, values = all channels), and a keyframe keeps all its levels' rows.
 """
 
 from __future__ import annotations
@@ -294,9 +302,11 @@ def patch_mean_embeddings(vlm: LongVideoVLM, pixel_values: torch.Tensor) -> torc
     """Pass 1 without a selector: (N, D) float32 means of each unit's projected patches
     (N = temporal units: frames on LLaVA-OneVision, temporal patches on Qwen2.5-VL)."""
     n = vlm.family.units(pixel_values.shape[0])
-    emb = torch.empty((n, vlm.hidden_size), dtype=torch.float32, device=vlm.device)
+    d = vlm.hidden_size
+    emb = torch.empty((n, d), dtype=torch.float32, device=vlm.device)
     for start, feats in vlm.iter_patch_features(pixel_values):
-        emb[start:start + feats.shape[0]] = feats.mean(dim=(1, 2)).float()
+        # main channels only (DeepStack levels, if any, never drive the selection)
+        emb[start:start + feats.shape[0]] = feats[..., :d].mean(dim=(1, 2)).float()
     return emb
 
 
@@ -485,7 +495,8 @@ def _end_rows(vlm: LongVideoVLM, newline: bool) -> int:
 
 
 def new_output(vlm: LongVideoVLM, layout: KeyframeLayout, newline: bool) -> torch.Tensor:
-    out = torch.empty((layout.total + 2, vlm.hidden_size), dtype=vlm.dtype, device=vlm.device)
+    out = torch.empty((layout.total + 2, vlm.feature_size), dtype=vlm.dtype,
+                      device=vlm.device)
     if _end_rows(vlm, newline):
         out[layout.total] = vlm.family.end_tokens()[0].to(out.dtype)
     return out
@@ -498,8 +509,8 @@ def finish_output(out: torch.Tensor, layout: KeyframeLayout, newline: bool,
 
 
 def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout,
-                    frame_hw: tuple[int, int], fps: float | None, newline: bool
-                    ) -> TokenBlocks | None:
+                    frame_hw: tuple[int, int], fps: float | None, newline: bool,
+                    num_frames: int | None = None) -> TokenBlocks | None:
     """Positions (families with grid positions only): unit n is a keyframe grid block
     ``(kh, kw)`` if it is a keyframe, else its DFM token is a 1 x 1 block at unit n (on
     Qwen2.5-VL: M-RoPE ``(P + floor(n * interval), P, P)``, the time of its temporal
@@ -510,7 +521,7 @@ def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout
     one = torch.ones_like(layout.is_key, dtype=torch.int64)
     blocks = TokenBlocks(torch.arange(layout.n, dtype=torch.int64, device=one.device),
                          torch.where(layout.is_key, kh, one), torch.where(layout.is_key, kw, one),
-                         frame_hw, fps)
+                         frame_hw, fps, num_frames)
     return end_blocks(vlm, blocks, layout.n - 1) if newline else blocks
 
 
@@ -555,27 +566,31 @@ class ViLAMP(EmbeddingStrategy):
         layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, vlm, frame_hw))
         out = new_output(vlm, layout, cfg.newline)
         # ---- pass 2: stream the frames; DFM against [carried keyframe ; chunk]
-        d = vlm.hidden_size
+        d, fs = vlm.hidden_size, vlm.feature_size
         query, tau, projs = dfm_inputs(cfg, vlm, dfm, text_query)
         carry = torch.zeros((1, h * w, d), dtype=vlm.dtype, device=vlm.device)
         for s, feats in vlm.iter_patch_features(pv):
             t = feats.shape[0]
-            x = feats.reshape(t, -1, d)
-            bank = torch.cat([carry, x])
+            x = feats.reshape(t, -1, fs)
+            # DeepStack families: the weights come from the main channels only and pool
+            # every level alike (the same softmax over patches for all levels)
+            xm = x if fs == d else x[..., :d].contiguous()
+            bank = torch.cat([carry, xm])
             ri = layout.bank_index(s, t)
             if not projs:
-                tok = diff_weighted_pool(x, query, bank, ri, tau=tau)
+                kw = {} if fs == d else {"rel": xm, "red": xm}
+                tok = diff_weighted_pool(x, query, bank, ri, tau=tau, **kw)
             else:
                 tok = diff_weighted_pool(x, query, F.linear(bank, *projs["linear_k"]), ri,
-                                         rel=F.linear(x, *projs["linear_iq"]),
-                                         red=F.linear(x, *projs["linear_ik"]), tau=tau)
+                                         rel=F.linear(xm, *projs["linear_iq"]),
+                                         red=F.linear(xm, *projs["linear_ik"]), tau=tau)
             # the latest keyframe at or before the chunk's end (a copy: the chunk can go)
             carry = bank.index_select(0, ri[-1:])
             del bank
             out.index_copy_(0, layout.start[s:s + t], tok)
             kt = keyframe_tokens_of(cfg, vlm, feats)
-            out.index_copy_(0, layout.keyframe_rows(s, t), kt.reshape(-1, d))
-            del x, feats, kt, tok
+            out.index_copy_(0, layout.keyframe_rows(s, t), kt.reshape(-1, fs))
+            del x, xm, feats, kt, tok
         return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), encoded,
                             keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
-                                            cfg.newline))
+                                            cfg.newline, n_frames))

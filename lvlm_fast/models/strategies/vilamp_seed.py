@@ -23,6 +23,10 @@ tested up to float tolerance), but with the released code's memory behaviour
 
 Tokens per frame: keyframe 196 (pooled) or h*w (full), other frames 1, plus one newline.
 ``holds_all_patch_features = True``. ``frames_encoded = N``.
+
+Qwen3-VL: as :mod:`.vilamp` (timestamps per kept unit / DFM token; scores on the main
+channels, the same weights on every DeepStack level); the released-style tensors hold all
+levels' rows (``(N, P, (1 + L) D)``).
 """
 
 from __future__ import annotations
@@ -102,13 +106,16 @@ class ViLAMPSeed(EmbeddingStrategy):
         frame_hw = (pv.shape[-2], pv.shape[-1])
         x4 = encode_all_frames(vlm, pv, cfg.encode)  # (N, h, w, D), kept to the end
         n = x4.shape[0]  # temporal units (frames on LLaVA-OneVision)
-        h, w, d = x4.shape[1], x4.shape[2], x4.shape[3]
-        x = x4.view(n, h * w, d)
+        h, w, fs = x4.shape[1], x4.shape[2], x4.shape[3]
+        x = x4.view(n, h * w, fs)
+        # DeepStack families: scores from the main channels; the weights pool every level
+        d = vlm.hidden_size
+        xm = x[..., :d]
         if cfg.selector is not None:
             emb = unit_embeddings(vlm, selector_embeddings(cfg, vlm, pv))
             text_query = selector_query(cfg, emb.device)
         else:
-            emb = x4.mean(dim=(1, 2)).float()
+            emb = x4[..., :d].mean(dim=(1, 2)).float()
             text_query = None
         # released: the full N x N frame-to-frame matrix (and N x 1 relevances)
         en = F.normalize(emb, p=2, dim=1)
@@ -122,11 +129,11 @@ class ViLAMPSeed(EmbeddingStrategy):
         # released DFM (dense branch): full-size repeated reference and query
         frames = torch.arange(n, device=x.device)
         ref_rows = torch.where(layout.ref_frame < 0, frames, layout.ref_frame)
-        key_frame_expanded = x.index_select(0, ref_rows)  # (N, P, D)
+        key_frame_expanded = xm.index_select(0, ref_rows)  # (N, P, D)
         if dfm is None or not dfm.learned:
             query_expanded = torch.zeros(d, dtype=x.dtype, device=x.device
                                          ).view(1, 1, -1).repeat(n, h * w, 1)
-            iq, ik, q, k = x, x, query_expanded, key_frame_expanded
+            iq, ik, q, k = xm, xm, query_expanded, key_frame_expanded
             tau: float | torch.Tensor = (float(cfg.dfm_tau) if dfm is None
                                          else dfm.tau.detach().to(x.device, x.dtype))
         else:
@@ -136,7 +143,7 @@ class ViLAMPSeed(EmbeddingStrategy):
             def lin(v, m):
                 return F.linear(v, m.weight.to(v.dtype), m.bias.to(v.dtype))
 
-            iq, ik = lin(x, dfm.linear_iq), lin(x, dfm.linear_ik)
+            iq, ik = lin(xm, dfm.linear_iq), lin(xm, dfm.linear_ik)
             q = dfm.linear_q(query_expanded).to(x.dtype)
             k = lin(key_frame_expanded, dfm.linear_k)
             tau = dfm.tau.detach().to(x.dtype)
@@ -152,7 +159,7 @@ class ViLAMPSeed(EmbeddingStrategy):
         kt = keyframe_tokens_of(cfg, vlm, x4.index_select(0, indices))  # (K, T_k, D)
         off = torch.arange(layout.tk, device=x.device)
         rows = (layout.start.index_select(0, indices).unsqueeze(1) + off).reshape(-1)
-        out.index_copy_(0, rows, kt.reshape(-1, d))
+        out.index_copy_(0, rows, kt.reshape(-1, fs))
         return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), pv.shape[0],
                             keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
-                                            cfg.newline))
+                                            cfg.newline, pv.shape[0]))

@@ -1,0 +1,265 @@
+"""Qwen3-VL: ``Qwen3VLForConditionalGeneration`` (interleaved M-RoPE, DeepStack, timestamps).
+
+The class is split into three layers so that a successor with the same vision tower
+(Qwen3.5) subclasses it and overrides only the LLM-side hooks:
+
+* **Vision** (:meth:`Qwen3VLFamily.encode`): frames are patchified exactly like Qwen2.5-VL
+  (``temporal_patch_size`` = 2 frames per temporal unit, last frame repeated for an odd
+  count; :meth:`Qwen25VLFamily.patchify`), with ``patch_size`` 16, so frame sides are
+  multiples of 32. The tower has no windows: every block attends within one temporal patch
+  (``cu_seqlens`` has one segment per temporal patch) and its learned position embedding is
+  interpolated per grid, so running it one chunk of temporal patches at a time is exact.
+  **DeepStack**: the tower also returns ``len(deepstack_visual_indexes)`` (L) merged
+  features from intermediate blocks, which transformers adds to the hidden states of the
+  first L decoder layers at the visual positions. :meth:`encode` returns them stacked along
+  the channel dim: ``(units, h, w, (1 + L) * D)`` = ``[main | level 0 | ... | level L-1]``.
+  Every strategy reduces that tensor as a whole (the same selection, the same pooling
+  weights for all levels; scores and similarities read only the first ``D`` channels,
+  :attr:`ModelFamily.hidden_size`), and the wrapper splits the rows before the decoder
+  (:meth:`decoder_kwargs`), chunk by chunk with the prefill.
+* **Timestamps** (:meth:`visual_layout`): the prompt's video is one frame per temporal unit,
+  each ``<{t:.1f} seconds><|vision_start|> [tokens] <|vision_end|>`` (the processor's
+  ``replace_video_token``), ``t`` the mean time of the unit's first and last frame
+  (``Qwen3VLProcessor._calculate_timestamps``: frame ``i`` at ``i / fps``; ``fps`` None =
+  24, the processor's default). The strategy's :class:`TokenBlocks` say which unit each
+  visual token belongs to; every maximal run of consecutive blocks of one unit is framed as
+  one frame of the prompt with that unit's timestamp. So a kept unit keeps its own
+  timestamp, a token that stands for a unit (a DFM token, a LLaMA-VID context token) is
+  framed with that unit's timestamp, and a dropped unit loses its timestamp with its
+  tokens. Units are numbered in the strategy's frame sequence (``blocks.num_frames``
+  frames at ``blocks.fps``). The chat template's own ``<|vision_start|>`` /
+  ``<|vision_end|>`` around the video stay in ``prefix_ids`` / ``question_ids``. The text
+  is tokenized with the caller's ``text_ids`` (:attr:`VideoPrompt.text_ids`). The kept
+  units are read to the host once per prefill (the text, and so the sequence length,
+  depends on which units are kept).
+* **Positions** (:class:`SequentialPlan`): transformers' ``get_rope_index`` splits the video
+  into one grid per frame with temporal index 0 and places everything in sequence: a text
+  token at ``cur`` (all three axes) then ``cur += 1``; a visual block of ``h x w`` tokens at
+  ``(cur, cur + y, cur + x)`` then ``cur += max(h, w)``. Every block a strategy emits is
+  placed by that rule (a 1 x 1 DFM token takes one position on all axes), so reduced
+  prompts are positioned exactly as transformers would position the reduced prompt.
+  Generated tokens continue at ``cur`` after the question (= max + 1, ``rope_deltas``). The
+  decoder interleaves the three axes across frequencies (``mrope_section`` [24, 20, 20],
+  ``mrope_interleaved``), inside transformers' rotary embedding: the ids are the same
+  ``(3, 1, L)`` layout as Qwen2.5-VL's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lvlm_fast.models.families.base import (
+    PositionPlan,
+    TokenBlocks,
+    VisualLayout,
+    register_family,
+)
+from lvlm_fast.models.families.qwen2_5_vl import Qwen25VLFamily, smart_resize
+
+# Qwen3-VL video processor defaults (transformers Qwen3VLVideoProcessor).
+_MEAN = (0.5, 0.5, 0.5)
+_STD = (0.5, 0.5, 0.5)
+_MIN_PIXELS = 128 * 32 * 32
+_MAX_PIXELS = 768 * 32 * 32
+DEFAULT_FPS = 24.0  # the processor's fps when the video metadata has none
+NOMINAL_FRAME = 448
+
+
+def unit_seconds(unit: int, num_frames: int, fps: float | None, tps: int = 2) -> float:
+    """Timestamp of temporal unit ``unit`` of a ``num_frames``-frame video sampled at
+    ``fps`` (the processor's ``_calculate_timestamps``: the mean of the unit's first and
+    last frame time; the last unit padded with the last frame)."""
+    rate = DEFAULT_FPS if fps is None else float(fps)
+    first = unit * tps
+    last = min(first + tps - 1, max(num_frames - 1, 0))
+    return (first / rate + last / rate) / 2
+
+
+class SequentialPlan(PositionPlan):
+    """Qwen3-VL positions of ``[prefix ; layout ; question]`` (module doc): items in order,
+    each a text run (``h = 0``: one position per token) or an ``h x w`` visual block at
+    ``(cur, cur + y, cur + x)``. Item offsets and start positions are host ints."""
+
+    def __init__(self, items: list[tuple[int, int, int]], device: torch.device) -> None:
+        # items: (tokens, h, w); h = 0 marks a text run of `tokens` tokens
+        self.items = items
+        self.device = device
+        self.offsets: list[int] = []
+        self.starts: list[int] = []
+        off = cur = 0
+        for n, h, w in items:
+            self.offsets.append(off)
+            self.starts.append(cur)
+            off += n
+            cur += n if h == 0 else max(h, w)
+        self.total = off
+        self.next_pos = cur
+
+    def chunk(self, lo: int, hi: int) -> torch.Tensor:
+        parts = []
+        i = max(bisect.bisect_right(self.offsets, lo) - 1, 0)
+        while i < len(self.items) and self.offsets[i] < hi:
+            n, h, w = self.items[i]
+            a, b = max(lo - self.offsets[i], 0), min(hi - self.offsets[i], n)
+            if a < b:
+                cur = self.starts[i]
+                idx = torch.arange(a, b, device=self.device)
+                if h == 0:
+                    parts.append((idx + cur).view(1, -1).expand(3, -1))
+                else:
+                    parts.append(torch.stack([torch.full_like(idx, cur), idx // w + cur,
+                                              idx % w + cur]))
+            i += 1
+        pos = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return pos.view(3, 1, -1)
+
+    def decode(self, step: int) -> torch.Tensor:
+        return torch.full((3, 1, 1), self.next_pos + step, dtype=torch.int64,
+                          device=self.device)
+
+
+@register_family
+class Qwen3VLFamily(Qwen25VLFamily):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    class_names = ("Qwen3VLForConditionalGeneration",)
+
+    @classmethod
+    def model_class(cls) -> type:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+
+    # ------------------------------------------------------------------ vision (+ DeepStack)
+    def deepstack_levels(self) -> int:
+        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def _stack(self, main: torch.Tensor, levels: list[torch.Tensor] | None) -> torch.Tensor:
+        """(n, D) main + L x (n, D) DeepStack -> (n, (1 + L) * D), the strategies' rows."""
+        if not self.deepstack_levels():
+            return main
+        return torch.cat([main, *levels], dim=-1)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        w = self.model.lm_head.weight
+        visual = self.model.model.visual
+        flat, thw = self.patchify(frames.to(device=w.device, non_blocking=True))
+        out = visual(flat.to(visual.dtype), grid_thw=thw.to(w.device), return_dict=True)
+        feats = self._stack(out.pooler_output, getattr(out, "deepstack_features", None))
+        t, gh, gw = (int(v) for v in thw[0])
+        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+
+    def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """transformers' path: the processor's patches of every frame, then
+        ``get_video_features`` in one call (main + DeepStack levels, stacked)."""
+        w = self.model.lm_head.weight
+        flat, thw = self.patchify(pixel_values.to(device=w.device))
+        out = self.model.model.get_video_features(flat, thw.to(w.device), return_dict=True)
+        ds = [lv[0] for lv in out.deepstack_features] if self.deepstack_levels() else None
+        feats = self._stack(out.pooler_output[0], ds)
+        t, gh, gw = (int(v) for v in thw[0])
+        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+
+    def vision_bytes_per_frame(self) -> int:
+        """At the nominal 448x448 frame: one block's activations (MLP included), the fp32
+        scores of one temporal patch as a worst case, mergers (main + DeepStack) and
+        pixels, per frame."""
+        vc = self.config.vision_config
+        item = self.model.lm_head.weight.dtype.itemsize
+        n = (NOMINAL_FRAME // self.patch) ** 2
+        acts = n * (6 * vc.hidden_size + 3 * vc.intermediate_size) * item
+        scores = vc.num_heads * n * n * 4
+        merged = n // self.merge ** 2 * vc.out_hidden_size * item * (1 + self.deepstack_levels())
+        merger = n * 2 * vc.hidden_size * item + merged
+        pixels = 3 * NOMINAL_FRAME ** 2 * item * self.tps
+        return int((acts + scores + merger + pixels) // self.tps) + 1
+
+    def end_tokens(self) -> torch.Tensor:
+        w = self.model.lm_head.weight
+        return w.new_empty((0, self.feature_size()))
+
+    # ------------------------------------------------------------------ LLM hooks
+    def decoder_kwargs(self, visual_mask: torch.Tensor, extra: torch.Tensor
+                       ) -> dict[str, Any]:
+        """DeepStack rows of one prefill chunk -> the decoder's ``visual_pos_masks`` (1, L)
+        and ``deepstack_visual_embeds`` (L levels of (n_visual_in_chunk, D))."""
+        if not self.deepstack_levels() or extra.shape[0] == 0:
+            return {}
+        d = self.hidden_size
+        rows = extra.reshape(extra.shape[0], self.deepstack_levels(), d)
+        return {"visual_pos_masks": visual_mask,
+                "deepstack_visual_embeds": list(rows.unbind(1))}
+
+    # ------------------------------------------------------------------ timestamps / layout
+    def unit_text(self, seconds: float, text_ids: Callable[[str], list[int]]
+                  ) -> tuple[list[int], list[int]]:
+        """Text ids before and after one frame's tokens (the processor's placeholder)."""
+        before = list(text_ids(f"<{seconds:.1f} seconds>"))
+        return [*before, self.config.vision_start_token_id], [self.config.vision_end_token_id]
+
+    def visual_layout(self, blocks: TokenBlocks | None, num_visual: int, *,
+                      text_ids: Callable[[str], list[int]] | None) -> VisualLayout | None:
+        if not num_visual:
+            return VisualLayout([], [], 0)
+        if blocks is None or blocks.frame_hw is None:
+            raise ValueError(f"the {self.name} family needs the visual tokens' TokenBlocks "
+                             "with the frame size (the strategy must return them)")
+        if text_ids is None:
+            raise ValueError(f"the {self.name} family frames each temporal unit with "
+                             "timestamp text: pass the tokenizer as prompt.text_ids (text -> "
+                             "ids, no special tokens)")
+        if blocks.t.device.type == "meta":
+            raise NotImplementedError(f"the {self.name} family's timestamps depend on the "
+                                      "kept units' values: not simulated on meta tensors")
+        t, h, w = torch.stack([blocks.t, blocks.h, blocks.w]).tolist()  # one host read
+        # frames of the sequence the units number (unknown: every unit full)
+        nf = blocks.num_frames if blocks.num_frames is not None else (max(t) + 1) * self.tps
+        pieces: list[Any] = []
+        items: list[tuple[int, int, int]] = []
+        row = i = 0
+        while i < len(t):
+            j = i
+            while j < len(t) and t[j] == t[i]:
+                j += 1
+            before, after = self.unit_text(
+                unit_seconds(t[i], nf, blocks.fps, self.tps), text_ids)
+            pieces.append(torch.tensor(before, dtype=torch.int64))
+            items.append((len(before), 0, 0))
+            size = sum(h[k] * w[k] for k in range(i, j))
+            pieces.append((row, row + size))
+            items.extend((h[k] * w[k], h[k], w[k]) for k in range(i, j))
+            row += size
+            pieces.append(torch.tensor(after, dtype=torch.int64))
+            items.append((len(after), 0, 0))
+            i = j
+        if row != num_visual:
+            raise ValueError(f"the TokenBlocks cover {row} visual tokens, the visual segment "
+                             f"has {num_visual}")
+        return VisualLayout(pieces, items, sum(n for n, _, _ in items))
+
+    def position_plan(self, prefix: int, blocks: TokenBlocks | None, num_visual: int,
+                      question: int, layout: VisualLayout | None = None) -> PositionPlan:
+        if num_visual and layout is None:
+            raise ValueError(f"the {self.name} family positions need the prompt's "
+                             "VisualLayout (visual_layout)")
+        items = [(prefix, 0, 0)] + (list(layout.items) if layout is not None else []) \
+            + [(question, 0, 0)]
+        return SequentialPlan([it for it in items if it[0]], self.model.lm_head.weight.device)
+
+    # ------------------------------------------------------------------ preprocessing
+    def frame_size(self, height: int, width: int, preprocessing: dict[str, Any]
+                   ) -> tuple[int, int]:
+        size = preprocessing.get("size") or {}
+        lo = preprocessing.get("min_pixels") or size.get("shortest_edge") or _MIN_PIXELS
+        hi = preprocessing.get("max_pixels") or size.get("longest_edge") or _MAX_PIXELS
+        return smart_resize(height, width, self.factor, lo, hi)
+
+    def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return _MEAN, _STD
+
+
+__all__ = ["DEFAULT_FPS", "Qwen3VLFamily", "SequentialPlan", "unit_seconds"]

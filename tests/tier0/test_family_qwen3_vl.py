@@ -1,0 +1,216 @@
+"""Qwen3-VL through the family layer: chunked vision (+ DeepStack) == transformers' all-frames
+vision, positions == ``get_rope_index`` on the processor's timestamped prompt, ``full`` ==
+``Qwen3VLForConditionalGeneration.generate`` token for token (fp32 logits within 1e-5),
+configs, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+from lvlm_fast.models import LongVideoVLM, get_config
+from lvlm_fast.models.families import TokenBlocks, family_for
+from lvlm_fast.models.families.qwen3_vl import SequentialPlan
+from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt
+
+VIDEO, START, END = 251, 252, 253
+H, W = 128, 96  # 8 x 6 patches of 16 -> 4 x 3 merged tokens per frame
+
+
+def text_ids(s: str) -> list[int]:
+    """A toy tokenizer (one id per character, never a special id)."""
+    return [3 + ord(c) % 190 for c in s]
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    torch.manual_seed(0)
+    return Qwen3VLForConditionalGeneration(get_config("tiny-qwen3-vl")).eval()
+
+
+def _prompt(t: int, p: int = 3, q: int = 4, seed: int = 0, fps: float | None = None,
+            hw: tuple[int, int] = (H, W)) -> VideoPrompt:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.cat([torch.randint(3, 250, (1, p - 1), generator=g),
+                        torch.tensor([[START]])], dim=1)
+    question = torch.cat([torch.tensor([[END]]), torch.randint(3, 250, (1, q - 1),
+                                                                generator=g)], dim=1)
+    return VideoPrompt(torch.randn(t, 3, *hw, generator=g), prefix, question, fps=fps,
+                       text_ids=text_ids)
+
+
+def hf_timestamps(num_frames: int, fps: float | None) -> list[float]:
+    """transformers' own timestamp rule (frame i at i / fps; fps None -> 24)."""
+    return Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)),
+                                                  24 if fps is None else fps, 2)
+
+
+def hf_ids(pr: VideoPrompt, units: list[int], tokens_per_unit: list[int],
+           num_frames: int, fps: float | None) -> torch.Tensor:
+    """The processor's prompt (``replace_video_token``) with the given units kept, each
+    with ``tokens_per_unit`` video placeholders: ``<t seconds><vs> pads <ve>`` per unit."""
+    ts = hf_timestamps(num_frames, fps)
+    ids = pr.prefix_ids[0].tolist()
+    for u, n in zip(units, tokens_per_unit, strict=True):
+        ids += text_ids(f"<{ts[u]:.1f} seconds>") + [START] + [VIDEO] * n + [END]
+    return torch.tensor([ids + pr.question_ids[0].tolist()])
+
+
+def hf_inputs(vlm: LongVideoVLM, pr: VideoPrompt) -> dict:
+    """What the Qwen3-VL processor gives for this prompt (every frame)."""
+    flat, thw = vlm.family.patchify(pr.pixel_values)
+    t, per = int(thw[0, 0]), int(thw[0, 1] * thw[0, 2]) // 4
+    ids = hf_ids(pr, list(range(t)), [per] * t, pr.pixel_values.shape[0], pr.fps)
+    return dict(input_ids=ids, pixel_values_videos=flat, video_grid_thw=thw,
+                mm_token_type_ids=(ids == VIDEO).int() * 2)
+
+
+def test_family_registry_and_configs(qwen3):
+    fam = family_for(qwen3)
+    assert fam.name == "qwen3_vl" and fam.frames_per_unit == 2
+    assert fam.token_grid((H, W)) == (4, 3) and fam.deepstack_levels() == 2
+    assert fam.feature_size() == 3 * 128
+    big = get_config("qwen3-vl-8b")
+    assert big.text_config.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert big.text_config.rope_parameters["mrope_interleaved"] is True
+    assert list(big.vision_config.deepstack_visual_indexes) == [8, 16, 24]
+    assert (big.text_config.num_hidden_layers, big.text_config.hidden_size) == (36, 4096)
+    meta = LongVideoVLM.from_config("qwen3-vl-8b", device="meta", dtype=torch.bfloat16)
+    assert meta.family.token_grid((448, 448)) == (14, 14)
+    assert meta.feature_size == 4 * 4096
+
+
+@pytest.mark.parametrize("frames,chunk", [(6, 2), (5, 4), (4, 3)])
+def test_vision_chunks_equal_get_video_features(qwen3, frames, chunk):
+    """Chunks of temporal patches == the tower on every frame at once, main and every
+    DeepStack level, stacked [main | level 0 | level 1]."""
+    vlm = LongVideoVLM(qwen3, vision_chunk_frames=chunk)
+    pr = _prompt(frames)
+    flat, thw = vlm.family.patchify(pr.pixel_values)
+    with torch.no_grad():
+        out = qwen3.model.get_video_features(flat, thw, return_dict=True)
+    want = torch.cat([out.pooler_output[0]] + [lv[0] for lv in out.deepstack_features], -1)
+    got = torch.cat([f for _, f in vlm.iter_patch_features(pr.pixel_values)])
+    assert got.shape == (thw[0, 0], 4, 3, 3 * 128)
+    torch.testing.assert_close(got.reshape(-1, 3 * 128), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vlm.family.encode_all_at_once(pr.pixel_values), got,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fps", [None, 2.0, 0.5])
+@pytest.mark.parametrize("frames", [2, 5, 8])
+def test_positions_equal_get_rope_index(qwen3, frames, fps):
+    """The family's timestamped layout == the processor's ids, and its positions ==
+    ``get_rope_index`` over them (any chunk alone), decode == ``rope_deltas``."""
+    vlm = LongVideoVLM(qwen3)
+    pr = _prompt(frames, p=4, q=5, fps=fps)
+    kw = hf_inputs(vlm, pr)
+    want, delta = qwen3.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"],
+                                             video_grid_thw=kw["video_grid_thw"])
+    units = -(-frames // 2)
+    fam = vlm.family
+    blocks = TokenBlocks.grid(units, 4, 3, frame_hw=(H, W), fps=fps, num_frames=frames)
+    layout = fam.visual_layout(blocks, units * 12, text_ids=text_ids)
+    # the layout's text + placeholder rows == the processor's ids
+    seq = []
+    for piece in layout.pieces:
+        seq += [VIDEO] * (piece[1] - piece[0]) if isinstance(piece, tuple) else piece.tolist()
+    ids = pr.prefix_ids[0].tolist() + seq + pr.question_ids[0].tolist()
+    assert ids == kw["input_ids"][0].tolist()
+    plan = fam.position_plan(4, blocks, units * 12, 5, layout=layout)
+    assert isinstance(plan, SequentialPlan) and plan.total == len(ids)
+    torch.testing.assert_close(plan.chunk(0, plan.total), want, rtol=0, atol=0)
+    for lo, hi in [(0, 3), (3, 17), (17, plan.total), (plan.total - 1, plan.total)]:
+        torch.testing.assert_close(plan.chunk(lo, hi), want[:, :, lo:hi], rtol=0, atol=0)
+    assert int(plan.decode(0)[0, 0, 0]) == plan.total + int(delta)
+    assert int(plan.decode(3)[2, 0, 0]) == plan.total + 3 + int(delta)
+
+
+def _hf_generate(model, kw, n):
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[:, kw["input_ids"].shape[1]:], out.logits[0][0].float()
+
+
+@pytest.mark.parametrize("frames", [2, 5, 8])
+@pytest.mark.parametrize("attention,chunk", [("auto", 7), ("model", 11)])
+def test_full_equals_generate(qwen3, frames, attention, chunk):
+    """``full`` == ``Qwen3VLForConditionalGeneration.generate`` (timestamps, DeepStack at
+    the visual positions of each prefill chunk, interleaved M-RoPE): greedy tokens equal,
+    first-token logits within 1e-5 (fp32), prefill chunks that do not divide the prompt
+    (a chunk boundary cuts frames, timestamps and DeepStack rows), fused attention (head
+    dim 64) and the model's own (SDPA)."""
+    vlm = LongVideoVLM(qwen3, "full", vision_chunk_frames=4, prefill_chunk_tokens=chunk,
+                       attention=attention)
+    pr = _prompt(frames, seed=frames, fps=1.0 if frames == 8 else None)
+    kw = hf_inputs(vlm, pr)
+    want_tokens, want_logits = _hf_generate(qwen3, kw, 6)
+    logits = vlm.first_token(pr)
+    torch.testing.assert_close(logits[0], want_logits, rtol=0, atol=1e-5)
+    got = vlm.generate(pr, max_new_tokens=6)
+    assert torch.equal(got, want_tokens)
+    res = vlm.last_prefill
+    assert isinstance(res.positions, SequentialPlan)
+    units = -(-frames // 2)
+    assert res.visual_tokens == units * 12 and res.frames_encoded == frames
+    assert res.llm_tokens == kw["input_ids"].shape[1]
+
+
+def test_deepstack_matters(qwen3):
+    """The DeepStack rows reach the decoder: zeroing them changes the logits (so the
+    equality above could fail if they were dropped)."""
+    vlm = LongVideoVLM(qwen3, prefill_chunk_tokens=9)
+    pr = _prompt(4, seed=2)
+    out = vlm.strategy.visual_embeds(vlm, pr)
+    (visual, frames), blocks = out, out.blocks
+    a = vlm.prefill_embeds(pr.prefix_ids, visual, pr.question_ids, frames_encoded=frames,
+                           blocks=blocks, text_ids=text_ids).last_hidden
+    cut = visual.clone()
+    cut[..., 128:] = 0
+    b = vlm.prefill_embeds(pr.prefix_ids, cut, pr.question_ids, frames_encoded=frames,
+                           blocks=blocks, text_ids=text_ids).last_hidden
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_from_pretrained(qwen3, tmp_path):
+    qwen3.save_pretrained(tmp_path)
+    loaded = LongVideoVLM.from_pretrained(tmp_path, "full", prefill_chunk_tokens=5)
+    assert loaded.family.name == "qwen3_vl"
+    pr = _prompt(4, seed=1)
+    torch.testing.assert_close(loaded.first_token(pr), LongVideoVLM(qwen3).first_token(pr),
+                               rtol=0, atol=1e-6)
+
+
+def test_bad_input(qwen3):
+    vlm = LongVideoVLM(qwen3)
+    with pytest.raises(ValueError, match=r"multiples of 32"):
+        vlm.first_token(_prompt(2, hw=(112, 112)))
+    pr = _prompt(2)
+    pr.text_ids = None
+    with pytest.raises(ValueError, match=r"prompt\.text_ids"):
+        vlm.first_token(pr)
+    with pytest.raises(ValueError, match=r"feature_size=384"):
+        vlm.prefill_embeds(torch.tensor([[5]]), torch.zeros(1, 3, 128), torch.tensor([[6]]),
+                           frames_encoded=0)
+
+
+class _NoPositions(Strategy):
+    name = "no-positions"
+
+    def prefill(self, vlm, prompt):
+        res = vlm.strategy.prefill(vlm, prompt)
+        return PrefillResult(res.last_hidden, res.cache, res.llm_tokens, res.visual_tokens,
+                             res.frames_encoded)
+
+
+def test_custom_strategy_without_positions_is_an_error(qwen3):
+    """A custom strategy on an M-RoPE family that leaves ``PrefillResult.positions`` None
+    is refused (decoding would silently use 1-D positions)."""
+    vlm = LongVideoVLM(qwen3)
+    with pytest.raises(ValueError, match="positions"):
+        vlm.generate(_prompt(2), max_new_tokens=2, strategy=_NoPositions())

@@ -1,0 +1,240 @@
+"""Every reducing strategy on Qwen3-VL: timestamps, DeepStack and positions.
+
+For each strategy:
+
+* the visual rows ``[main | DeepStack level 0 | level 1]`` equal a recomputation from
+  transformers' ``get_video_features`` on every frame at once with the plain-PyTorch specs
+  in ``lvlm_fast.reference``, the scores/selections read from the main channels only and the
+  SAME selection and pooling weights applied to every DeepStack level;
+* the prompt the wrapper feeds (timestamp text between the kept units) equals the
+  processor's layout (``Qwen3VLProcessor._calculate_timestamps`` + ``replace_video_token``)
+  written for the units the reference kept: each kept unit (or the token standing for it)
+  carries its OWN timestamp, dropped units none (the known engine bug is a timestamp /
+  token misalignment after pruning);
+* positions equal ``get_rope_index`` on that prompt where every unit is one grid, and the
+  documented per-block rule otherwise (LLaMA-VID's context + content);
+* the first-token logits equal transformers' own Qwen3-VL decoder run in ONE forward on
+  those embeddings, positions, ``visual_pos_masks`` and ``deepstack_visual_embeds``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import Qwen3VLForConditionalGeneration
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+from lvlm_fast.models import LongVideoVLM, get_config
+from lvlm_fast.models.strategies import VideoPrompt, get_strategy
+from lvlm_fast.ops import SlowFastConfig
+from lvlm_fast.reference.context_content_pool import context_content_pool as ref_ccp
+from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as ref_dwp
+from lvlm_fast.reference.keyframe_select import keyframe_select as ref_kfs
+from lvlm_fast.reference.slowfast_pool import slowfast_pool as ref_sfp
+
+VIDEO, START, END = 251, 252, 253
+FRAMES = 13  # 7 temporal units, the last padded with a repeat of frame 12
+UNITS = 7
+H = W = 128  # merged grid 4 x 4
+G = 4
+D = 128
+P, Q = 3, 5
+FPS = 2.0
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
+
+
+def text_ids(s: str) -> list[int]:
+    return [3 + ord(c) % 190 for c in s]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(get_config("tiny-qwen3-vl")).eval()
+    return LongVideoVLM(model, vision_chunk_frames=4, prefill_chunk_tokens=13)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(FRAMES, 3, H, W, generator=g)
+    pv[6:8] = pv[4:6] + 0.01 * torch.randn(2, 3, H, W, generator=g)  # a repeated unit
+    return VideoPrompt(pv, torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 7, 9]]),
+                       fps=FPS, text_ids=text_ids)
+
+
+@pytest.fixture(scope="module")
+def full(vlm, prompt):
+    """(units, 4, 4, 3 D): transformers' vision path on every frame at once, stacked."""
+    with torch.no_grad():
+        return vlm.family.encode_all_at_once(prompt.pixel_values)
+
+
+# --------------------------------------------------------------------------- references
+def reference_prompt(prompt, runs, num_frames=FRAMES, fps=FPS):
+    """The processor's prompt for ``runs`` = [(unit, [(h, w), ...]), ...] in order: ids
+    with ``<t seconds><vs> pads <ve>`` per run (t from transformers' own timestamp rule)
+    and the positions of the documented rule: text +1 each, a block at
+    (cur, cur + y, cur + x) then cur += max(h, w)."""
+    ts = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
+    ids = prompt.prefix_ids[0].tolist()
+    pos = [(i, i, i) for i in range(P)]
+    cur = P
+
+    def text(toks):
+        nonlocal cur
+        ids.extend(toks)
+        pos.extend((cur + i,) * 3 for i in range(len(toks)))
+        cur += len(toks)
+
+    for u, blocks in runs:
+        text([*text_ids(f"<{ts[u]:.1f} seconds>"), START])
+        for h, w in blocks:
+            ids.extend([VIDEO] * (h * w))
+            pos.extend((cur, cur + y, cur + x) for y in range(h) for x in range(w))
+            cur += max(h, w)
+        text([END])
+    text(prompt.question_ids[0].tolist())
+    return torch.tensor([ids]), torch.tensor(pos).T.reshape(3, 1, -1)
+
+
+def hf_first_logits(vlm, ids, visual, pos):
+    """transformers' Qwen3-VL decoder, one forward: the placeholders replaced by the main
+    rows, DeepStack levels added at the visual positions of the first layers."""
+    emb = vlm.model.get_input_embeddings()(ids)
+    mask = ids == VIDEO
+    emb = emb.masked_scatter(mask.unsqueeze(-1), visual[0, :, :D])
+    ds = [visual[0, :, D * (i + 1):D * (i + 2)] for i in range(2)]
+    with torch.no_grad():
+        h = vlm.model.model.language_model(inputs_embeds=emb, position_ids=pos,
+                                           visual_pos_masks=mask,
+                                           deepstack_visual_embeds=ds).last_hidden_state
+        return vlm.model.lm_head(h[:, -1]).float()
+
+
+def check(vlm, prompt, name, kw, want_visual, runs):
+    s = get_strategy(name, **kw)
+    out = s.visual_embeds(vlm, prompt)
+    got, _ = out
+    assert got.shape[-1] == 3 * D
+    torch.testing.assert_close(got, want_visual, rtol=1e-5, atol=1e-5)
+    ids, pos = reference_prompt(prompt, runs)
+    fam = vlm.family
+    layout = fam.visual_layout(out.blocks, got.shape[1], text_ids=text_ids)
+    seq = []
+    for piece in layout.pieces:
+        seq += [VIDEO] * (piece[1] - piece[0]) if isinstance(piece, tuple) else piece.tolist()
+    assert prompt.prefix_ids[0].tolist() + seq + prompt.question_ids[0].tolist() \
+        == ids[0].tolist()  # timestamps aligned with the kept units
+    plan = fam.position_plan(P, out.blocks, got.shape[1], Q, layout=layout)
+    assert torch.equal(plan.chunk(0, plan.total), pos)
+    if all(len(b) == 1 for _, b in runs):  # every unit one grid: transformers' own ids
+        thw = torch.tensor([[1, 2 * b[0][0], 2 * b[0][1]] for _, b in runs])
+        want_pos, _ = vlm.model.model.get_rope_index(ids, (ids == VIDEO).int() * 2,
+                                                     video_grid_thw=thw)
+        assert torch.equal(pos, want_pos)
+    logits = vlm.first_token(prompt, s)
+    torch.testing.assert_close(logits, hf_first_logits(vlm, ids, want_visual, pos),
+                               rtol=0, atol=1e-5)
+    assert vlm.last_prefill.llm_tokens == ids.shape[1]
+    return plan
+
+
+def split_levels(x):
+    return x[..., :D], x
+
+
+# --------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
+def test_vilamp_timestamps_and_deepstack(vlm, prompt, full, name, k):
+    """Keyframes over temporal units keep their 4 x 4 grid (every level) and their
+    timestamp; every other unit is ONE DFM token framed with that unit's timestamp; the DFM
+    weights come from the main channels and pool every DeepStack level alike."""
+    x = full.reshape(UNITS, G * G, 3 * D)
+    xm = x[..., :D]
+    emb = xm.mean(dim=1).float()
+    idx, ref_pos = ref_kfs(emb, emb.mean(0), k, threshold=0.85, min_relevance=None, fill=True)
+    tok = ref_dwp(x, torch.zeros(D), xm[idx], ref_pos, rel=xm, red=xm, tau=2.0)
+    # the same weights on each level: level-by-level recomputation agrees
+    for lv in range(3):
+        sl = slice(lv * D, (lv + 1) * D)
+        torch.testing.assert_close(tok[:, sl], ref_dwp(x[..., sl], torch.zeros(D), xm[idx],
+                                                       ref_pos, rel=xm, red=xm, tau=2.0))
+    kf = idx.tolist()
+    rows, runs = [], []
+    for u in range(UNITS):
+        if u in kf:
+            rows.append(x[u])
+            runs.append((u, [(G, G)]))
+        else:
+            rows.append(tok[u:u + 1])
+            runs.append((u, [(1, 1)]))
+    check(vlm, prompt, name, {"num_keyframes": k}, torch.cat(rows).unsqueeze(0), runs)
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_slow": 3, "order": "interleaved"},
+                                {"fast_frames": "non_slow", "fast_grid": (2, 2)}])
+def test_slowfast_timestamps_and_deepstack(vlm, prompt, full, kw):
+    """Each stream's block of a unit is framed as a frame with that unit's timestamp (a
+    slow unit under ``slow_fast`` appears twice: slow grid, later fast grid); the pooling
+    (average / per-channel max over the same windows) acts on every level."""
+    s = get_strategy("slowfast", **kw)
+    sf = s.config.resolved()
+    fast = (min(sf.fast_grid[0], G), min(sf.fast_grid[1], G))
+    slow = SlowFastConfig(**sf.__dict__).slow_index(UNITS)
+    want = ref_sfp(full, slow, slow_kernel=sf.slow_kernel, slow_mode=sf.slow_mode,
+                   fast_grid=fast, fast_frames=sf.fast_frames, order=sf.order).unsqueeze(0)
+    main = ref_sfp(full[..., :D].contiguous(), slow, slow_kernel=sf.slow_kernel,
+                   slow_mode=sf.slow_mode, fast_grid=fast, fast_frames=sf.fast_frames,
+                   order=sf.order)
+    torch.testing.assert_close(want[0, :, :D], main)  # levels never mix into the main rows
+    sh, sw = G // sf.slow_kernel[0], G // sf.slow_kernel[1]
+    slow_l = slow.tolist()
+    fast_units = [u for u in range(UNITS) if sf.fast_frames == "all" or u not in slow_l]
+    if sf.order == "slow_fast":
+        runs = [(u, [(sh, sw)]) for u in slow_l] + [(u, [fast]) for u in fast_units]
+    else:
+        runs = []
+        for u in range(UNITS):
+            blocks = ([(sh, sw)] if u in slow_l else []) + ([fast] if u in fast_units else [])
+            if blocks:
+                runs.append((u, blocks))
+    check(vlm, prompt, "slowfast", kw, want, runs)
+
+
+@pytest.mark.parametrize("g", [1, 2])
+def test_llamavid_timestamps_and_deepstack(vlm, prompt, full, g):
+    """Context (1 x 1) + content (g x g) of a unit in ONE frame with the unit's timestamp,
+    each block at the running position; attention keys are the main channels, the same
+    attention weights and content bins pool every level."""
+    x = full.reshape(UNITS, -1, 3 * D)
+    question = vlm.embed_tokens(prompt.question_ids)[0]
+    want = ref_ccp(x, question, x[..., :D], scale=D ** -0.5,
+                   content_grid=g).reshape(1, -1, 3 * D)
+    runs = [(u, [(1, 1), (g, g)]) for u in range(UNITS)]
+    check(vlm, prompt, "llamavid", {"content_grid": g}, want, runs)
+
+
+def test_uniform_timestamps_are_the_sampled_video(vlm, prompt):
+    """uniform (6 of 13 frames): the sampled frames' video at the sampled rate, each of its
+    3 units with its own timestamp, == ``full`` on that video."""
+    s = get_strategy("uniform", num_frames=6)
+    out = s.visual_embeds(vlm, prompt)
+    idx = torch.linspace(0, FRAMES - 1, 6, dtype=torch.float64).round().long()
+    sampled = VideoPrompt(prompt.pixel_values[idx], prompt.prefix_ids, prompt.question_ids,
+                          fps=FPS * 6 / FRAMES, text_ids=text_ids)
+    with torch.no_grad():
+        want = vlm.family.encode_all_at_once(sampled.pixel_values).reshape(1, -1, 3 * D)
+    torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
+    ids, pos = reference_prompt(sampled, [(u, [(G, G)]) for u in range(3)], 6, FPS * 6 / 13)
+    torch.testing.assert_close(vlm.first_token(prompt, s),
+                               hf_first_logits(vlm, ids, want, pos), rtol=0, atol=1e-5)
+
+
+def test_full_timestamps_and_deepstack(vlm, prompt, full):
+    check(vlm, prompt, "full", {}, full.reshape(1, -1, 3 * D),
+          [(u, [(G, G)]) for u in range(UNITS)])

@@ -31,7 +31,7 @@ from lvlm_fast.cache import (
     PreallocatedStateLayer,
     SummaryKVCache,
 )
-from lvlm_fast.models import get_config
+from lvlm_fast.models.configs import tiny_qwen3_5
 from lvlm_fast.models.videoxl_driver import AttnImpl, run_window
 from lvlm_fast.nn.summary_proj import install_summary_projections
 
@@ -44,7 +44,7 @@ FULL = [1, 3]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return Qwen3_5ForConditionalGeneration(get_config("tiny-qwen3.5")).eval()
+    return Qwen3_5ForConditionalGeneration(tiny_qwen3_5()).eval()
 
 
 def _ids(n: int, seed: int = 0) -> torch.Tensor:

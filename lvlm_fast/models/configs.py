@@ -237,6 +237,8 @@ MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "tiny-videoxl": tiny_videoxl,
     "qwen2.5-vl-7b": qwen2_5_vl_7b,
     "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+    "qwen3.5-9b": qwen3_5_9b,
+    "tiny-qwen3.5": tiny_qwen3_5,
 }
 
 

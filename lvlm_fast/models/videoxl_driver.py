@@ -21,6 +21,7 @@ Batch 1 (every row of a batch would need the same layout).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,20 +89,24 @@ def interleave_positions(raw_pos: torch.Tensor, ratio: int, carry: int) -> torch
 @torch.no_grad()
 def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLayout,
                raw: torch.Tensor, vst: torch.Tensor, ratio: int,
-               raw_positions: torch.Tensor | None = None) -> int:
+               raw_positions: torch.Tensor | None = None, **decoder_kwargs: Any) -> int:
     """One window: interleave summaries, forward (attention implementation must already be
     ``"lvlm_summary"``), evict. Returns the number of summaries kept.
 
     ``raw_positions``: None = the decoder's default positions (cache length + arange; 1-D
     RoPE, summaries re-rotated to ``sink + j`` on eviction); else explicit ids of the raw
-    tokens (e.g. M-RoPE (3, 1, n)), summaries placed by :func:`interleave_positions`."""
+    tokens (e.g. M-RoPE (3, 1, n)), summaries placed by :func:`interleave_positions`.
+    ``decoder_kwargs``: the family's extra decoder inputs for the interleaved window
+    (Qwen3-VL DeepStack: ``visual_pos_masks`` over the window incl. its summary slots,
+    which are never visual, and the visual rows' DeepStack features)."""
     n = raw.shape[1]
     k, first, stride, _ = window_layout(n, ratio, cache.carry)
     x = interleave(raw, vst, ratio, cache.carry)
     w0 = cache.get_seq_length()
     cache.check_room(x.shape[1])
-    kw = {} if raw_positions is None else \
-        {"position_ids": interleave_positions(raw_positions, ratio, cache.carry)}
+    kw = dict(decoder_kwargs)
+    if raw_positions is not None:
+        kw["position_ids"] = interleave_positions(raw_positions, ratio, cache.carry)
     layout.set(first, stride, k)
     try:
         model.model(inputs_embeds=x, **cache_kwargs(model.model, cache), use_cache=True, **kw)

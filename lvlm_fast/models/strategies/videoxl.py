@@ -55,8 +55,20 @@ windows' summaries; the question sees prefix, all summaries and itself" (tested 
 that plain-PyTorch reference through transformers' decoder). 1-D families keep the
 released scheme above (summaries re-rotated to ``sink + j``).
 
-``PrefillResult.visual_tokens`` counts what the LLM read of the video: N raw tokens plus
-the summary tokens; ``llm_tokens`` adds prefix and question.
+Qwen3-VL (interleaved M-RoPE, timestamps, DeepStack): logical positions are kept the same
+way, so the frequency interleaving of the sections never matters (no key is re-rotated).
+The raw stream is the video segment as the prompt has it: per unit ``<t seconds>
+<|vision_start|>``, the unit's tokens, ``<|vision_end|>`` (the family's
+:meth:`~lvlm_fast.models.families.ModelFamily.visual_layout`); summaries follow every
+``ratio`` raw tokens of that stream (timestamp text included, as the model reads it), each
+at the position of the raw token before it. A window's DeepStack rows are added at its
+visual tokens only (never at text or summary slots) in that window's forward, and evicted
+with the window: only one window's DeepStack rows are alive. Tested against a plain-PyTorch
+masked whole-stream reference through transformers' Qwen3-VL decoder.
+
+``PrefillResult.visual_tokens`` counts what the LLM read of the video: N raw tokens
+(timestamp text included on Qwen3-VL) plus the summary tokens; ``llm_tokens`` adds prefix
+and question.
 """
 
 from __future__ import annotations
@@ -173,48 +185,76 @@ class VideoXLStrategy(Strategy):
         end = fam.end_tokens()  # LLaVA-OneVision: the newline after the last frame
         n_vis = units * gh * gw + end.shape[0]
         p, q = prompt.prefix_ids.shape[1], prompt.question_ids.shape[1]
+        hid, fs = vlm.hidden_size, vlm.feature_size
         # explicit positions (M-RoPE): the full stream's logical positions (module doc)
-        plan = None
+        plan, vlayout = None, None
         if fam.needs_blocks():
             blocks = end_blocks(vlm, TokenBlocks.grid(units, gh, gw, device=vlm.device,
-                                                      frame_hw=frame_hw, fps=prompt.fps),
-                                units - 1)
-            plan = fam.position_plan(p, blocks, n_vis, q)
+                                                      frame_hw=frame_hw, fps=prompt.fps,
+                                                      num_frames=t_frames), units - 1)
+            # families that frame units with text (Qwen3-VL timestamps): the raw stream is
+            # the video segment as the prompt has it, text included
+            vlayout = fam.visual_layout(blocks, n_vis, text_ids=prompt.text_ids)
+            plan = fam.position_plan(p, blocks, n_vis, q) if vlayout is None else \
+                fam.position_plan(p, blocks, n_vis, q, layout=vlayout)
+        n_stream = n_vis if vlayout is None else vlayout.length
         keep = None if plan is None else \
             torch.zeros_like(vlm.language_model.rotary_emb.inv_freq)
-        cache = SummaryKVCache.for_model(view, prefix=p, num_visual=n_vis, ratio=ratio,
+        cache = SummaryKVCache.for_model(view, prefix=p, num_visual=n_stream, ratio=ratio,
                                          window=window, tail=q + vlm.decode_reserve,
                                          evict=cfg.evict, inv_freq=keep)
-        raw_done = 0  # raw visual tokens already sent (global index of the next window)
+        raw_done = 0  # raw stream tokens already sent (global index of the next window)
 
         def step(x: torch.Tensor, lo: int) -> torch.Tensor:
             cache.check_room(x.shape[1])
             pos = None if plan is None else plan.chunk(lo, lo + x.shape[1])
             return vlm.run_llm(x, cache, pos)
 
-        def window_run(raw: torch.Tensor) -> None:
+        def window_run(raw: torch.Tensor, vis: torch.Tensor | None) -> None:
             nonlocal raw_done
             pos = None if plan is None else \
                 plan.chunk(p + raw_done, p + raw_done + raw.shape[1])
+            kw = {}
+            if vis is not None:  # DeepStack rows of this window's visual tokens
+                m = videoxl_driver.interleave(vis.view(1, -1, 1).to(raw.dtype),
+                                              raw.new_zeros(1), ratio, cache.carry)
+                kw = fam.decoder_kwargs(m[0, :, 0].gt(0.5).view(1, -1), raw[0, vis, hid:])
             with vlm._stage("prefill"):
-                videoxl_driver.run_window(view, cache, layout, raw, vst, ratio, pos)
+                videoxl_driver.run_window(view, cache, layout, raw[..., :hid], vst, ratio, pos,
+                                          **kw)
             raw_done += raw.shape[1]
 
-        buf = torch.empty((1, min(window, n_vis), vlm.hidden_size), dtype=vlm.dtype,
-                          device=vlm.device)
+        buf = torch.empty((1, min(window, n_stream), fs), dtype=vlm.dtype, device=vlm.device)
+        vbuf = None if fs == hid else \
+            torch.zeros(buf.shape[1], dtype=torch.bool, device=vlm.device)
         fill = 0
 
-        def push(tokens: torch.Tensor) -> None:
-            """Copy (1, n, D) tokens into the window buffer, running every full window."""
+        def push(tokens: torch.Tensor, visual: bool = True) -> None:
+            """Copy (1, n, F) tokens into the window buffer, running every full window."""
             nonlocal fill
             off, n = 0, tokens.shape[1]
             while off < n:
                 take = min(buf.shape[1] - fill, n - off)
-                buf[:, fill : fill + take] = tokens[:, off : off + take]
+                buf[:, fill : fill + take, : tokens.shape[2]] = tokens[:, off : off + take]
+                if vbuf is not None:
+                    vbuf[fill : fill + take] = visual
+                    if not visual:  # text rows carry no DeepStack channels
+                        buf[:, fill : fill + take, tokens.shape[2]:] = 0
                 fill, off = fill + take, off + take
                 if fill == buf.shape[1]:
-                    window_run(buf)
+                    window_run(buf, vbuf)
                     fill = 0
+
+        def visual_rows() -> Any:
+            """The video's visual rows in order, one vision chunk at a time, then the end
+            tokens."""
+            for _start, feats in vlm.iter_patch_features(pv):
+                pooled = vlm.pool_2x2(feats)
+                del feats
+                yield pooled.reshape(1, -1, fs)
+                del pooled
+            if end.shape[0]:
+                yield end.to(vlm.dtype).unsqueeze(0)
 
         fused = view.head_dim in HEAD_DIMS
         attn = videoxl_driver.AttnImpl(view, ATTN_NAME) if fused else contextlib.nullcontext()
@@ -222,18 +262,28 @@ class VideoXLStrategy(Strategy):
             with vlm._stage("prefill"):
                 step(vlm.embed_tokens(prompt.prefix_ids), 0)
                 cache.mark_sink()
-            for _start, feats in vlm.iter_patch_features(pv):
-                pooled = vlm.pool_2x2(feats)
-                del feats
-                push(pooled.reshape(1, -1, vlm.hidden_size))
-                del pooled
-            if end.shape[0]:
-                push(end.to(vlm.dtype).unsqueeze(0))
+            if vlayout is None:
+                for rows in visual_rows():
+                    push(rows)
+            else:  # text pieces embedded in place, visual pieces pulled from the chunks
+                src, cur, off = visual_rows(), None, 0
+                for piece in vlayout.pieces:
+                    if not isinstance(piece, tuple):
+                        push(vlm.embed_tokens(piece.view(1, -1)), visual=False)
+                        continue
+                    need = piece[1] - piece[0]
+                    while need:
+                        if cur is None or off == cur.shape[1]:
+                            cur, off = next(src), 0
+                        take = min(need, cur.shape[1] - off)
+                        push(cur[:, off : off + take])
+                        off, need = off + take, need - take
+                del src, cur
             if fill:
-                window_run(buf[:, :fill])
+                window_run(buf[:, :fill], None if vbuf is None else vbuf[:fill])
             self.rows_after_video = cache.get_seq_length()
             with vlm._stage("prefill"):
-                last = step(vlm.embed_tokens(prompt.question_ids), p + n_vis)[:, -1:].clone()
+                last = step(vlm.embed_tokens(prompt.question_ids), p + n_stream)[:, -1:].clone()
         s = cache.num_summaries
         notes = []
         if s == 0 and cfg.evict:  # host ints: no device read, meta-safe
@@ -243,6 +293,6 @@ class VideoXLStrategy(Strategy):
                 "does not depend on the video (faithful to Video-XL). Use more frames, a "
                 "smaller ratio or evict=False.")
             warnings.warn(notes[-1], StrategyWarning, stacklevel=2)
-        return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n_vis + s + q,
-                             visual_tokens=n_vis + s, frames_encoded=t_frames, warnings=notes,
+        return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n_stream + s + q,
+                             visual_tokens=n_stream + s, frames_encoded=t_frames, warnings=notes,
                              positions=plan)

@@ -1,0 +1,283 @@
+"""Every strategy on Qwen3.5: Qwen3-VL's semantics through the family layer (timestamps of
+the kept units, per-block positions; no DeepStack), on the hybrid decoder.
+
+For each strategy:
+
+* the visual rows equal a recomputation from transformers' ``get_video_features`` on every
+  frame at once with the plain-PyTorch specs in ``lvlm_fast.reference``;
+* the prompt the wrapper feeds (timestamp text between the kept units) equals the
+  processor's layout (``Qwen3VLProcessor._calculate_timestamps`` + ``replace_video_token``,
+  the processor transformers maps ``qwen3_5`` to) written for the units the reference kept;
+* positions equal ``Qwen3_5Model.get_rope_index`` on that prompt where every unit is one
+  grid, and the documented per-block rule otherwise;
+* the first-token logits equal transformers' own Qwen3.5 decoder run in ONE forward over
+  the whole prompt (linear-attention layers included), while the wrapper ran it in
+  non-dividing prefill chunks through the hybrid preallocated cache;
+* ``videoxl``: equals a plain-PyTorch reference: the interleaved stream (prefix, the
+  timestamped video segment with a summary after every ``ratio``-th token, question) run
+  once through transformers' decoder with the eviction mask on the full-attention layers
+  and none on the linear-attention layers (their recurrent state absorbs every token and
+  is never evicted); greedy tokens equal too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import Qwen3_5ForConditionalGeneration
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+from lvlm_fast.models import LongVideoVLM, get_config
+from lvlm_fast.models.strategies import VideoPrompt, get_strategy
+from lvlm_fast.models.strategies.videoxl import DecoderView, _summary_vector
+from lvlm_fast.ops import SlowFastConfig
+from lvlm_fast.reference.context_content_pool import context_content_pool as ref_ccp
+from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as ref_dwp
+from lvlm_fast.reference.keyframe_select import keyframe_select as ref_kfs
+from lvlm_fast.reference.slowfast_pool import slowfast_pool as ref_sfp
+
+VIDEO, START, END = 251, 252, 253
+FRAMES = 13  # 7 temporal units, the last padded with a repeat of frame 12
+UNITS = 7
+H = W = 128  # merged grid 4 x 4
+G = 4
+D = 128
+P, Q = 3, 5
+FPS = 2.0
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
+
+
+def text_ids(s: str) -> list[int]:
+    return [3 + ord(c) % 190 for c in s]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    model = Qwen3_5ForConditionalGeneration(get_config("tiny-qwen3.5")).eval()
+    return LongVideoVLM(model, vision_chunk_frames=4, prefill_chunk_tokens=13)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(FRAMES, 3, H, W, generator=g)
+    pv[6:8] = pv[4:6] + 0.01 * torch.randn(2, 3, H, W, generator=g)  # a repeated unit
+    return VideoPrompt(pv, torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 7, 9]]),
+                       fps=FPS, text_ids=text_ids)
+
+
+@pytest.fixture(scope="module")
+def full(vlm, prompt):
+    """(units, 4, 4, D): transformers' vision path on every frame at once."""
+    with torch.no_grad():
+        return vlm.family.encode_all_at_once(prompt.pixel_values)
+
+
+# --------------------------------------------------------------------------- references
+def reference_prompt(prompt, runs, num_frames=FRAMES, fps=FPS):
+    """The processor's prompt for ``runs`` = [(unit, [(h, w), ...]), ...]: ids with
+    ``<t seconds><vs> pads <ve>`` per run and positions by the documented rule (text +1
+    each, a block at (cur, cur + y, cur + x) then cur += max(h, w))."""
+    ts = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
+    ids = prompt.prefix_ids[0].tolist()
+    pos = [(i, i, i) for i in range(P)]
+    cur = P
+
+    def text(toks):
+        nonlocal cur
+        ids.extend(toks)
+        pos.extend((cur + i,) * 3 for i in range(len(toks)))
+        cur += len(toks)
+
+    for u, blocks in runs:
+        text([*text_ids(f"<{ts[u]:.1f} seconds>"), START])
+        for h, w in blocks:
+            ids.extend([VIDEO] * (h * w))
+            pos.extend((cur, cur + y, cur + x) for y in range(h) for x in range(w))
+            cur += max(h, w)
+        text([END])
+    text(prompt.question_ids[0].tolist())
+    return torch.tensor([ids]), torch.tensor(pos).T.reshape(3, 1, -1)
+
+
+def hf_first_logits(vlm, ids, visual, pos):
+    """transformers' Qwen3.5 decoder, one forward over the whole prompt."""
+    emb = vlm.model.get_input_embeddings()(ids)
+    emb = emb.masked_scatter((ids == VIDEO).unsqueeze(-1), visual[0])
+    with torch.no_grad():
+        h = vlm.model.model.language_model(inputs_embeds=emb,
+                                           position_ids=pos).last_hidden_state
+        return vlm.model.lm_head(h[:, -1]).float()
+
+
+def check(vlm, prompt, name, kw, want_visual, runs):
+    s = get_strategy(name, **kw)
+    out = s.visual_embeds(vlm, prompt)
+    got, _ = out
+    assert got.shape[-1] == D
+    torch.testing.assert_close(got, want_visual, rtol=1e-5, atol=1e-5)
+    ids, pos = reference_prompt(prompt, runs)
+    fam = vlm.family
+    layout = fam.visual_layout(out.blocks, got.shape[1], text_ids=text_ids)
+    seq = []
+    for piece in layout.pieces:
+        seq += [VIDEO] * (piece[1] - piece[0]) if isinstance(piece, tuple) else piece.tolist()
+    assert prompt.prefix_ids[0].tolist() + seq + prompt.question_ids[0].tolist() \
+        == ids[0].tolist()  # timestamps aligned with the kept units
+    plan = fam.position_plan(P, out.blocks, got.shape[1], Q, layout=layout)
+    assert torch.equal(plan.chunk(0, plan.total), pos)
+    if all(len(b) == 1 for _, b in runs):  # every unit one grid: transformers' own ids
+        thw = torch.tensor([[1, 2 * b[0][0], 2 * b[0][1]] for _, b in runs])
+        want_pos, _ = vlm.model.model.get_rope_index(ids, (ids == VIDEO).int() * 2,
+                                                     video_grid_thw=thw)
+        assert torch.equal(pos, want_pos)
+    logits = vlm.first_token(prompt, s)
+    torch.testing.assert_close(logits, hf_first_logits(vlm, ids, want_visual, pos),
+                               rtol=0, atol=1e-5)
+    assert vlm.last_prefill.llm_tokens == ids.shape[1]
+
+
+# --------------------------------------------------------------------------- strategies
+def test_full(vlm, prompt, full):
+    check(vlm, prompt, "full", {}, full.reshape(1, -1, D),
+          [(u, [(G, G)]) for u in range(UNITS)])
+
+
+@pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
+def test_vilamp(vlm, prompt, full, name):
+    """Keyframes over temporal units keep their grid and timestamp; every other unit is ONE
+    DFM token framed with that unit's timestamp."""
+    k = 2
+    x = full.reshape(UNITS, G * G, D)
+    emb = x.mean(dim=1).float()
+    idx, ref_pos = ref_kfs(emb, emb.mean(0), k, threshold=0.85, min_relevance=None, fill=True)
+    tok = ref_dwp(x, torch.zeros(D), x[idx], ref_pos, rel=x, red=x, tau=2.0)
+    kf = idx.tolist()
+    rows, runs = [], []
+    for u in range(UNITS):
+        rows.append(x[u] if u in kf else tok[u : u + 1])
+        runs.append((u, [(G, G)] if u in kf else [(1, 1)]))
+    check(vlm, prompt, name, {"num_keyframes": k}, torch.cat(rows).unsqueeze(0), runs)
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_slow": 3, "order": "interleaved"}])
+def test_slowfast(vlm, prompt, full, kw):
+    s = get_strategy("slowfast", **kw)
+    sf = s.config.resolved()
+    fast = (min(sf.fast_grid[0], G), min(sf.fast_grid[1], G))
+    slow = SlowFastConfig(**sf.__dict__).slow_index(UNITS)
+    want = ref_sfp(full, slow, slow_kernel=sf.slow_kernel, slow_mode=sf.slow_mode,
+                   fast_grid=fast, fast_frames=sf.fast_frames, order=sf.order).unsqueeze(0)
+    sh, sw = G // sf.slow_kernel[0], G // sf.slow_kernel[1]
+    slow_l = slow.tolist()
+    fast_units = [u for u in range(UNITS) if sf.fast_frames == "all" or u not in slow_l]
+    if sf.order == "slow_fast":
+        runs = [(u, [(sh, sw)]) for u in slow_l] + [(u, [fast]) for u in fast_units]
+    else:
+        runs = []
+        for u in range(UNITS):
+            blocks = ([(sh, sw)] if u in slow_l else []) + ([fast] if u in fast_units else [])
+            if blocks:
+                runs.append((u, blocks))
+    check(vlm, prompt, "slowfast", kw, want, runs)
+
+
+def test_llamavid(vlm, prompt, full):
+    x = full.reshape(UNITS, -1, D)
+    question = vlm.embed_tokens(prompt.question_ids)[0]
+    want = ref_ccp(x, question, x, scale=D ** -0.5, content_grid=2).reshape(1, -1, D)
+    check(vlm, prompt, "llamavid", {"content_grid": 2}, want,
+          [(u, [(1, 1), (2, 2)]) for u in range(UNITS)])
+
+
+def test_uniform(vlm, prompt):
+    """uniform (6 of 13 frames) == ``full`` on the sampled video at the sampled rate."""
+    s = get_strategy("uniform", num_frames=6)
+    out = s.visual_embeds(vlm, prompt)
+    idx = torch.linspace(0, FRAMES - 1, 6, dtype=torch.float64).round().long()
+    sampled = VideoPrompt(prompt.pixel_values[idx], prompt.prefix_ids, prompt.question_ids,
+                          fps=FPS * 6 / FRAMES, text_ids=text_ids)
+    with torch.no_grad():
+        want = vlm.family.encode_all_at_once(sampled.pixel_values).reshape(1, -1, D)
+    torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
+    ids, pos = reference_prompt(sampled, [(u, [(G, G)]) for u in range(3)], 6, FPS * 6 / 13)
+    torch.testing.assert_close(vlm.first_token(prompt, s),
+                               hf_first_logits(vlm, ids, want, pos), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- videoxl
+def videoxl_reference(vlm, prompt, full, ratio, window, evict, steps):
+    """(first-token logits, greedy tokens) of the masked whole-stream reference."""
+    model = vlm.model
+    emb = model.get_input_embeddings()
+    vst = _summary_vector(vlm, DecoderView(vlm), None)
+    ids, pos = reference_prompt(prompt, [(u, [(G, G)]) for u in range(UNITS)])
+    n_stream = ids.shape[1] - P - Q
+    rows = full.reshape(-1, D)
+    toks, at, kind, win = [], [], [], []
+    vi = 0
+    for i in range(ids.shape[1]):
+        if ids[0, i] == VIDEO:
+            x = rows[vi]
+            vi += 1
+        else:
+            x = emb(ids[:, i])[0]
+        r = i - P  # index in the raw stream (timestamps included)
+        if r < 0:
+            k, w = 0, -1
+        elif r < n_stream:
+            k, w = 1, r // window
+        else:
+            k, w = 0, 10**9
+        toks.append(x)
+        at.append(pos[:, 0, i].tolist())
+        kind.append(k)
+        win.append(w)
+        if 0 <= r < n_stream and (r + 1) % ratio == 0:  # a summary after every ratio-th
+            toks.append(vst)
+            at.append(pos[:, 0, i].tolist())  # the position of the token before it
+            kind.append(2)
+            win.append(r // window)
+    nxt = max(max(p) for p in at) + 1
+    tokens = []
+    for s in range(steps):
+        m = len(toks)
+        kd, wd = torch.tensor(kind), torch.tensor(win)
+        mask = torch.ones(m, m).tril().bool()
+        if evict:
+            mask &= (wd == -1).view(1, m) | (wd.view(m, 1) == wd.view(1, m)) \
+                | ((kd == 2).view(1, m) & (wd.view(1, m) < wd.view(m, 1)))
+        with torch.no_grad():
+            h = model.model.language_model(
+                inputs_embeds=torch.stack(toks).unsqueeze(0),
+                position_ids=torch.tensor(at).T.reshape(3, 1, m),
+                attention_mask={"full_attention": mask.view(1, 1, m, m),
+                                "linear_attention": None}).last_hidden_state
+            lg = model.lm_head(h[:, -1]).float()
+        if s == 0:
+            first = lg
+        tokens.append(int(lg.argmax()))
+        toks.append(emb(torch.tensor([tokens[-1]]))[0])
+        at.append([nxt + s] * 3)
+        kind.append(0)
+        win.append(10**9)
+    return first, tokens, n_stream
+
+
+@pytest.mark.parametrize("ratio,window", [(8, 40), (5, 1000)])
+@pytest.mark.parametrize("evict", [True, False])
+def test_videoxl(vlm, prompt, full, ratio, window, evict):
+    want_first, want_tokens, n_stream = videoxl_reference(vlm, prompt, full, ratio, window,
+                                                          evict, steps=3)
+    s = get_strategy("videoxl", ratio=ratio, window=window, evict=evict)
+    torch.testing.assert_close(vlm.first_token(prompt, s), want_first, rtol=0, atol=1e-5)
+    assert vlm.generate(prompt, max_new_tokens=3, strategy=s)[0].tolist() == want_tokens
+    cache = vlm.last_prefill.cache
+    kept = n_stream // ratio
+    rows = P + (kept if evict else n_stream + kept) + Q + 2
+    assert [la.length for la in cache.kv_layers] == [rows, rows]  # full-attention only
+    assert len(cache.state_layers) == 2

@@ -13,11 +13,8 @@ For each strategy:
 * the first-token logits equal transformers' own Qwen3.5 decoder run in ONE forward over
   the whole prompt (linear-attention layers included), while the wrapper ran it in
   non-dividing prefill chunks through the hybrid preallocated cache;
-* ``videoxl``: equals a plain-PyTorch reference: the interleaved stream (prefix, the
-  timestamped video segment with a summary after every ``ratio``-th token, question) run
-  once through transformers' decoder with the eviction mask on the full-attention layers
-  and none on the linear-attention layers (their recurrent state absorbs every token and
-  is never evicted); greedy tokens equal too.
+
+``videoxl`` on Qwen3.5: ``test_family_qwen3_5_videoxl.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from lvlm_fast.models import LongVideoVLM, get_config
 from lvlm_fast.models.strategies import VideoPrompt, get_strategy
-from lvlm_fast.models.strategies.videoxl import DecoderView, _summary_vector
 from lvlm_fast.ops import SlowFastConfig
 from lvlm_fast.reference.context_content_pool import context_content_pool as ref_ccp
 from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as ref_dwp
@@ -207,77 +203,3 @@ def test_uniform(vlm, prompt):
     ids, pos = reference_prompt(sampled, [(u, [(G, G)]) for u in range(3)], 6, FPS * 6 / 13)
     torch.testing.assert_close(vlm.first_token(prompt, s),
                                hf_first_logits(vlm, ids, want, pos), rtol=0, atol=1e-5)
-
-
-# --------------------------------------------------------------------------- videoxl
-def videoxl_reference(vlm, prompt, full, ratio, window, evict, steps):
-    """(first-token logits, greedy tokens) of the masked whole-stream reference."""
-    model = vlm.model
-    emb = model.get_input_embeddings()
-    vst = _summary_vector(vlm, DecoderView(vlm), None)
-    ids, pos = reference_prompt(prompt, [(u, [(G, G)]) for u in range(UNITS)])
-    n_stream = ids.shape[1] - P - Q
-    rows = full.reshape(-1, D)
-    toks, at, kind, win = [], [], [], []
-    vi = 0
-    for i in range(ids.shape[1]):
-        if ids[0, i] == VIDEO:
-            x = rows[vi]
-            vi += 1
-        else:
-            x = emb(ids[:, i])[0]
-        r = i - P  # index in the raw stream (timestamps included)
-        if r < 0:
-            k, w = 0, -1
-        elif r < n_stream:
-            k, w = 1, r // window
-        else:
-            k, w = 0, 10**9
-        toks.append(x)
-        at.append(pos[:, 0, i].tolist())
-        kind.append(k)
-        win.append(w)
-        if 0 <= r < n_stream and (r + 1) % ratio == 0:  # a summary after every ratio-th
-            toks.append(vst)
-            at.append(pos[:, 0, i].tolist())  # the position of the token before it
-            kind.append(2)
-            win.append(r // window)
-    nxt = max(max(p) for p in at) + 1
-    tokens = []
-    for s in range(steps):
-        m = len(toks)
-        kd, wd = torch.tensor(kind), torch.tensor(win)
-        mask = torch.ones(m, m).tril().bool()
-        if evict:
-            mask &= (wd == -1).view(1, m) | (wd.view(m, 1) == wd.view(1, m)) \
-                | ((kd == 2).view(1, m) & (wd.view(1, m) < wd.view(m, 1)))
-        with torch.no_grad():
-            h = model.model.language_model(
-                inputs_embeds=torch.stack(toks).unsqueeze(0),
-                position_ids=torch.tensor(at).T.reshape(3, 1, m),
-                attention_mask={"full_attention": mask.view(1, 1, m, m),
-                                "linear_attention": None}).last_hidden_state
-            lg = model.lm_head(h[:, -1]).float()
-        if s == 0:
-            first = lg
-        tokens.append(int(lg.argmax()))
-        toks.append(emb(torch.tensor([tokens[-1]]))[0])
-        at.append([nxt + s] * 3)
-        kind.append(0)
-        win.append(10**9)
-    return first, tokens, n_stream
-
-
-@pytest.mark.parametrize("ratio,window", [(8, 40), (5, 1000)])
-@pytest.mark.parametrize("evict", [True, False])
-def test_videoxl(vlm, prompt, full, ratio, window, evict):
-    want_first, want_tokens, n_stream = videoxl_reference(vlm, prompt, full, ratio, window,
-                                                          evict, steps=3)
-    s = get_strategy("videoxl", ratio=ratio, window=window, evict=evict)
-    torch.testing.assert_close(vlm.first_token(prompt, s), want_first, rtol=0, atol=1e-5)
-    assert vlm.generate(prompt, max_new_tokens=3, strategy=s)[0].tolist() == want_tokens
-    cache = vlm.last_prefill.cache
-    kept = n_stream // ratio
-    rows = P + (kept if evict else n_stream + kept) + Q + 2
-    assert [la.length for la in cache.kv_layers] == [rows, rows]  # full-attention only
-    assert len(cache.state_layers) == 2

@@ -4,6 +4,10 @@
 PY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
+# lmms-eval for the `lvlm_fast` plugin tests: --no-deps, its declared dependencies would pull
+# torchvision (replacing the CPU torch), av<16, wandb, ...; the `eval` extra has what it imports.
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+
 .PHONY: install install-test demo test lint bench
 
 # One build of the C++ extension per target: the extras ride along in the same install.
@@ -12,7 +16,9 @@ install:
 	$(PY) -m pip install -q --no-build-isolation -e ".$(EXTRAS)"
 
 install-test:
-	$(MAKE) install EXTRAS="[test]"
+	$(MAKE) install EXTRAS="[test,eval]"
+	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL_SPEC)"
+	@$(PY) -c 'import sys, torch; v = torch.__version__; want = "$(TORCH_SPEC)".split("==")[-1]; print("torch", v); sys.exit(0 if v.split("+")[0] == want else f"torch {v} is not $(TORCH_SPEC): an install replaced it")'
 
 demo: install
 	lvlm-fast bench --quick

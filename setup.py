@@ -25,6 +25,7 @@ PACKAGES = [
     "lvlm_fast.models",
     "lvlm_fast.models.strategies",
     "lvlm_fast.profile",
+    "lvlm_fast.integrations",
 ]
 
 

@@ -288,7 +288,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     bar = tqdm(total=len(mine), desc=f"rank {rank}/{world}", position=rank, unit="video",
                disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
-    with open(part, "a", encoding="utf-8") as fh:
+    with open(part, "a+", encoding="utf-8") as fh:
+        if fh.tell() > 0:  # a record cut by a crash has no newline: start a fresh line
+            fh.seek(fh.tell() - 1)
+            if fh.read(1) != "\n":
+                fh.write("\n")
         for entry in mine:
             rec = process_entry(qa, entry, args)
             rec["rank"] = rank

@@ -74,7 +74,13 @@ from lvlm_fast.models.families import (
     family_for_model_type,
     supported_class_names,
 )
-from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt, get_strategy
+from lvlm_fast.models.strategies.base import (
+    PrefillResult,
+    Strategy,
+    VideoPrompt,
+    VisualStream,
+    get_strategy,
+)
 from lvlm_fast.ops._validate import is_meta_or_fake
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
 
@@ -487,7 +493,8 @@ class LongVideoVLM:
                        text_ids: Any = None) -> PrefillResult:
         """Chunked prefill of ``[prefix ; visual ; question]`` (see module doc).
 
-        ``visual`` (1, N, feature_size), N >= 0 (``feature_size`` = hidden, or hidden x (1 +
+        ``visual`` (1, N, feature_size) or a :class:`VisualStream` of such rows (made on
+        demand as the prefill reaches them), N >= 0 (``feature_size`` = hidden, or hidden x (1 +
         DeepStack levels) on Qwen3-VL: the extra channels are split off per chunk and given
         to the decoder by the family, :meth:`ModelFamily.decoder_kwargs`). ``reserve``:
         extra cache rows for decoding (default :attr:`decode_reserve`). ``blocks``: where
@@ -499,9 +506,11 @@ class LongVideoVLM:
         self._check_ids("prefix_ids", prefix_ids)
         self._check_ids("question_ids", question_ids)
         fs = self.feature_size
-        if not isinstance(visual, torch.Tensor) or visual.dim() != 3 or visual.shape[0] != 1 \
-                or visual.shape[2] != fs:
-            got = tuple(visual.shape) if isinstance(visual, torch.Tensor) else type(visual)
+        stream = isinstance(visual, VisualStream)
+        if not (isinstance(visual, torch.Tensor) or stream) or visual.dim() != 3 \
+                or visual.shape[0] != 1 or visual.shape[2] != fs:
+            got = tuple(visual.shape) if isinstance(visual, (torch.Tensor, VisualStream)) \
+                else type(visual)
             raise ValueError(f"visual must be (1, N, feature_size={fs}), got {got}")
         reserve = self.decode_reserve if reserve is None else reserve
         p, n, q = prefix_ids.shape[1], visual.shape[1], question_ids.shape[1]
@@ -537,7 +546,8 @@ class LongVideoVLM:
                     if lo < hi:
                         seg = pieces[i]
                         if isinstance(seg, tuple):
-                            rows = visual[:, seg[0] + lo : seg[0] + hi]
+                            rows = visual.take(seg[0] + lo, seg[0] + hi) if stream else \
+                                visual[:, seg[0] + lo : seg[0] + hi]
                             embs.append(rows[..., :hid].to(self.dtype))
                             if fs != hid:
                                 extra.append(rows[0, :, hid:])

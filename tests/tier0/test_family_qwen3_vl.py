@@ -214,3 +214,35 @@ def test_custom_strategy_without_positions_is_an_error(qwen3):
     vlm = LongVideoVLM(qwen3)
     with pytest.raises(ValueError, match="positions"):
         vlm.generate(_prompt(2), max_new_tokens=2, strategy=_NoPositions())
+
+
+def test_full_streams_deepstack_rows_into_the_prefill(qwen3, monkeypatch):
+    """``full`` / ``uniform`` hand the prefill a VisualStream: each vision chunk is encoded
+    when the prefill reaches it (no tensor of every frame's DeepStack rows); rows are read
+    once, in order."""
+    from lvlm_fast.models.strategies.base import VisualStream
+
+    vlm = LongVideoVLM(qwen3, vision_chunk_frames=2, prefill_chunk_tokens=10)
+    seen, encoded = [], []
+    real_prefill, real_encode = vlm.prefill_embeds, vlm.family.encode
+
+    def spy_prefill(*a, **k):
+        seen.append(a[1])
+        return real_prefill(*a, **k)
+
+    def spy_encode(frames):
+        encoded.append(len(seen))
+        return real_encode(frames)
+
+    monkeypatch.setattr(vlm, "prefill_embeds", spy_prefill)
+    monkeypatch.setattr(vlm.family, "encode", spy_encode)
+    for name, kw in (("full", {}), ("uniform", {"num_frames": 4})):
+        seen.clear()
+        encoded.clear()
+        vlm.first_token(_prompt(6, seed=4), name, **kw)
+        assert isinstance(seen[0], VisualStream)
+        assert encoded and all(n == 1 for n in encoded)  # encoded during the prefill
+    s = VisualStream(4, 2, iter([torch.zeros(1, 3, 2), torch.ones(1, 1, 2)]))
+    assert s.take(0, 2).shape == (1, 2, 2) and s.take(2, 4)[0, :, 0].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="in order"):
+        VisualStream(4, 2, iter([])).take(1, 2)

@@ -93,6 +93,41 @@ class VisualEmbeds(tuple):
         return self
 
 
+class VisualStream:
+    """Visual rows made on demand, in order: what a strategy whose rows need no global pass
+    (``full``, ``uniform``) hands the prefill when its rows are wide (DeepStack levels), so
+    the wrapper encodes one vision chunk when the prefill reaches it and no tensor ever
+    holds every frame's rows. ``chunks`` yields ``(1, k, width)`` row blocks whose
+    lengths sum to ``num_rows``; :meth:`take` must be called with consecutive ranges
+    (the prefill reads the visual segment front to back, once)."""
+
+    def __init__(self, num_rows: int, width: int, chunks: Any) -> None:
+        self.shape = (1, num_rows, width)
+        self._chunks = iter(chunks)
+        self._cur: torch.Tensor | None = None
+        self._off = 0  # rows of _cur already taken
+        self._next = 0  # next row index expected
+
+    def dim(self) -> int:
+        return 3
+
+    def take(self, lo: int, hi: int) -> torch.Tensor:
+        if lo != self._next or not 0 <= lo <= hi <= self.shape[1]:
+            raise ValueError(f"VisualStream rows are read once, in order: asked for "
+                             f"[{lo}, {hi}) after {self._next} of {self.shape[1]}")
+        parts = []
+        while lo < hi:
+            if self._cur is None or self._off == self._cur.shape[1]:
+                self._cur, self._off = next(self._chunks), 0
+            k = min(hi - lo, self._cur.shape[1] - self._off)
+            parts.append(self._cur[:, self._off : self._off + k])
+            self._off, lo = self._off + k, lo + k
+        self._next = hi
+        if self._cur is not None and self._off == self._cur.shape[1]:
+            self._cur = None  # the chunk is done: let it go
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class Strategy(abc.ABC):
     """Base class. Subclasses set ``name``, ``config_class``, ``holds_all_patch_features``
     (True if it keeps every frame's patch features alive at once; documented per strategy)

@@ -16,12 +16,14 @@ channels (``vlm.feature_size`` = (1 + levels) x hidden), every unit framed
 by its own timestamp text (``<t seconds><|vision_start|> ... <|vision_end|>``, inserted by
 the family at prefill); the DeepStack rows are split off and added to the first decoder
 layers chunk by chunk of the prefill. Equals ``Qwen3VLForConditionalGeneration.generate``.
-The visual tensor holds every unit's main and DeepStack rows (``full`` holds all tokens by
-definition).
+There its prefill streams the rows (:class:`VisualStream`): each vision chunk is encoded
+when the prefill reaches it, so neither every frame's DeepStack rows nor every frame's
+tokens are ever held (``visual_embeds`` still returns the whole tensor, for tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,9 +32,11 @@ import torch
 from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
+    PrefillResult,
     StrategyConfig,
     VideoPrompt,
     VisualEmbeds,
+    VisualStream,
     register,
 )
 
@@ -60,10 +64,12 @@ def end_blocks(vlm: LongVideoVLM, blocks: TokenBlocks, last_unit: int | torch.Te
 
 def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
                         frame_index: torch.Tensor | None = None,
-                        fps: float | None = None) -> VisualEmbeds:
-    """(1, units * tokens_per_unit + end, hidden) pooled tokens of the (selected) frames +
-    the family's end tokens, the frame count, and (families with grid positions) one
-    ``h x w`` block per unit. Written chunk by chunk into one preallocated tensor."""
+                        fps: float | None = None, *, stream: bool = False) -> VisualEmbeds:
+    """(1, units * tokens_per_unit + end, feature_size) pooled tokens of the (selected)
+    frames + the family's end tokens, the frame count, and (families with grid positions)
+    one ``h x w`` block per unit. Written chunk by chunk into one preallocated tensor, or
+    with ``stream=True`` a :class:`VisualStream` that encodes each vision chunk only when
+    the prefill reaches it (no tensor of every frame's rows)."""
     fam = vlm.family
     f_total = pixel_values.shape[0] if frame_index is None else frame_index.shape[0]
     t_total = fam.units(f_total)
@@ -71,16 +77,24 @@ def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
     gh, gw = fam.token_grid(frame_hw)
     per = gh * gw
     end = fam.end_tokens()
-    out = torch.empty((1, t_total * per + end.shape[0], vlm.feature_size), dtype=vlm.dtype,
-                      device=vlm.device)
-    for start, feats in vlm.iter_patch_features(pixel_values, frame_index):
-        pooled = vlm.pool_2x2(feats)
-        del feats
-        t = pooled.shape[0]
-        out[0, start * per : (start + t) * per] = pooled.reshape(t * per, -1)
-        del pooled
-    if end.shape[0]:
-        out[0, t_total * per:] = end.to(out.dtype)
+    rows = t_total * per + end.shape[0]
+    if stream:
+        def chunks() -> Iterator[torch.Tensor]:
+            for _start, feats in vlm.iter_patch_features(pixel_values, frame_index):
+                yield vlm.pool_2x2(feats).reshape(1, -1, vlm.feature_size)
+            if end.shape[0]:
+                yield end.to(vlm.dtype).unsqueeze(0)
+        out: torch.Tensor | VisualStream = VisualStream(rows, vlm.feature_size, chunks())
+    else:
+        out = torch.empty((1, rows, vlm.feature_size), dtype=vlm.dtype, device=vlm.device)
+        for start, feats in vlm.iter_patch_features(pixel_values, frame_index):
+            pooled = vlm.pool_2x2(feats)
+            del feats
+            t = pooled.shape[0]
+            out[0, start * per : (start + t) * per] = pooled.reshape(t * per, -1)
+            del pooled
+        if end.shape[0]:
+            out[0, t_total * per:] = end.to(out.dtype)
     blocks = None
     if fam.needs_blocks():
         blocks = end_blocks(vlm, TokenBlocks.grid(t_total, gh, gw, device=vlm.device,
@@ -99,3 +113,21 @@ class FullStrategy(EmbeddingStrategy):
 
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
         return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps)
+
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        return stream_prefill(vlm, prompt, pooled_video_embeds(
+            vlm, prompt.pixel_values, fps=prompt.fps, stream=streams(vlm)))
+
+
+def streams(vlm: LongVideoVLM) -> bool:
+    """Rows wider than the LLM (DeepStack levels) are streamed into the prefill, so no
+    tensor holds every frame's DeepStack rows; other families keep the held tensor."""
+    return vlm.feature_size != vlm.hidden_size
+
+
+def stream_prefill(vlm: LongVideoVLM, prompt: VideoPrompt, out: VisualEmbeds
+                   ) -> PrefillResult:
+    visual, frames = out
+    return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
+                              frames_encoded=frames, blocks=out.blocks,
+                              text_ids=prompt.text_ids)

@@ -14,7 +14,8 @@ units 0, 1, ... of the sampled sequence at the time step of the sampled rate (``
 scaled by ``num_frames / T``, or unknown if the prompt's ``fps`` is).
 
 Qwen3-VL: ``full`` on the sampled video: its units carry the timestamps of the sampled
-video at the sampled rate, and the DeepStack rows of the sampled units only.
+video at the sampled rate, and the DeepStack rows of the sampled units only (streamed into
+the prefill chunk by chunk, as in ``full``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import torch
 
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
+    PrefillResult,
     StrategyConfig,
     VideoPrompt,
     register,
 )
-from lvlm_fast.models.strategies.full import pooled_video_embeds
+from lvlm_fast.models.strategies.full import pooled_video_embeds, stream_prefill, streams
 
 if TYPE_CHECKING:
     from lvlm_fast.models.wrapper import LongVideoVLM
@@ -66,3 +68,15 @@ class UniformStrategy(EmbeddingStrategy):
         idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
         fps = None if prompt.fps is None else prompt.fps * self.config.num_frames / t
         return pooled_video_embeds(vlm, prompt.pixel_values, idx, fps=fps)
+
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        if not streams(vlm):
+            return super().prefill(vlm, prompt)
+        t = prompt.pixel_values.shape[0]  # DeepStack rows: streamed, as in ``full``
+        if t <= self.config.num_frames:
+            return stream_prefill(vlm, prompt, pooled_video_embeds(
+                vlm, prompt.pixel_values, fps=prompt.fps, stream=True))
+        idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
+        fps = None if prompt.fps is None else prompt.fps * self.config.num_frames / t
+        return stream_prefill(vlm, prompt, pooled_video_embeds(
+            vlm, prompt.pixel_values, idx, fps=fps, stream=True))

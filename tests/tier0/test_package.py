@@ -138,3 +138,27 @@ def test_run_all_model_tests_cover_transformers_users():
             with open(os.path.join(d, name)) as f:
                 if "transformers" in f.read():
                     assert f"tests/tier0/{name}" in files, name
+
+
+def test_transformers_range_is_declared_once_and_tested_at_both_ends():
+    """pyproject declares `transformers>=LOW,<5.40` (models and test extras alike); the
+    Makefile's compat venv is built at exactly LOW; `make test` upgrades to the newest
+    release in the range; .ci/run hands the compat venv to the test run before `make test`."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        specs = set(re.findall(r'"(transformers[^"]*)"', f.read()))
+    assert len(specs) == 1, specs
+    spec = specs.pop()
+    m = re.fullmatch(r"transformers>=(\d+\.\d+\.\d+),<5\.40", spec)
+    assert m, spec
+    low = m.group(1)
+    r = subprocess.run(["make", "-s", "-n", "compat-venv"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f'"transformers=={low}"' in r.stdout and f"venv-tf-{low}/bin/python" in r.stdout
+    r = subprocess.run(["make", "-n", "install-test"], capture_output=True, text=True, cwd=ROOT)
+    assert f'pip install -q -U "{spec}"' in r.stdout, r.stdout
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read().splitlines()
+    venv = [i for i, ln in enumerate(ci) if "make -s compat-venv" in ln and
+            "LVLM_FAST_COMPAT_PYTHON" in ln]
+    assert venv and "export LVLM_FAST_COMPAT_PYTHON" in ci and venv[0] < ci.index("make test")

@@ -8,7 +8,7 @@ lmms-eval video task.
 
 Registration: lmms-eval loads external models from the Python entry-point group
 ``lmms_eval.models``; this package declares
-``lvlm_fast = lvlm_fast.integrations.lmms_eval:manifest`` there (``pyproject.toml``), so an
+``lvlm_fast = lvlm_fast.integrations:lmms_eval_manifest`` there (``pyproject.toml``), so an
 install of ``lvlm-fast`` next to lmms-eval is all it takes (no patch of lmms-eval, no
 ``LMMS_EVAL_PLUGINS``).
 
@@ -54,15 +54,8 @@ from typing import Any
 
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 MODEL_NAME = "lvlm_fast"
-
-
-def manifest() -> ModelManifest:
-    """The entry point lmms-eval loads (group ``lmms_eval.models``)."""
-    return ModelManifest(model_id=MODEL_NAME,
-                         simple_class_path=f"{__name__}.LvlmFast")
 
 
 @dataclass

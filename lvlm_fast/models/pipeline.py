@@ -235,8 +235,14 @@ class VideoQA:
         if not post:
             raise ValueError("the prompt after the video is empty (empty question?)")
         dev = self.device
+        # text_ids: families that frame each temporal unit with text (Qwen3-VL timestamps)
         return VideoPrompt(frames.pixels, torch.tensor([pre], device=dev),
-                           torch.tensor([post], device=dev), fps=frames.sample_fps)
+                           torch.tensor([post], device=dev), fps=frames.sample_fps,
+                           text_ids=self.text_ids)
+
+    def text_ids(self, text: str) -> list[int]:
+        """The tokenizer as text -> ids, no special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @contextlib.contextmanager
     def _measure(self) -> Iterator[dict[str, Any]]:

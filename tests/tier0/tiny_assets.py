@@ -27,26 +27,39 @@ def save_tokenizer(path, vocab_size: int) -> None:
                             eos_token="<eos>").save_pretrained(path)
 
 
+FAMILY_CONFIGS = {"llava": "tiny-llava-onevision", "qwen": "tiny-qwen2.5-vl",
+                  "qwen3": "tiny-qwen3-vl", "qwen3.5": "tiny-qwen3.5"}
+
+
 def save_checkpoint(path, family: str = "llava") -> str:
-    """A tiny random checkpoint folder of ``family`` ('llava' or 'qwen') + tokenizer."""
+    """A tiny random checkpoint folder of ``family`` (a key of FAMILY_CONFIGS or a shipped
+    tiny config name) + tokenizer whose words avoid the multimodal placeholder ids."""
     from lvlm_fast.models import get_config
+    from lvlm_fast.models.families import family_for_config
 
+    config = get_config(FAMILY_CONFIGS.get(family, family))
     torch.manual_seed(0)
-    if family == "llava":
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        model = LlavaOnevisionForConditionalGeneration(get_config("tiny-llava-onevision"))
-        vocab = 250  # below the placeholder ids of the config
-    elif family == "qwen":
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        model = Qwen2_5_VLForConditionalGeneration(get_config("tiny-qwen2.5-vl"))
-        vocab = 250  # 250..253 are the image/video/vision start/end ids
-    else:
-        raise ValueError(family)
+    model = family_for_config(config).build(config)
+    special = [getattr(config, a, None) for a in ("video_token_id", "image_token_id",
+                                                  "vision_start_token_id",
+                                                  "vision_end_token_id")]
+    vocab = min([v for v in special if isinstance(v, int)] + [config.text_config.vocab_size])
     model.eval().save_pretrained(path)
     save_tokenizer(path, vocab)
-    if family == "qwen":  # pixel bounds so a 64x80 video resizes to 56x84, not ~300 px
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok("w5", add_special_tokens=False)["input_ids"] != [5]:
+        # the model type maps to its own tokenizer class (Qwen3.5: a byte-level BPE), which
+        # ignores the word-level file: save that class with a byte alphabet instead
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        b2u = bytes_to_unicode()
+        chars = [b2u[b] for b in [*range(32, 127), 10]]
+        bpe = {"<|endoftext|>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+        type(tok)(vocab=bpe, merges=[], eos_token="<eos>", unk_token="<|endoftext|>",
+                  pad_token="<|endoftext|>").save_pretrained(path)
+    if config.model_type != "llava_onevision":  # pixel bounds: a 64x80 video stays ~60 px
         with open(os.path.join(path, "preprocessor_config.json"), "w") as fh:
             json.dump({"min_pixels": 56 * 56, "max_pixels": 56 * 84}, fh)
     return str(path)

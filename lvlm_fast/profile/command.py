@@ -30,7 +30,7 @@ LINES_GIB = (24.0, 80.0)
 CSV_FIELDS = ("model", "strategy", "frames", "dtype", "simulated", "method", "peak_bytes",
               "peak_gib", "weight_bytes", "input_bytes", "inputs_counted", "pass_peak_bytes",
               "llm_tokens", "visual_tokens", "frames_encoded", "vision_chunk_frames",
-              "prefill_chunk_tokens", "seconds")
+              "prefill_chunk_tokens", "seconds", "kv_bytes", "state_bytes")
 
 
 def registered_strategies() -> list[str]:

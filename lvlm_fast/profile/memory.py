@@ -455,6 +455,18 @@ def _run_first_token(vlm: Any, prompt: Any) -> tuple[torch.Tensor, Any]:
     return logits, getattr(vlm, "last_prefill", None)
 
 
+def cache_split(info: Any) -> tuple[int | None, int | None]:
+    """(KV bytes, recurrent-state bytes) of the cache a pass leaves (``PrefillResult.cache``):
+    the allocated K/V buffers of the full-attention layers (they grow with the tokens kept)
+    and a hybrid decoder's linear-attention conv + recurrent states (Qwen3.5: constant in
+    tokens; 0 for attention-only decoders). (None, None) where the result holds no
+    preallocated cache. Shape arithmetic only (meta-safe); no accounting changes."""
+    cache = getattr(info, "cache", None)
+    if not (hasattr(cache, "allocated_bytes") and hasattr(cache, "state_bytes")):
+        return None, None
+    return int(cache.allocated_bytes()), int(cache.state_bytes())
+
+
 class Profiler:
     """Profiles one model (built once) under many strategies and frame counts.
 
@@ -568,6 +580,8 @@ class Profiler:
             "op_cache_hits": tr.hits,
             "op_cache_misses": tr.misses,
             "seconds": round(seconds, 3),
+            # the cache's split: K/V (grows with tokens) vs recurrent states (constant)
+            **dict(zip(("kv_bytes", "state_bytes"), cache_split(info), strict=True)),
         }
         if tuple(logits.shape[-1:]) != (self.config.text_config.vocab_size,):
             raise RuntimeError(f"first_token returned logits of shape {tuple(logits.shape)}")

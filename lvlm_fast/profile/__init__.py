@@ -6,6 +6,7 @@ from lvlm_fast.profile.memory import (
     PeakBreakdownTracker,
     Profiler,
     SimulationTracker,
+    VisionChunkReplay,
     profile_pipeline,
 )
 from lvlm_fast.profile.tracker import (
@@ -21,6 +22,7 @@ __all__ = [
     "PeakBreakdownTracker",
     "Profiler",
     "SimulationTracker",
+    "VisionChunkReplay",
     "cuda_allocator_peak_bytes",
     "measure_peak",
     "peak_live_bytes",

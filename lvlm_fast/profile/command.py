@@ -2,7 +2,13 @@
 
 With no arguments: the simulated ``llava-onevision-qwen2-7b`` in bf16 (meta tensors, no
 weights needed), frames 128 ... 10,240, every registered strategy (``videoxl`` at r = 16),
-first answer token. Prints the table of peak GiB, writes ``profile_<model>.csv`` and
+first answer token. ``--model qwen2.5-vl-7b`` (or any shipped config of a supported family,
+:data:`lvlm_fast.models.configs.MODEL_CONFIGS`) profiles that model the same way. The input
+is a 448 x 448 video resized by the family's own video-processor rule (LLaVA-OneVision:
+squared to the tower's 384; Qwen2.5-VL: 448 x 448, 2 frames per temporal patch); the
+output's first line states the frame size.
+
+Prints the table of peak GiB, writes ``profile_<model>.csv`` and
 ``profile_<model>.png`` (peak GiB vs frames with the 24 GiB and 80 GiB lines) into
 ``--out-dir``, and reports where each strategy passes 80 GiB. ``--budget GIB`` adds the
 largest frame count that fits per strategy. What "peak" counts: ``lvlm_fast.profile.memory``.
@@ -20,17 +26,18 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from lvlm_fast.profile.memory import DEFAULT_FRAMES, DEFAULT_MODEL, GIB
+from lvlm_fast.profile.memory import DEFAULT_FRAMES, DEFAULT_MODEL, GIB, PROFILE_VIDEO_HW
 
 # Published knobs the default run pins (the targets are stated at these).
 DEFAULT_STRATEGY_OVERRIDES: dict[str, dict[str, Any]] = {"videoxl": {"ratio": 16}}
 # Preferred order in tables and plots; strategies registered later come after, sorted.
 STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl", "vilamp-seed")
 LINES_GIB = (24.0, 80.0)
-CSV_FIELDS = ("model", "strategy", "frames", "dtype", "simulated", "method", "peak_bytes",
-              "peak_gib", "weight_bytes", "input_bytes", "inputs_counted", "pass_peak_bytes",
-              "llm_tokens", "visual_tokens", "frames_encoded", "vision_chunk_frames",
-              "prefill_chunk_tokens", "seconds", "kv_bytes", "state_bytes")
+CSV_FIELDS = ("model", "strategy", "frames", "frame_size", "dtype", "simulated", "method",
+              "peak_bytes", "peak_gib", "weight_bytes", "input_bytes", "inputs_counted",
+              "pass_peak_bytes", "llm_tokens", "visual_tokens", "frames_encoded",
+              "vision_chunk_frames", "prefill_chunk_tokens", "seconds", "kv_bytes",
+              "state_bytes")
 
 
 def registered_strategies() -> list[str]:
@@ -79,10 +86,11 @@ def _parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lvlm_fast.models.configs import MODEL_CONFIGS
+
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"shipped model config (default {DEFAULT_MODEL}; see "
-                        "lvlm_fast.models.MODEL_CONFIGS: llava-onevision-qwen2-7b, "
-                        "videoxl-qwen2-7b, tiny-llava-onevision, tiny-videoxl)")
+                   help=f"shipped model config (default {DEFAULT_MODEL}; one of "
+                        f"{', '.join(MODEL_CONFIGS)})")
     p.add_argument("--strategies", default=None,
                    help="comma-separated strategy names (default: every registered one)")
     p.add_argument("--frames", type=_int_list, default=list(DEFAULT_FRAMES),
@@ -260,8 +268,12 @@ def run(args: argparse.Namespace) -> int:
     stop = int(args.stop_above * GIB)
     mode = "simulated (meta tensors, no weights)" if simulate else \
         f"measured on {prof.device} (random weights)"
+    fh, fw = prof.frame_hw
     print(f"lvlm-fast profile: {args.model}, {args.dtype}, {mode}; first answer token; "
-          f"weights {prof.weight_bytes / GIB:.2f} GiB", flush=True)
+          f"weights {prof.weight_bytes / GIB:.2f} GiB; frames {fh}x{fw} (a "
+          f"{PROFILE_VIDEO_HW[0]}x{PROFILE_VIDEO_HW[1]} video resized by the "
+          f"{prof.family.name} family's video-processor rule)",
+          flush=True)
     if overrides:
         print("strategy knobs: " + "; ".join(
             f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in overrides.items()))
@@ -345,8 +357,8 @@ def run(args: argparse.Namespace) -> int:
                   + (" (fits at every swept count)" if capped else ""))
 
     wall = time.perf_counter() - t_start
-    title = (f"{args.model}, {args.dtype}, {'simulated' if simulate else 'measured'}: "
-             "peak memory to the first answer token")
+    title = (f"{args.model}, {args.dtype}, {'simulated' if simulate else 'measured'}, "
+             f"{fh}x{fw} frames: peak memory to the first answer token")
     stem = f"profile_{args.model}"
     csv_path = args.csv or os.path.join(args.out_dir, stem + ".csv")
     write_csv(csv_path, rows)
@@ -361,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
 
         meta = {"command": "lvlm-fast profile " + " ".join(args.argv), "model": args.model,
                 "dtype": args.dtype, "simulated": simulate, "device": str(prof.device),
+                "frame_size": list(prof.frame_hw), "video_size": list(PROFILE_VIDEO_HW),
+                "family": prof.family.name,
                 "weight_bytes": prof.weight_bytes, "strategies": strategies, "frames": frames,
                 "strategy_overrides": overrides, "vlm_kwargs": vlm_kwargs,
                 "inputs_counted": args.frames_on_device, "stop_above_gib": args.stop_above,

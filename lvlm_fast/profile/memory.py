@@ -11,8 +11,10 @@ What ``peak_bytes`` counts (exactly)
 - ``weight_bytes``: every parameter and buffer of the model (unique storages, so tied
   weights count once), on the model's device, in the profiled dtype. Live from the start.
 - ``input_bytes``: the prompt as :class:`VideoPrompt` holds it for the whole call: the
-  preprocessed frames ``pixel_values`` (T, 3, H, W) in the model dtype (H = W = the
-  vision tower's image size) plus the prefix/question token ids (int64). Counted only if
+  preprocessed frames ``pixel_values`` (T, 3, H, W) in the model dtype (H x W = a
+  ``PROFILE_VIDEO_HW`` = 448 x 448 video resized by the family's video-processor rule,
+  :func:`profile_frame_hw`: 384 x 384 on LLaVA-OneVision, 448 x 448 on Qwen2.5-VL) plus
+  the prefix/question token ids (int64). Counted only if
   they live on the model's device (frames kept in host memory while the model runs on a
   GPU are not device memory). By default (``inputs_on_device=False``) they are left out of
   the sum (the row still reports them): frames are decoded into host memory and the
@@ -55,11 +57,18 @@ A meta op costs ~0.3-1 ms on torch 2.13 (elementwise ops run Python reference
 decompositions) and a 7B pass over 10,240 frames runs ~10^5-10^6 of them, so simulated
 runs use :class:`SimulationTracker`: the live tracker plus a cache of meta shape inference
 keyed by the op and its inputs' metadata (vision chunks repeat the same shapes). It
-changes no accounting (tested: cached and uncached peaks are equal).
+changes no accounting (tested: cached and uncached peaks are equal). On top of it,
+:class:`VisionChunkReplay` replays whole vision chunks (``family.encode``) whose input
+metadata was seen before: the chunk's peak above the live level and its output are
+recorded on the first run and replayed afterwards (tested: equal peaks, token counts,
+allocation counts and breakdowns for every strategy on every family). Qwen2.5-VL-7B's
+windowed tower makes ~4,000 attention calls per 18-frame chunk; with replay a simulated
+``full`` pass over 10,240 frames takes ~20 s on 2 shared cores.
 
 API
 ---
 ``profile_pipeline(model, strategy, frames, *, dtype, simulate, ...) -> dict`` one row.
+``VisionChunkReplay`` replays repeated simulated vision chunks.
 ``Profiler`` caches the built model/wrapper across calls (the sweep reuses one 7B meta
 model) and offers ``sweep`` and ``largest_fitting`` (bisection between frame counts).
 ``PeakBreakdownTracker`` records which tensors were alive at the peak moment.
@@ -83,11 +92,14 @@ __all__ = [
     "DEFAULT_FRAMES",
     "DEFAULT_MODEL",
     "GIB",
+    "PROFILE_VIDEO_HW",
     "PeakBreakdownTracker",
     "Profiler",
+    "VisionChunkReplay",
     "build_model",
     "make_prompt",
     "model_static_bytes",
+    "profile_frame_hw",
     "profile_pipeline",
 ]
 
@@ -98,6 +110,12 @@ DEFAULT_FRAMES = (128, 256, 512, 1024, 2048, 4096, 8192, 10240)
 # question + assistant header. Their size barely matters next to the video.
 PREFIX_TOKENS = 16
 QUESTION_TOKENS = 32
+# The video a profile feeds, before the family's resize (issue 10: 448 x 448 input).
+PROFILE_VIDEO_HW = (448, 448)
+# Config attributes holding multimodal special token ids (random prompt ids avoid them).
+_SPECIAL_ID_ATTRS = ("image_token_index", "video_token_index", "image_token_id",
+                     "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                     "vision_token_id")
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
@@ -121,7 +139,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------- model + inputs
 def resolve_config(config: Any):
-    """A shipped config name or a ``LlavaOnevisionConfig`` -> the config."""
+    """A shipped config name or a config object of a supported family -> the config."""
     if isinstance(config, str):
         from lvlm_fast.models.configs import get_config
 
@@ -131,19 +149,22 @@ def resolve_config(config: Any):
 
 def build_model(config: Any, *, dtype: torch.dtype = torch.bfloat16, simulate: bool = True,
                 device: str | torch.device | None = None, seed: int = 0) -> torch.nn.Module:
-    """``LlavaOnevisionForConditionalGeneration`` from a config (name or object).
+    """The family's transformers model (``LlavaOnevisionForConditionalGeneration``,
+    ``Qwen2_5_VLForConditionalGeneration``, ...) from a config (name or object).
 
     ``simulate=True``: on the meta device (no weights, no memory). Else random init on
-    ``device`` (default CPU), seeded, in ``dtype``, eval mode.
+    ``device`` (default CPU), seeded, in ``dtype``, eval mode. A config no family supports
+    is a TypeError listing the supported classes.
     """
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from lvlm_fast.models.families import family_for_config
 
     cfg = resolve_config(config)
+    family = family_for_config(cfg)
     dev = torch.device("meta") if simulate else torch.device(device or "cpu")
     if not simulate:
         torch.manual_seed(seed)
     with dev:
-        model = LlavaOnevisionForConditionalGeneration(cfg)
+        model = family.build(cfg)
     return model.to(dtype).eval()
 
 
@@ -164,33 +185,59 @@ def model_static_bytes(model: torch.nn.Module) -> int:
     return _unique_storage_bytes([*model.parameters(), *model.buffers()])
 
 
-def _vision_image_size(cfg: Any) -> int:
-    size = cfg.vision_config.image_size
-    return size if isinstance(size, int) else int(size[0])
+def profile_frame_hw(model_or_config: Any) -> tuple[int, int]:
+    """(H, W) of the preprocessed frames a profile feeds: a ``PROFILE_VIDEO_HW`` video
+    resized by the family's own video-processor rule (``ModelFamily.frame_size``):
+    LLaVA-OneVision squares it to the tower's ``image_size`` (384); Qwen2.5-VL keeps
+    448 x 448 (a multiple of 28 inside its default pixel bounds)."""
+    from lvlm_fast.models.families import family_for, family_for_config
+
+    if isinstance(model_or_config, torch.nn.Module):
+        family = family_for(model_or_config)
+    else:  # a config: the family needs a model instance; a meta one allocates nothing
+        cfg = resolve_config(model_or_config)
+        with torch.device("meta"):
+            family = family_for_config(cfg)(family_for_config(cfg).build(cfg))
+    return tuple(family.frame_size(*PROFILE_VIDEO_HW, {}))
+
+
+def _check_frame_hw(frame_hw: Any) -> tuple[int, int]:
+    if not (isinstance(frame_hw, (tuple, list)) and len(frame_hw) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in frame_hw)):
+        raise ValueError(f"frame_hw must be (height, width) positive ints, got {frame_hw!r}")
+    return int(frame_hw[0]), int(frame_hw[1])
+
+
+def _text_id_bound(cfg: Any) -> int:
+    """Ids below every special multimodal id of the config and the vocabulary size."""
+    ids = [getattr(cfg, a, None) for a in _SPECIAL_ID_ATTRS]
+    return min([cfg.text_config.vocab_size,
+                *(i for i in ids if isinstance(i, int) and not isinstance(i, bool))])
 
 
 def make_prompt(config: Any, frames: int, *, dtype: torch.dtype = torch.bfloat16,
                 device: str | torch.device = "meta", prefix_tokens: int = PREFIX_TOKENS,
-                question_tokens: int = QUESTION_TOKENS, seed: int = 0):
-    """A :class:`VideoPrompt` of ``frames`` preprocessed frames (T, 3, S, S) in ``dtype``
-    (S = the vision tower's image size) and random prompt ids that avoid the image/video
-    token ids. On meta: shapes only."""
+                question_tokens: int = QUESTION_TOKENS, seed: int = 0,
+                frame_hw: tuple[int, int] | None = None):
+    """A :class:`VideoPrompt` of ``frames`` preprocessed frames (T, 3, H, W) in ``dtype``
+    (``frame_hw``, default :func:`profile_frame_hw`) and random prompt ids that avoid every
+    multimodal special id (image/video placeholders, vision start/end). On meta: shapes
+    only."""
     from lvlm_fast.models.strategies.base import VideoPrompt
 
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     cfg = resolve_config(config)
-    size = _vision_image_size(cfg)
+    h, w = profile_frame_hw(cfg) if frame_hw is None else frame_hw
     device = torch.device(device)
     if device.type == "meta":
-        pixels = torch.empty(frames, 3, size, size, dtype=dtype, device=device)
+        pixels = torch.empty(frames, 3, h, w, dtype=dtype, device=device)
         prefix = torch.zeros(1, prefix_tokens, dtype=torch.long, device=device)
         question = torch.zeros(1, question_tokens, dtype=torch.long, device=device)
     else:
         gen = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(frames, 3, size, size, generator=gen).to(device=device, dtype=dtype)
-        # Ordinary text ids: below every special multimodal id and the vocabulary size.
-        hi = min(cfg.text_config.vocab_size, cfg.image_token_index, cfg.video_token_index)
+        pixels = torch.randn(frames, 3, h, w, generator=gen).to(device=device, dtype=dtype)
+        hi = _text_id_bound(cfg)
         prefix = torch.randint(0, hi, (1, prefix_tokens), generator=gen).to(device)
         question = torch.randint(0, hi, (1, question_tokens), generator=gen).to(device)
     return VideoPrompt(pixel_values=pixels, prefix_ids=prefix, question_ids=question)
@@ -438,6 +485,143 @@ class PeakBreakdownTracker(SimulationTracker):
         return sorted(self.peak_live, key=lambda i: -i.nbytes)[:n]
 
 
+# ---------------------------------------------------------------------- vision chunk replay
+@dataclasses.dataclass
+class _ChunkRecord:
+    """What one simulated vision chunk did to the live total: its peak above the level at
+    entry, its output (one fresh storage, the only thing left alive), the allocation
+    counters, and (breakdown runs) the chunk's own storages alive at its peak."""
+
+    inner_peak: int
+    out_shape: tuple[int, ...]
+    out_stride: tuple[int, ...]
+    out_offset: int
+    out_dtype: torch.dtype
+    out_numel: int  # elements of the output's storage
+    num_allocations: int
+    allocated_bytes: int
+    peak_infos: list[LiveTensorInfo] | None
+    out_info: LiveTensorInfo | None  # breakdown runs: op/shape/site that made the output
+
+
+def _strided_numel(shape: Sequence[int], stride: Sequence[int]) -> int:
+    """Elements of the storage ``empty_strided(shape, stride)`` allocates."""
+    if any(n == 0 for n in shape):
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+
+
+class VisionChunkReplay:
+    """Replays simulated vision chunks whose input metadata was seen before.
+
+    Why: a 10,240-frame simulation sends hundreds of identical vision chunks through the
+    tower (Qwen2.5-VL-7B at 448 x 448: 16 windows per temporal patch, one attention call
+    each, in 28 of its 32 blocks: ~4,000 attention calls per chunk), and every strategy and
+    frame count repeats them. On meta tensors ``family.encode(frames)`` is a function of
+    the frames' metadata only (shape, strides, dtype) and, by the family contract, leaves
+    nothing alive but its output. So the first call with a given metadata runs for real
+    under the tracker and records (a) its peak above the live level at entry, (b) its
+    output's metadata and storage size, (c) the allocation counters; a later identical
+    call raises the tracker's peak to ``live + (a)`` if that is higher and allocates an
+    output of (b). The accounting is the one the real call gives: the peak of a chunk
+    does not depend on what is alive beside it, and nothing else changes the live total
+    meanwhile. A recorded call that leaves anything alive besides its output (state the
+    family kept) is never replayed: it runs for real every time. Only meta inputs are
+    replayed (measured runs always run); tested: replayed and fully run peaks are equal
+    for every strategy on every family.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[Any, _ChunkRecord | None] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def wrap(self, encode: Callable[[torch.Tensor], torch.Tensor],
+             tracker: LiveTensorTracker) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``encode`` with replay under ``tracker`` (the tracker active during the call)."""
+        breakdown = isinstance(tracker, PeakBreakdownTracker)
+
+        def encode_replayed(frames: torch.Tensor) -> torch.Tensor:
+            if not (isinstance(frames, torch.Tensor) and frames.is_meta):
+                return encode(frames)
+            # (the storage offset is left out: chunks are slices of one frame tensor, and
+            # the output never aliases the input, which recording checks)
+            key = (tuple(frames.shape), frames.stride(), frames.dtype, breakdown)
+            if key not in self.records:
+                self.misses += 1
+                return self._record(key, encode, frames, tracker, breakdown)
+            rec = self.records[key]
+            if rec is None:  # left state behind when recorded: always run
+                return encode(frames)
+            self.hits += 1
+            return self._replay(rec, tracker, breakdown)
+
+        return encode_replayed
+
+    def _record(self, key: Any, encode: Callable[[torch.Tensor], torch.Tensor],
+                frames: torch.Tensor, tr: LiveTensorTracker, breakdown: bool) -> torch.Tensor:
+        with tr._lock:
+            entry = tr.current_bytes
+            saved_peak = tr.peak_bytes
+            saved_live = (tr._peak_keys, tr.peak_live) if breakdown else None
+            entry_keys = set(tr._live)
+            n0, a0 = tr.num_allocations, tr.allocated_bytes
+            tr.peak_bytes = entry  # follow the chunk's own peak from here
+        try:
+            out = encode(frames)
+        finally:
+            with tr._lock:
+                inner_peak = tr.peak_bytes - entry
+                infos = None
+                if breakdown:
+                    infos = [i for k, i in zip(tr._peak_keys, tr.peak_live, strict=True)
+                             if k not in entry_keys]
+                if tr.peak_bytes < saved_peak:  # not a new overall peak: restore
+                    tr.peak_bytes = saved_peak
+                    if saved_live is not None:
+                        tr._peak_keys, tr.peak_live = saved_live
+        st = out.untyped_storage() if isinstance(out, torch.Tensor) else None
+        left = tr.current_bytes - entry
+        if st is None or not out.is_meta or st._cdata in entry_keys or left != st.nbytes():
+            self.records[key] = None
+            return out
+        self.records[key] = _ChunkRecord(
+            inner_peak, tuple(out.shape), out.stride(), out.storage_offset(), out.dtype,
+            st.nbytes() // out.element_size(), tr.num_allocations - n0,
+            tr.allocated_bytes - a0, infos, tr._info.get(st._cdata) if breakdown else None)
+        return out
+
+    def _replay(self, rec: _ChunkRecord, tr: LiveTensorTracker,
+                breakdown: bool) -> torch.Tensor:
+        with tr._lock:
+            n0, a0 = tr.num_allocations, tr.allocated_bytes
+            cand = tr.current_bytes + rec.inner_peak
+            if cand > tr.peak_bytes:
+                tr.peak_bytes = cand
+                if breakdown:
+                    tr._peak_keys = list(tr._live)
+                    tr.peak_live = [tr._info.get(k) or LiveTensorInfo(tr._live[k][0], (), "?",
+                                                                      "?", "")
+                                    for k in tr._peak_keys] + list(rec.peak_infos or ())
+            dev_cur = tr._by_device.get("meta", 0) + rec.inner_peak
+            if dev_cur > tr.peak_by_device.get("meta", 0):
+                tr.peak_by_device["meta"] = dev_cur
+        # allocated through the tracker (it counts the output storage as live from here)
+        if rec.out_offset == 0 and rec.out_numel == _strided_numel(rec.out_shape,
+                                                                    rec.out_stride):
+            out = torch.empty_strided(rec.out_shape, rec.out_stride, dtype=rec.out_dtype,
+                                      device="meta")
+        else:  # a view into a larger storage: allocate the storage, view it the same way
+            base = torch.empty(rec.out_numel, dtype=rec.out_dtype, device="meta")
+            out = base.as_strided(rec.out_shape, rec.out_stride, rec.out_offset)
+        with tr._lock:
+            tr.num_allocations = n0 + rec.num_allocations
+            tr.allocated_bytes = a0 + rec.allocated_bytes
+            if rec.out_info is not None:  # the op that really made it, for --breakdown
+                tr._info[out.untyped_storage()._cdata] = rec.out_info
+        return out
+
+
 # ---------------------------------------------------------------------- the pipeline
 def _default_overrides(name: str) -> dict[str, Any]:
     return {}
@@ -470,8 +654,10 @@ def cache_split(info: Any) -> tuple[int | None, int | None]:
 class Profiler:
     """Profiles one model (built once) under many strategies and frame counts.
 
-    ``model``: a shipped config name, a ``LlavaOnevisionConfig``, or a
-    ``LlavaOnevisionForConditionalGeneration`` instance (meta -> simulated).
+    ``model``: a shipped config name, a config of a supported family
+    (``LlavaOnevisionConfig``, ``Qwen2_5_VLConfig``), or a model instance (meta ->
+    simulated). ``frame_hw``: the preprocessed frame size (default
+    :func:`profile_frame_hw`: a 448 x 448 video resized by the family's rule).
     ``vlm_kwargs``: passed to ``LongVideoVLM`` (chunk sizes, budget...).
     ``strategy_overrides``: ``{strategy name: {knob: value}}``.
     """
@@ -480,7 +666,8 @@ class Profiler:
                  simulate: bool = True, device: str | torch.device | None = None,
                  vlm_kwargs: dict[str, Any] | None = None,
                  strategy_overrides: dict[str, dict[str, Any]] | None = None,
-                 inputs_on_device: bool = False, seed: int = 0) -> None:
+                 inputs_on_device: bool = False, seed: int = 0,
+                 frame_hw: tuple[int, int] | None = None) -> None:
         self.dtype = parse_dtype(dtype)
         self._shared_model: torch.nn.Module | None = None
         if isinstance(model, torch.nn.Module):
@@ -505,6 +692,15 @@ class Profiler:
         self.seed = seed
         self.weight_bytes = model_static_bytes(self.model)
         self.op_cache = simulate  # SimulationTracker's shape cache (meta runs only)
+        # vision chunks replayed from their first run (meta runs only; VisionChunkReplay)
+        self.replay_chunks = simulate
+        self.chunk_replay = VisionChunkReplay()
+        # the preprocessed frame size fed to the model (a 448 x 448 video, family resize)
+        from lvlm_fast.models.families import family_for
+
+        self.family = family_for(self.model)
+        self.frame_hw = profile_frame_hw(self.model) if frame_hw is None else \
+            _check_frame_hw(frame_hw)
         self._cache: dict[tuple[int, str], dict[str, Any]] = {}
         self._models: dict[str, torch.nn.Module] = {}
 
@@ -540,13 +736,17 @@ class Profiler:
         weight_bytes = model_static_bytes(model)
         vlm = _make_wrapper(model, strat, self.vlm_kwargs)
         prompt = make_prompt(self.config, frames, dtype=self.dtype, device=self.device,
-                             seed=self.seed)
+                             seed=self.seed, frame_hw=self.frame_hw)
         in_bytes = prompt_bytes(prompt)
         cuda = self.device.type == "cuda"
         gc.collect()
         tracker_cls = PeakBreakdownTracker if breakdown else SimulationTracker
         t0 = time.perf_counter()
-        with torch.inference_mode(), tracker_cls(cache=self.op_cache) as tr:
+        tr = tracker_cls(cache=self.op_cache)
+        hits0 = self.chunk_replay.hits
+        if self.simulate and self.replay_chunks:
+            vlm.family.encode = self.chunk_replay.wrap(vlm.family.encode, tr)
+        with torch.inference_mode(), tr:
             logits, info = _run_first_token(vlm, prompt)
             if cuda:
                 torch.cuda.synchronize()
@@ -558,6 +758,7 @@ class Profiler:
             "model": self.model_name,
             "strategy": strategy,
             "frames": frames,
+            "frame_size": f"{self.frame_hw[0]}x{self.frame_hw[1]}",
             "dtype": dtype_name(self.dtype),
             "simulated": self.simulate,
             "device": str(self.device),
@@ -579,6 +780,7 @@ class Profiler:
             "allocations": tr.num_allocations,
             "op_cache_hits": tr.hits,
             "op_cache_misses": tr.misses,
+            "vision_chunks_replayed": self.chunk_replay.hits - hits0,
             "seconds": round(seconds, 3),
             # the cache's split: K/V (grows with tokens) vs recurrent states (constant)
             **dict(zip(("kv_bytes", "state_bytes"), cache_split(info), strict=True)),
@@ -665,8 +867,8 @@ def profile_pipeline(model: Any, strategy: str, frames: int, *,
     ``frames, strategy, peak_bytes, llm_tokens, simulated, weight_bytes, input_bytes,
     pass_peak_bytes, ...`` (see the module docstring for what is counted).
 
-    ``model``: a shipped config name (``lvlm_fast.models.MODEL_CONFIGS``), a
-    ``LlavaOnevisionConfig`` or a model instance (a meta model is simulated).
+    ``model``: a shipped config name (``lvlm_fast.models.MODEL_CONFIGS``), a config of a
+    supported family or a model instance (a meta model is simulated).
     ``breakdown=n`` adds the n largest storages alive at the pass peak.
     """
     prof = Profiler(model, dtype=dtype, simulate=simulate, device=device, vlm_kwargs=vlm_kwargs,

@@ -30,6 +30,7 @@ def test_help_lists_every_option(capsys) -> None:
                 "--vision-chunk-frames", "--prefill-chunk-tokens", "--set"):
         assert opt in out, opt
     assert "llava-onevision-qwen2-7b" in out and "24 GiB and 80 GiB" in out
+    assert "qwen2.5-vl-7b" in out and "448 x 448" in out
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "profile" in capsys.readouterr().out
@@ -94,6 +95,38 @@ def test_budget_search_and_crossings_simulated(tmp_path, capsys) -> None:
     assert prof.run("full", fit)["peak_bytes"] <= budget * 2**30 < \
         prof.run("full", fit + 1)["peak_bytes"]
     assert not os.path.exists(tmp_path / f"profile_{TINY}.png")
+
+
+def test_qwen2_5_vl_simulated_every_output(tmp_path, capsys) -> None:
+    """--model of the second family: every strategy simulated, the 448 x 448 frame size
+    stated, table + CSV + PNG + JSON + --budget + --breakdown as for LLaVA-OneVision."""
+    model = "tiny-qwen2.5-vl"
+    out = tmp_path / "q.json"
+    rc = cli.main(["profile", "--model", model, "--frames", "2,5", "--json", str(out),
+                   "--out-dir", str(tmp_path), "--budget", "1", "--breakdown", "2",
+                   "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert printed.startswith(f"lvlm-fast profile: {model}, bf16, simulated")
+    assert "frames 448x448 (a 448x448 video resized by the qwen2_5_vl family's" in printed
+    data = json.loads(out.read_text())
+    names = registered_strategies()
+    assert sorted((r["strategy"], r["frames"]) for r in data["rows"]) == \
+        sorted((s, n) for s in names for n in (2, 5))
+    assert data["metadata"]["frame_size"] == [448, 448]
+    assert data["metadata"]["family"] == "qwen2_5_vl"
+    full5 = next(r for r in data["rows"] if (r["strategy"], r["frames"]) == ("full", 5))
+    assert full5["visual_tokens"] == 3 * 16 * 16  # 3 temporal patches of 16 x 16 tokens
+    with open(tmp_path / f"profile_{model}.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["frame_size"] for r in csv_rows} == {"448x448"}
+    assert len(csv_rows) == len(data["rows"])
+    with open(tmp_path / f"profile_{model}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "largest frame count within --budget 1 GiB" in printed
+    assert printed.count("largest tensors alive at the pass peak") == len(names)
+    line5 = next(ln for ln in printed.splitlines() if ln.strip().startswith("5 "))
+    assert len(line5.split()) == 1 + len(names)
 
 
 @pytest.mark.parametrize("args,match", [

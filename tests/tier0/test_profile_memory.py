@@ -24,8 +24,13 @@ from lvlm_fast.profile.memory import (
 )
 
 TINY = "tiny-llava-onevision"
+TINY_QWEN = "tiny-qwen2.5-vl"
+# One tiny config per supported family; Qwen2.5-VL at 112 x 112 frames (4 x 4 merged
+# tokens, four 56-pixel attention windows per temporal patch) to keep the runs small.
+FAMILIES = {TINY: None, TINY_QWEN: (112, 112)}
 # Small chunks that do not divide the frame / token counts: several vision chunks and
-# several prefill chunks with ragged tails, like the 7B runs.
+# several prefill chunks with ragged tails, like the 7B runs. 7 frames: an odd count, so
+# Qwen2.5-VL's last temporal patch repeats the last frame.
 KW = dict(vision_chunk_frames=3, prefill_chunk_tokens=16)
 FRAMES = 7
 
@@ -34,16 +39,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
 @pytest.fixture(scope="module")
-def profilers() -> tuple[Profiler, Profiler]:
-    sim = Profiler(TINY, dtype="fp32", simulate=True, vlm_kwargs=KW)
-    real = Profiler(TINY, dtype="fp32", simulate=False, vlm_kwargs=KW)
-    return sim, real
+def family_profilers() -> dict[str, tuple[Profiler, Profiler]]:
+    return {name: (Profiler(name, dtype="fp32", simulate=True, vlm_kwargs=KW, frame_hw=hw),
+                   Profiler(name, dtype="fp32", simulate=False, vlm_kwargs=KW, frame_hw=hw))
+            for name, hw in FAMILIES.items()}
 
 
+@pytest.fixture(scope="module")
+def profilers(family_profilers) -> tuple[Profiler, Profiler]:
+    return family_profilers[TINY]
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_simulated_matches_measured(profilers, strategy: str) -> None:
-    sim, real = profilers
+def test_simulated_matches_measured(family_profilers, model: str, strategy: str) -> None:
+    sim, real = family_profilers[model]
     a, b = sim.run(strategy, FRAMES), real.run(strategy, FRAMES)
+    assert type(sim.family) is type(real.family)
+    assert a["frame_size"] == b["frame_size"] == "x".join(map(str, sim.frame_hw))
     assert a["simulated"] is True and b["simulated"] is False
     assert a["method"] == "meta-live-tracker" and b["method"] == "cpu-live-tracker"
     assert a["llm_tokens"] == b["llm_tokens"] and a["llm_tokens"] > 0
@@ -108,6 +121,80 @@ def test_full_grows_with_frames_by_its_kv_cache(profilers) -> None:
     kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * \
         (tc.hidden_size // tc.num_attention_heads) * 4
     assert b["peak_bytes"] - a["peak_bytes"] >= (b["llm_tokens"] - a["llm_tokens"]) * kv_per_token
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_vision_chunk_replay_changes_no_number(model: str) -> None:
+    """Replayed vision chunks (VisionChunkReplay) give the peaks, token counts and
+    allocation counts of running every chunk, for every strategy (11 frames in chunks of 3
+    frames, 4 on Qwen2.5-VL (whole temporal patches): repeated chunks and a ragged one per
+    pass), and they are actually replayed."""
+    n = 11
+    replay = Profiler(model, dtype="bf16", simulate=True, vlm_kwargs=KW, frame_hw=FAMILIES[model])
+    plain = Profiler(model, dtype="bf16", simulate=True, vlm_kwargs=KW, frame_hw=FAMILIES[model])
+    plain.replay_chunks = False
+    for s in sorted(STRATEGIES):
+        a, b = replay.run(s, n), plain.run(s, n)
+        assert b["vision_chunks_replayed"] == 0
+        if s != "vilamp-seed":  # vilamp-seed encodes every frame in one call (no chunks)
+            assert a["vision_chunks_replayed"] > 0, s
+        for k in ("peak_bytes", "pass_peak_bytes", "llm_tokens", "allocations"):
+            assert a[k] == b[k], (s, k)
+    # the breakdown at the peak lists the same tensors with and without replay
+    ra = replay.run("full", n, breakdown=4)["breakdown"]
+    rb = plain.run("full", n, breakdown=4)["breakdown"]
+    assert [(i["nbytes"], i["shape"]) for i in ra] == [(i["nbytes"], i["shape"]) for i in rb]
+
+
+def test_vision_chunk_replay_raises_the_peak_inside_a_chunk() -> None:
+    """The replayed peak is the chunk's own peak on top of what is alive, not just its
+    output: a fake encode whose temporary (4 KiB) is larger than its output (400 B)."""
+    from lvlm_fast.profile.memory import VisionChunkReplay
+
+    def encode(frames):
+        tmp = torch.empty(1024, device="meta")
+        del tmp
+        return torch.empty(100, device="meta")
+
+    memo = VisionChunkReplay()
+    for expect_hits in (0, 1):
+        keep, frames = [], torch.empty(2, 3, device="meta")  # frames: from before
+        with SimulationTracker() as tr:
+            f = memo.wrap(encode, tr)
+            keep.append(torch.empty(10, device="meta"))  # 40 B alive beside the chunk
+            out = f(frames)
+        assert (tr.peak_bytes, tr.current_bytes) == (40 + 4096, 40 + 400)
+        assert out.shape == (100,) and memo.hits == expect_hits
+
+    kept = []
+
+    def leaky(frames):  # keeps state alive: recorded as not replayable
+        kept.append(torch.empty(8, device="meta"))
+        return torch.empty(4, device="meta")
+
+    memo = VisionChunkReplay()
+    one = torch.empty(1, device="meta")
+    for _ in range(2):
+        with SimulationTracker() as tr:
+            memo.wrap(leaky, tr)(one)
+        assert tr.peak_bytes == 32 + 16  # run for real both times
+    assert memo.hits == 0 and memo.records == {((1,), (1,), torch.float32, False): None}
+
+
+def test_profile_frame_size_per_family() -> None:
+    """A 448 x 448 video resized by each family's rule: LLaVA-OneVision squares it to the
+    tower's image_size; Qwen2.5-VL keeps 448 x 448 (multiple of 28 within its bounds)."""
+    from lvlm_fast.profile.memory import profile_frame_hw
+
+    assert profile_frame_hw("llava-onevision-qwen2-7b") == (384, 384)
+    assert profile_frame_hw(TINY) == (56, 56)
+    assert profile_frame_hw(TINY_QWEN) == (448, 448)
+    p = make_prompt(TINY_QWEN, 3, dtype=torch.float32, device="cpu", frame_hw=(56, 84))
+    assert p.pixel_values.shape == (3, 3, 56, 84)
+    ids = torch.cat([p.prefix_ids, p.question_ids], 1)
+    assert int(ids.max()) < 250  # below image/video/vision start/end ids 250..253
+    with pytest.raises(ValueError, match="frame_hw must be"):
+        Profiler(TINY_QWEN, simulate=True, frame_hw=(0, 56))
 
 
 def test_shape_cache_changes_no_number() -> None:
@@ -183,6 +270,11 @@ def test_bad_input_is_clear() -> None:
         profile_pipeline(TINY, "full", 0, simulate=True)
     with pytest.raises(ValueError, match="unknown dtype"):
         profile_pipeline(TINY, "full", 4, dtype="int3")
+    from transformers import LlamaConfig
+
+    with pytest.raises(TypeError, match=r"supported: .*LlavaOnevisionForConditionalGeneration.*"
+                                        r"Qwen2_5_VLForConditionalGeneration"):
+        profile_pipeline(LlamaConfig(), "full", 4)
     # A per-chunk working-memory budget below one frame: the wrapper says what one needs.
     with pytest.raises(ValueError, match=r"too small.*needs \d+ bytes"):
         profile_pipeline(TINY, "full", 4, vlm_kwargs={"memory_budget_bytes": 16})

@@ -246,3 +246,22 @@ def test_full_streams_deepstack_rows_into_the_prefill(qwen3, monkeypatch):
     assert s.take(0, 2).shape == (1, 2, 2) and s.take(2, 4)[0, :, 0].tolist() == [0, 1]
     with pytest.raises(ValueError, match="in order"):
         VisualStream(4, 2, iter([])).take(1, 2)
+
+
+def test_qwen3_vl_8b_full_on_meta():
+    """The shipped 8B config end to end on meta (the profiler's path): 448x448 frames ->
+    14 x 14 = 196 tokens per temporal unit, DeepStack rows streamed, nominal timestamps
+    (Qwen's count: ``<``, one token per digit or ``.``, `` seconds``, ``>``)."""
+    from lvlm_fast.models.families.qwen3_vl import nominal_text_ids
+
+    assert len(nominal_text_ids("<12.5 seconds>")) == 7
+    meta = LongVideoVLM.from_config("qwen3-vl-8b", device="meta", dtype=torch.bfloat16)
+    pm = VideoPrompt(torch.empty(8, 3, 448, 448, device="meta"),
+                     torch.zeros(1, 5, dtype=torch.long, device="meta"),
+                     torch.ones(1, 9, dtype=torch.long, device="meta"), fps=2.0)
+    assert meta.first_token(pm).shape == (1, 151936)
+    res = meta.last_prefill
+    assert res.visual_tokens == 4 * 196
+    # 4 frames of "<t seconds><vs> ... <ve>": t = 0.2, 1.2, 2.2, 3.2 -> 6 + 2 tokens each
+    assert res.llm_tokens == 5 + 9 + 4 * 196 + 4 * 8
+    assert meta.fused_attention  # head dim 128

@@ -238,3 +238,42 @@ def test_uniform_timestamps_are_the_sampled_video(vlm, prompt):
 def test_full_timestamps_and_deepstack(vlm, prompt, full):
     check(vlm, prompt, "full", {}, full.reshape(1, -1, 3 * D),
           [(u, [(G, G)]) for u in range(UNITS)])
+
+
+@pytest.mark.parametrize("name", ["full", "uniform", "vilamp", "vilamp-seed", "slowfast",
+                                  "llamavid", "videoxl"])
+def test_every_strategy_runs_on_meta(vlm, prompt, name):
+    """The profiler's simulation: the same pipeline on a meta-device Qwen3-VL (vision
+    metadata from the host grid, no tokenizer: nominal timestamp token counts), with the
+    real run's token counts wherever the blocks are host values (every strategy but
+    ViLAMP's device-side keyframes, whose count is exact all the same)."""
+    meta = LongVideoVLM.from_config("tiny-qwen3-vl", device="meta", vision_chunk_frames=4,
+                                    prefill_chunk_tokens=13)
+    kw = {"num_frames": 6} if name == "uniform" else {}
+    pm = VideoPrompt(torch.empty(FRAMES, 3, H, W, device="meta"),
+                     torch.zeros(1, P, dtype=torch.long, device="meta"),
+                     torch.ones(1, Q, dtype=torch.long, device="meta"), fps=FPS,
+                     text_ids=text_ids)
+    logits = meta.first_token(pm, name, **kw)
+    assert logits.shape == (1, 256) and logits.device.type == "meta"
+    vlm.first_token(prompt, name, **kw)
+    assert meta.last_prefill.visual_tokens == vlm.last_prefill.visual_tokens
+    assert meta.last_prefill.llm_tokens == vlm.last_prefill.llm_tokens  # timestamps too
+    # without a tokenizer (the profiler): Qwen's token count for each timestamp
+    pm.text_ids = None
+    meta.first_token(pm, name, **kw)
+    assert meta.last_prefill.visual_tokens <= vlm.last_prefill.visual_tokens
+    assert meta.last_prefill.llm_tokens < vlm.last_prefill.llm_tokens  # "<0.5 seconds>": 6
+
+
+def test_blocks_keep_host_values(vlm, prompt):
+    """Blocks built from host values carry them (no device read for the timestamps)."""
+    from lvlm_fast.models.families import TokenBlocks
+
+    b = TokenBlocks.per_unit([TokenBlocks.grid(3, 1, 1), TokenBlocks.grid(3, 2, 2)])
+    assert b.host == ([0, 0, 1, 1, 2, 2], [1, 2, 1, 2, 1, 2], [1, 2, 1, 2, 1, 2])
+    assert b.t.tolist() == b.host[0] and b.h.tolist() == b.host[1]
+    c = TokenBlocks.cat([b, TokenBlocks.grid(torch.tensor([4]), 1, 1)])
+    assert c.host is None  # a device-valued part: read once when needed
+    out = get_strategy("slowfast").visual_embeds(vlm, prompt)
+    assert out.blocks.host[0] == out.blocks.t.tolist()

@@ -30,8 +30,13 @@ The class is split into three layers so that a successor with the same vision to
   frames at ``blocks.fps``). The chat template's own ``<|vision_start|>`` /
   ``<|vision_end|>`` around the video stay in ``prefix_ids`` / ``question_ids``. The text
   is tokenized with the caller's ``text_ids`` (:attr:`VideoPrompt.text_ids`). The kept
-  units are read to the host once per prefill (the text, and so the sequence length,
-  depends on which units are kept).
+  units come from ``blocks.host`` when the strategy built its blocks on the host
+  (``full``, ``uniform``, ``slowfast``, ``llamavid``, ``videoxl``: no device sync), else
+  they are read to the host once per prefill (ViLAMP's device-side keyframes: the text,
+  and so the sequence length, depends on which units are kept). On meta tensors (the
+  profiler's simulation) a missing tokenizer is :func:`nominal_text_ids` and device-valued
+  blocks are split nominally (:func:`nominal_blocks`): token counts exact, the assignment
+  of rows to units nominal.
 * **Positions** (:class:`SequentialPlan`): transformers' ``get_rope_index`` splits the video
   into one grid per frame with temporal index 0 and places everything in sequence: a text
   token at ``cur`` (all three axes) then ``cur += 1``; a visual block of ``h x w`` tokens at
@@ -77,6 +82,25 @@ def unit_seconds(unit: int, num_frames: int, fps: float | None, tps: int = 2) ->
     first = unit * tps
     last = min(first + tps - 1, max(num_frames - 1, 0))
     return (first / rate + last / rate) / 2
+
+
+def nominal_text_ids(text: str) -> list[int]:
+    """A stand-in tokenizer for the meta-device simulation (no tokenizer there): the token
+    count of Qwen's tokenizer on a timestamp (``<``, one token per digit or ``.``,
+    `` seconds``, ``>``), ids 0. Real runs use the caller's tokenizer."""
+    digits = sum(c.isdigit() or c == "." for c in text)
+    return [0] * (digits + 3)
+
+
+def nominal_blocks(num_blocks: int, num_visual: int
+                   ) -> tuple[list[int], list[int], list[int]]:
+    """Blocks whose values are device data on meta tensors (ViLAMP's keyframes): block i
+    = unit i, the visual rows split as evenly as possible (1 x n blocks). Token counts (what
+    the simulation measures) are exact; which unit holds which rows is nominal."""
+    base, extra = divmod(num_visual, max(num_blocks, 1))
+    sizes = [base + (i < extra) for i in range(num_blocks)]
+    keep = [i for i in range(num_blocks) if sizes[i]]
+    return keep, [1] * len(keep), [sizes[i] for i in keep]
 
 
 class SequentialPlan(PositionPlan):
@@ -144,11 +168,34 @@ class Qwen3VLFamily(Qwen25VLFamily):
             return main
         return torch.cat([main, *levels], dim=-1)
 
+    def _meta_vision_kwargs(self, thw: torch.Tensor) -> dict[str, Any]:
+        """On the meta device (the profiler's simulation): the tower's host-side metadata
+        (position-embedding interpolation taps, rotary positions, cu_seqlens) precomputed
+        from the CPU ``grid_thw`` with transformers' own helpers (they read values, which
+        meta tensors do not have); index tensors go to meta, segment lengths stay on the
+        host."""
+        from transformers.vision_utils import (
+            get_vision_attention_seqlens,
+            get_vision_interpolation_indices_and_weights,
+            get_vision_position_ids,
+        )
+
+        visual = self.model.model.visual
+        idx, wts = get_vision_interpolation_indices_and_weights(
+            thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=self.merge)
+        cu, mx = get_vision_attention_seqlens(thw, self.config.vision_config)
+        return dict(interp_indices=idx.to("meta"), interp_weights=wts.to("meta"),
+                    position_ids=get_vision_position_ids(thw, self.merge).to("meta"),
+                    cu_seqlens=cu, max_seqlen=mx)
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         w = self.model.lm_head.weight
         visual = self.model.model.visual
         flat, thw = self.patchify(frames.to(device=w.device, non_blocking=True))
-        out = visual(flat.to(visual.dtype), grid_thw=thw.to(w.device), return_dict=True)
+        kw = self._meta_vision_kwargs(thw) if w.device.type == "meta" else {}
+        out = visual(flat.to(visual.dtype), grid_thw=thw if kw else thw.to(w.device),
+                     return_dict=True, **kw)
         feats = self._stack(out.pooler_output, getattr(out, "deepstack_features", None))
         t, gh, gw = (int(v) for v in thw[0])
         return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
@@ -158,7 +205,9 @@ class Qwen3VLFamily(Qwen25VLFamily):
         ``get_video_features`` in one call (main + DeepStack levels, stacked)."""
         w = self.model.lm_head.weight
         flat, thw = self.patchify(pixel_values.to(device=w.device))
-        out = self.model.model.get_video_features(flat, thw.to(w.device), return_dict=True)
+        kw = self._meta_vision_kwargs(thw) if w.device.type == "meta" else {}
+        out = self.model.model.get_video_features(flat, thw if kw else thw.to(w.device),
+                                                  return_dict=True, **kw)
         ds = [lv[0] for lv in out.deepstack_features] if self.deepstack_levels() else None
         feats = self._stack(out.pooler_output[0], ds)
         t, gh, gw = (int(v) for v in thw[0])
@@ -189,6 +238,11 @@ class Qwen3VLFamily(Qwen25VLFamily):
         and ``deepstack_visual_embeds`` (L levels of (n_visual_in_chunk, D))."""
         if not self.deepstack_levels() or extra.shape[0] == 0:
             return {}
+        if extra.device.type == "meta":
+            # transformers adds the rows with boolean indexing (nonzero), which has no
+            # meta implementation: the simulation holds the rows but skips the in-place add
+            # (a transient copy of the chunk's hidden states per DeepStack layer)
+            return {}
         d = self.hidden_size
         rows = extra.reshape(extra.shape[0], self.deepstack_levels(), d)
         return {"visual_pos_masks": visual_mask,
@@ -208,14 +262,19 @@ class Qwen3VLFamily(Qwen25VLFamily):
         if blocks is None or blocks.frame_hw is None:
             raise ValueError(f"the {self.name} family needs the visual tokens' TokenBlocks "
                              "with the frame size (the strategy must return them)")
+        meta = blocks.t.device.type == "meta"
         if text_ids is None:
-            raise ValueError(f"the {self.name} family frames each temporal unit with "
-                             "timestamp text: pass the tokenizer as prompt.text_ids (text -> "
-                             "ids, no special tokens)")
-        if blocks.t.device.type == "meta":
-            raise NotImplementedError(f"the {self.name} family's timestamps depend on the "
-                                      "kept units' values: not simulated on meta tensors")
-        t, h, w = torch.stack([blocks.t, blocks.h, blocks.w]).tolist()  # one host read
+            if not meta:
+                raise ValueError(f"the {self.name} family frames each temporal unit with "
+                                 "timestamp text: pass the tokenizer as prompt.text_ids "
+                                 "(text -> ids, no special tokens)")
+            text_ids = nominal_text_ids
+        if blocks.host is not None:  # built from host values: no device read
+            t, h, w = blocks.host
+        elif meta:  # device selections on meta (the profiler): nominal split, exact count
+            t, h, w = nominal_blocks(blocks.num_blocks, num_visual)
+        else:
+            t, h, w = torch.stack([blocks.t, blocks.h, blocks.w]).tolist()  # one host read
         # frames of the sequence the units number (unknown: every unit full)
         nf = blocks.num_frames if blocks.num_frames is not None else (max(t) + 1) * self.tps
         pieces: list[Any] = []

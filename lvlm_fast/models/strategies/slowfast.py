@@ -191,8 +191,9 @@ class SlowFast(EmbeddingStrategy):
                 rows += [(u, sh, sw)] if u in is_slow else []
                 rows += [(u, fh, fw)] if u in fast_set else []
                 rows += [(u, 1, 1)] if cfg.separator else []
-        tab = torch.tensor(rows, dtype=torch.int64, device=vlm.device).view(-1, 3)
-        out = TokenBlocks(tab[:, 0], tab[:, 1], tab[:, 2], frame_hw, fps, num_frames)
+        t_, h_, w_ = ([r[i] for r in rows] for i in range(3))
+        out = TokenBlocks.from_host(t_, h_, w_, device=vlm.device, frame_hw=frame_hw, fps=fps,
+                                    num_frames=num_frames)
         return end_blocks(vlm, out, t - 1) if cfg.newline else out
 
     @torch.no_grad()

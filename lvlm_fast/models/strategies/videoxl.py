@@ -215,7 +215,9 @@ class VideoXLStrategy(Strategy):
             pos = None if plan is None else \
                 plan.chunk(p + raw_done, p + raw_done + raw.shape[1])
             kw = {}
-            if vis is not None:  # DeepStack rows of this window's visual tokens
+            # DeepStack rows of this window's visual tokens (boolean indexing has no meta
+            # implementation: the simulation holds the rows but skips the add)
+            if vis is not None and raw.device.type != "meta":
                 m = videoxl_driver.interleave(vis.view(1, -1, 1).to(raw.dtype),
                                               raw.new_zeros(1), ratio, cache.carry)
                 kw = fam.decoder_kwargs(m[0, :, 0].gt(0.5).view(1, -1), raw[0, vis, hid:])

@@ -3,26 +3,30 @@
     lvlm-fast run VIDEO --model PATH --question "..." [--strategy NAME] [--frames N | --fps F]
                   [--set KEY=VALUE ...] [--max-new-tokens N] [--budget BYTES] ...
 
-Pipeline: probe the video, pick frame numbers (``--frames N``: N uniformly spaced frames;
-``--fps F``: one frame every 1/F s; neither: 32 uniform frames, or every frame of a shorter
-video), decode them in chunks (:func:`lvlm_fast.video.iter_frames`, never the whole video
-at once), preprocess each chunk straight into one preallocated (T, 3, S, S) tensor, build
-the prompt with the checkpoint's tokenizer, run the strategy and greedy decoding
-(:class:`lvlm_fast.models.LongVideoVLM`), print the answer and a short report.
+Pipeline (:class:`lvlm_fast.models.pipeline.VideoQA`, shared with ``lvlm-fast batch`` and
+the lmms-eval model): probe the video, pick frame numbers (``--frames N``: N uniformly
+spaced frames; ``--fps F``: one frame every 1/F s; neither: 32 uniform frames, or every
+frame of a shorter video), decode them in chunks (:func:`lvlm_fast.video.iter_frames`, never
+the whole video at once), preprocess each chunk straight into one preallocated
+(T, 3, H, W) tensor, build the prompt with the checkpoint's tokenizer, run the strategy and
+greedy decoding (:class:`lvlm_fast.models.LongVideoVLM`), print the answer and a short
+report. Any model family the wrapper supports (LLaVA-OneVision, Qwen2.5-VL, ...).
 
 Preprocessing (documented approximation of the transformers processor): frames are
-resized to the vision tower's ``image_size`` squared (S x S, aspect ratio not kept, as
-LLaVA-OneVision's video processor does) with torch bicubic + antialias (the processor
-uses PIL bicubic: values can differ slightly), scaled by ``rescale_factor`` (1/255) and
-normalised with ``image_mean``/``image_std``. Those three come from the checkpoint's
-``video_preprocessor_config.json``, ``preprocessor_config.json`` or
-``processor_config.json`` (first found), else from the vision tower's family: SigLIP
-mean = std = 0.5; CLIP the OpenAI CLIP mean/std.
+resized to the family's frame size (LLaVA-OneVision: the vision tower's ``image_size``
+squared, aspect ratio not kept, as its video processor does; Qwen-VL: multiples of the
+patch x merge size within the checkpoint's pixel bounds) with torch bicubic + antialias
+(the processors use PIL bicubic: values can differ slightly), scaled by
+``rescale_factor`` (1/255) and normalised with ``image_mean``/``image_std``. Those come
+from the checkpoint's ``video_preprocessor_config.json``, ``preprocessor_config.json`` or
+``processor_config.json`` (first found), else from the family: SigLIP mean = std = 0.5;
+CLIP the OpenAI CLIP mean/std (also Qwen-VL's).
 
-Prompt: if the tokenizer has a chat template, the user turn is ``<video>\\n{question}``
-rendered with it (generation prompt added) and split at the video; otherwise the
-ChatML layout of the Qwen2-based LLaVA-OneVision models:
-``<|im_start|>user\\n`` + video + ``\\n{question}<|im_end|>\\n<|im_start|>assistant\\n``.
+Prompt: the family's user turn (LLaVA-OneVision: ``<video>\\n{question}``; Qwen-VL:
+``<|vision_start|><video><|vision_end|>{question}``) rendered with the tokenizer's chat
+template (generation prompt added) and split at the video; without a template the ChatML
+layout of their Qwen LLMs: ``<|im_start|>user\\n`` + that turn +
+``<|im_end|>\\n<|im_start|>assistant\\n``.
 
 Frames are kept in one host buffer (:class:`lvlm_fast.video.HostFrameBuffer`), on CUDA
 page-locked with ``cudaHostRegister`` (exactly its own pages; ``pin_memory=True`` would
@@ -99,9 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("video", help="video file (anything PyAV/FFmpeg decodes)")
     p.add_argument("--model", required=True, metavar="PATH",
-                   help="local transformers checkpoint folder of a "
-                        "LlavaOnevisionForConditionalGeneration model (LLaVA-OneVision, "
-                        "LLaVA-Video) with its tokenizer")
+                   help="local transformers checkpoint folder of a supported model family "
+                        "(LLaVA-OneVision / LLaVA-Video, Qwen2.5-VL, ...) with its tokenizer")
     p.add_argument("--question", required=True, help="the question about the video")
     p.add_argument("--strategy", default="full", metavar="NAME",
                    help="long-video strategy: full, uniform, vilamp, slowfast, llamavid, "
@@ -224,12 +227,16 @@ def _dtype(name: str, device) -> Any:
 
 # --------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Do the work; returns the answer and the report (raises RunError on bad input)."""
+    """Do the work; returns the answer and the report (raises RunError on bad input).
+
+    The pipeline is :class:`lvlm_fast.models.pipeline.VideoQA` (shared with ``lvlm-fast
+    batch`` and the lmms-eval model): the family's frame size, normalisation and chat
+    template, so every supported family runs here."""
     import torch
 
     from lvlm_fast import video as lv
-    from lvlm_fast.models import LongVideoVLM, get_strategy
-    from lvlm_fast.models.strategies.base import VideoPrompt
+    from lvlm_fast.models import get_strategy
+    from lvlm_fast.models.pipeline import VideoQA, sample_frames
     from lvlm_fast.profile import LiveTensorTracker
 
     if not args.progress:  # transformers' weight-loading bar
@@ -253,16 +260,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RunError(f"--fps must be > 0, got {args.fps}")
 
     t0 = time.perf_counter()
-    try:
+    try:  # a bad video or too many frames fails before the weights load
         info = lv.probe(args.video)
-        if args.fps is not None:
-            indices = lv.sample_indices(info.num_frames, "fps", fps=args.fps,
-                                        source_fps=info.fps)
-        elif args.frames is not None:
-            indices = lv.sample_indices(info.num_frames, "uniform", count=args.frames)
-        else:
-            indices = lv.sample_indices(info.num_frames, "uniform", count=DEFAULT_FRAMES,
-                                        on_short="all")
+        sample_frames(info, args.frames, args.fps)
     except ValueError as exc:  # VideoReadError is a ValueError
         raise RunError(str(exc)) from exc
     stages["probe"] = time.perf_counter() - t0
@@ -271,28 +271,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     try:
-        vlm = LongVideoVLM.from_pretrained(
-            args.model, strategy, dtype=_dtype(args.dtype, device), device=device,
-            memory_budget_bytes=args.budget, vision_chunk_frames=args.vision_chunk,
-            prefill_chunk_tokens=args.prefill_chunk)
+        qa = VideoQA.load(args.model, args.strategy, knobs, dtype=_dtype(args.dtype, device),
+                          device=device, memory_budget_bytes=args.budget,
+                          vision_chunk_frames=args.vision_chunk,
+                          prefill_chunk_tokens=args.prefill_chunk,
+                          decode_chunk=args.decode_chunk, progress=args.progress)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         raise RunError(str(exc)) from exc
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except Exception as exc:
-        raise RunError(f"cannot load a tokenizer from {args.model!r}: {exc}") from exc
+    vlm = qa.vlm
     stages["load model"] = time.perf_counter() - t0
     weights = sum(p.nbytes for p in vlm.model.parameters())
-
-    pre_ids, post_ids, template = build_prompt(tokenizer, args.question)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        eos = getattr(vlm.model.generation_config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    pre = preprocess_config(args.model, vlm.config.vision_config)
-    size = vlm.config.vision_config.image_size
+    template = "chat template" if getattr(qa.tokenizer, "chat_template", None) else "ChatML"
 
     cuda = device.type == "cuda"
     if cuda:
@@ -301,65 +290,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cuda_base = torch.cuda.memory_allocated(device)
     vlm.sync_timings = bool(args.sync_timings)  # the wrapper syncs only on CUDA
     tracker = LiveTensorTracker(cuda_allocator=False)
-    with tracker:
-        # frames stay in host memory (page-locked exactly on CUDA, for asynchronous
-        # uploads); the wrapper moves one vision chunk at a time to the device
-        frames_buf = lv.HostFrameBuffer((len(indices), 3, size, size), vlm.dtype, pin=cuda)
-        pixels = frames_buf.tensor
-        t_dec = t_pre = 0.0
-        pos = 0
-        t0 = time.perf_counter()
+    with tracker:  # frames included: they are part of what one run holds
         try:
-            for _idx, chunk in lv.iter_frames(args.video, indices, chunk_size=args.decode_chunk,
-                                              progress=args.progress):
-                t1 = time.perf_counter()
-                t_dec += t1 - t0
-                preprocess(chunk, size, pre, pixels[pos : pos + chunk.shape[0]])
-                pos += chunk.shape[0]
-                t0 = time.perf_counter()
-                t_pre += t0 - t1
-        except ValueError as exc:
+            frames = qa.read(args.video, frames=args.frames, fps=args.fps)
+            rep = qa.answer(frames, args.question, max_new_tokens=args.max_new_tokens)
+        except (ValueError, TypeError) as exc:  # VideoReadError is a ValueError
             raise RunError(str(exc)) from exc
-        stages["decode video"], stages["preprocess"] = t_dec, t_pre
-        prompt = VideoPrompt(pixels, torch.tensor([pre_ids], device=device),
-                             torch.tensor([post_ids], device=device))
-        t0 = time.perf_counter()
-        try:
-            tokens = vlm.generate(prompt, args.max_new_tokens, eos_token_id=eos)
-        except (ValueError, TypeError) as exc:
-            raise RunError(str(exc)) from exc
-        ids = tokens[0].tolist()  # one host sync, after generation
-        t_model = time.perf_counter() - t0
-        frames_buf.release()  # after the sync: no upload still reads the pages
-    for k in ("vision", "prefill", "decode"):
-        stages[{"decode": "generate"}.get(k, k)] = vlm.timings.get(k, 0.0)
-    stages["strategy (other)"] = max(0.0, t_model - sum(vlm.timings.values()))
-    if eos is not None and eos in ids:
-        ids = ids[: ids.index(eos)]
-    answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    res = vlm.last_prefill
+        frames.buffer.release()  # after generation's host sync: no upload reads the pages
+    stages.update({k: rep["seconds"][k] for k in ("decode video", "preprocess", "vision",
+                                                  "prefill", "generate", "strategy (other)")})
     peak = (torch.cuda.max_memory_allocated(device) - cuda_base) if cuda else tracker.peak_bytes
     stages["total"] = time.perf_counter() - t_start
+    buf = frames.buffer
     return {
-        "answer": answer, "answer_ids": ids, "video": args.video, "model": args.model,
+        "answer": rep["answer"], "answer_ids": rep["answer_ids"], "video": args.video,
+        "model": args.model, "family": qa.family.name,
         "strategy": strategy.name, "config": {k: v for k, v in vars(strategy.config).items()
                                               if isinstance(v, (int, float, str, bool))},
-        "video_frames": info.num_frames, "video_fps": info.fps,
-        "frames_read": len(indices), "frames_encoded": res.frames_encoded,
-        "llm_tokens": res.llm_tokens, "visual_tokens": res.visual_tokens,
-        "prompt_template": template, "preprocess": pre["source"],
+        "video_frames": frames.video_frames, "video_fps": frames.source_fps,
+        "frames_read": rep["frames_read"], "frames_encoded": rep["frames_encoded"],
+        "frame_size": list(frames.pixels.shape[2:]),
+        "llm_tokens": rep["llm_tokens"], "visual_tokens": rep["visual_tokens"],
+        "prompt_template": template, "preprocess": _preprocess_source(args.model, qa.family),
         "device": str(device), "dtype": str(vlm.dtype).replace("torch.", ""),
         "weights_bytes": weights, "peak_bytes": peak,
         "peak_source": "CUDA allocator peak above weights" if cuda
         else "live-tensor tracker (CPU), above weights",
         "vision_chunk_frames": vlm.vision_chunk_frames,
         "prefill_chunk_tokens": vlm.prefill_chunk_tokens,
-        "frames_host_bytes": frames_buf.nbytes, "frames_pinned_bytes": frames_buf.pinned_bytes,
-        "frames_pin_method": frames_buf.pin_method,
+        "frames_host_bytes": buf.nbytes, "frames_pinned_bytes": buf.pinned_bytes,
+        "frames_pin_method": buf.pin_method,
         "sync_timings": vlm.sync_timings,
-        "warnings": list(res.warnings),
+        "warnings": rep["warnings"],
         "seconds": stages,
     }
+
+
+def _preprocess_source(path: str, family: Any) -> str:
+    """Where the normalisation came from: the checkpoint's file, else the family default."""
+    for name in _PREPROCESSOR_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return name
+    mean, _ = family.default_normalization()
+    return {_CLIP_MEAN: "CLIP defaults", (0.5, 0.5, 0.5): "SigLIP defaults"}.get(
+        tuple(mean), f"{family.name} defaults")
 
 
 def format_report(r: dict[str, Any]) -> str:

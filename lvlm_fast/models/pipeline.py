@@ -51,6 +51,7 @@ class Frames:
     source_fps: float
     sample_fps: float | None  # the rate the frames were taken at (positions of M-RoPE)
     seconds: dict[str, float] = field(default_factory=dict)  # probe, decode video, preprocess
+    buffer: Any = None  # the lvlm_fast.video.HostFrameBuffer holding ``pixels``
 
 
 def check_sampling(frames: int | None, fps: float | None) -> None:
@@ -63,6 +64,24 @@ def check_sampling(frames: int | None, fps: float | None) -> None:
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))
                             or not fps > 0):
         raise ValueError(f"fps must be a number > 0, got {fps!r}")
+
+
+def sample_frames(info: Any, frames: int | None = None, fps: float | None = None
+                  ) -> tuple[list[int], float | None]:
+    """Frame numbers to read from a probed video (:class:`lvlm_fast.video.VideoInfo`) and the
+    rate they are taken at: ``frames`` uniform (ValueError if the video has fewer),
+    ``fps`` one every 1/F s, neither: :data:`DEFAULT_FRAMES` uniform or every frame of a
+    shorter video."""
+    from lvlm_fast import video as lv
+
+    check_sampling(frames, fps)
+    if fps is not None:
+        return (lv.sample_indices(info.num_frames, "fps", fps=float(fps),
+                                  source_fps=info.fps), float(fps))
+    indices = lv.sample_indices(info.num_frames, "uniform", count=frames or DEFAULT_FRAMES,
+                                on_short="error" if frames else "all")
+    dur = info.duration_s
+    return indices, (len(indices) / dur if dur > 0 else None)
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -190,16 +209,7 @@ class VideoQA:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         info = lv.probe(video)
-        if fps is not None:
-            indices = lv.sample_indices(info.num_frames, "fps", fps=float(fps),
-                                        source_fps=info.fps)
-            sample_fps: float | None = float(fps)
-        else:
-            indices = lv.sample_indices(info.num_frames, "uniform",
-                                        count=frames or DEFAULT_FRAMES,
-                                        on_short="error" if frames else "all")
-            dur = info.duration_s
-            sample_fps = len(indices) / dur if dur > 0 else None
+        indices, sample_fps = sample_frames(info, frames, fps)
         seconds["probe"] = time.perf_counter() - t0
         h, w = self.family.frame_size(info.height, info.width, self.preprocessing)
         # frames stay on the host; page-locked on CUDA so uploads are asynchronous
@@ -217,9 +227,8 @@ class VideoQA:
             t0 = time.perf_counter()
             t_pre += t0 - t1
         seconds["decode video"], seconds["preprocess"] = t_dec, t_pre
-        self._buffer = buf  # released by the next read (uploads may still be in flight)
         return Frames(video, buf.tensor, indices, info.num_frames, info.fps, sample_fps,
-                      seconds)
+                      seconds, buf)
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, frames: Frames, text: str) -> Any:

@@ -273,3 +273,22 @@ def test_pipeline_on_qwen2_5_vl(tmp_path):
         ids = ids[: ids.index(1)]
     assert rep["answer_ids"] == ids
     assert rep["llm_tokens"] == len(pre) + 12 + len(post)
+
+
+def test_lvlm_fast_run_shares_the_pipeline_on_qwen2_5_vl(tmp_path, capsys):
+    """`lvlm-fast run` goes through the same VideoQA pipeline: on a Qwen2.5-VL checkpoint
+    it reads frames at the family's size and gives the batch runner's answer."""
+    ckpt = save_checkpoint(tmp_path / "qwen", "qwen")
+    (video,) = write_videos(tmp_path, 1)
+    code = main(["run", video, "--model", ckpt, "--question", "w5 w7", "--frames", "4",
+                 "--max-new-tokens", "3", "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["family"] == "qwen2_5_vl" and r["frame_size"] == [56, 84]
+    assert r["preprocess"] == "preprocessor_config.json" and r["visual_tokens"] == 12
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": video, "question": "w5 w7"}) + "\n")
+    assert _batch(capsys, tmp_path / "m.jsonl", "--model", ckpt, "--out", tmp_path / "o",
+                  *ARGS)[0] == 0
+    (rec,) = _jsonl(tmp_path / "o" / "results.jsonl")
+    assert rec["answers"][0]["answer_ids"] == r["answer_ids"]
+    assert rec["answers"][0]["llm_tokens"] == r["llm_tokens"]

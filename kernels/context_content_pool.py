@@ -26,11 +26,17 @@ Backward (recompute, saved: lse only):
     as the scores when keys is X) and D[q] = sum_p A[q, p] dw[p]; stores dw (N, P) and
     D (N, Lq) fp32.
   * ``_context_content_pool_bwd_kernel``, per (frame, BLOCK_P patches): recomputes the
-    score block, dS = scale/Lq * A * (dw - D), w = mean_q A; per channel block
-    grad_K = dS^T Q (stored; added into grad_x when keys is X), grad_Q += dS K
-    (fp32 ``atomic_add``: the P blocks of a frame, and every frame for shared queries, add
-    into it), grad_X = w gc + content gradient (+ grad_K). Later query chunks add into
-    grad_x / grad_keys (fp32 buffers then).
+    score block, dS = scale/Lq * A * (dw - D), w = mean_q A; stores dS (N, Lq, P) (fp32 on
+    the ieee path, else in the input dtype, as it enters the tensor-core products: 1/22 of
+    X's bytes at Lq 32, C 1408); per channel block grad_K = dS^T Q (stored; added into
+    grad_x when keys is X), grad_X = w gc + content gradient (+ grad_K). Later query chunks
+    add into grad_x / grad_keys (fp32 buffers then).
+  * ``_context_content_pool_bwd_dq_kernel``, per (BLOCK_C channels, frame group): grad_Q
+    rows = sum over the group's frames and P blocks of dS_f K_f, in order, in fp32
+    registers (no atomics: deterministic). Per-frame queries: one frame per group, the
+    output is grad_Q. Shared queries: :func:`dq_groups` frame groups (~4 waves of
+    programs), fp32 (groups, Lq, CK) partials summed over the groups in a fixed order.
+    K is read once more here (instead of ~Lq*P*C/BLOCK_P fp32 atomic adds per frame).
 
 Masking: padded queries (q >= Lq), patches (p >= P) and channels load 0, get weight 0 and
 are never stored. Accumulation fp32; ``tl.dot`` on fp16/bf16 tiles uses the tensor cores
@@ -253,10 +259,10 @@ def _context_content_pool_bwd_prep_kernel(
 
 @triton.jit
 def _context_content_pool_bwd_kernel(
-    q_ptr, k_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr, gx_ptr, gq_ptr, gk_ptr,
+    q_ptr, k_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr, gx_ptr, ds_ptr, gk_ptr,
     P, CK, C, LQ, q_start, scale, inv_lq, side, inv_p,
     stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
-    stride_gon, stride_gor, stride_goc, stride_gqn,
+    stride_gon, stride_gor, stride_goc,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     GRID: tl.constexpr, G_PAD: tl.constexpr, KEYS_IS_X: tl.constexpr, FIRST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -280,7 +286,13 @@ def _context_content_pool_bwd_kernel(
     ds = a * (dw[None, :] - dq[:, None]) * (scale * inv_lq)
     gx_rows = gx_ptr + (n * P + offs_p)[:, None] * C
     gk_rows = gk_ptr + (n * P + offs_p)[:, None] * CK
-    gq_rows = gq_ptr + n * stride_gqn + offs_q[:, None] * CK
+    # dS for the grad_Q kernel (no atomics): fp32 on the ieee path, else rounded to the
+    # input dtype exactly as it enters the tensor-core products
+    ds_rows = ds_ptr + (n * LQ + offs_q)[:, None] * P + offs_p[None, :]
+    if IEEE:
+        tl.store(ds_rows, ds, mask=qmask[:, None] & pmask[None, :])
+    else:
+        tl.store(ds_rows, ds.to(ds_ptr.dtype.element_ty), mask=qmask[:, None] & pmask[None, :])
     if GRID > 1:
         mb_t = tl.trans(_bin_matrix(offs_p, pmask, side, GRID, G_PAD))  # (BLOCK_P, G_PAD)
     for c0 in range(0, CK, BLOCK_C):
@@ -288,16 +300,10 @@ def _context_content_pool_bwd_kernel(
         cmask = offs_c < CK
         qt = tl.load(q_base + offs_q[:, None] * stride_qq + offs_c[None, :] * stride_qc,
                      mask=qmask[:, None] & cmask[None, :], other=0.0)
-        kt = tl.load(k_base + offs_p[:, None] * stride_kp + offs_c[None, :] * stride_kc,
-                     mask=pmask[:, None] & cmask[None, :], other=0.0)
         if IEEE:
             gk = tl.dot(tl.trans(ds), qt, input_precision="ieee")
-            gq = tl.dot(ds, kt, input_precision="ieee")
         else:
-            ds_lp = ds.to(qt.dtype)
-            gk = tl.dot(tl.trans(ds_lp), qt)
-            gq = tl.dot(ds_lp, kt)
-        tl.atomic_add(gq_rows + offs_c[None, :], gq, mask=qmask[:, None] & cmask[None, :])
+            gk = tl.dot(tl.trans(ds.to(qt.dtype)), qt)
         tile_mask = pmask[:, None] & cmask[None, :]
         if KEYS_IS_X:
             gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
@@ -345,6 +351,35 @@ def _context_content_pool_bwd_kernel(
             tl.store(gx_rows + offs_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _context_content_pool_bwd_dq_kernel(
+    ds_ptr, k_ptr, gq_ptr, P, CK, LQ, q_start, N, frames_per_group,
+    stride_kn, stride_kp, stride_kc,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # grad_Q partial of one frame group for one channel block: sum_f dS_f K_f (no atomics)
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    grp = tl.program_id(1).to(tl.int64)
+    cmask = offs_c < CK
+    offs_q = q_start + tl.arange(0, BLOCK_Q)
+    qmask = offs_q < LQ
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    f0 = grp * frames_per_group
+    f1 = tl.minimum(f0 + frames_per_group, N)
+    for f in range(f0, f1):
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < P
+            ds = tl.load(ds_ptr + (f * LQ + offs_q)[:, None] * P + offs_p[None, :],
+                         mask=qmask[:, None] & pmask[None, :], other=0.0)
+            kt = tl.load(k_ptr + f * stride_kn + offs_p[:, None] * stride_kp
+                         + offs_c[None, :] * stride_kc,
+                         mask=pmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(ds, kt, acc, input_precision="ieee" if IEEE else None)
+    tl.store(gq_ptr + (grp * LQ + offs_q)[:, None] * CK + offs_c[None, :], acc,
+             mask=qmask[:, None] & cmask[None, :])
+
+
 # --------------------------------------------------------------------------- configs
 def _block_q(lq: int) -> int:
     return min(64, max(16, triton.next_power_of_2(lq)))
@@ -376,6 +411,25 @@ def pool_config(grid: int) -> dict:
 def bwd_config(lq: int, dtype: torch.dtype) -> dict:
     bc = 32 if dtype == torch.float32 else 64
     return dict(BLOCK_Q=_block_q(lq), BLOCK_P=64, BLOCK_C=bc, num_warps=8, num_stages=1)
+
+
+def dq_config(lq: int, dtype: torch.dtype) -> dict:
+    bc = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_Q=_block_q(lq), BLOCK_P=64, BLOCK_C=bc, num_warps=4, num_stages=2)
+
+
+DQ_TARGET_PROGRAMS = 528  # shared queries: frame groups x channel blocks ~ 4 waves of 132 SMs
+
+
+def dq_groups(n: int, ck: int, block_c: int, shared: bool) -> tuple[int, int]:
+    """(groups, frames per group) of the grad_Q kernel: one frame per group for per-frame
+    queries (the group's rows are that frame's grad_Q); for shared queries enough groups to
+    fill the GPU, each writing an fp32 (Lq, CK) partial summed in a fixed order after."""
+    if not shared:
+        return n, 1
+    want = max(1, min(n, triton.cdiv(DQ_TARGET_PROGRAMS, triton.cdiv(ck, block_c))))
+    per = triton.cdiv(n, want)
+    return triton.cdiv(n, per), per
 
 
 def _side(p: int, grid: int) -> int:
@@ -481,13 +535,20 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
     gx = torch.empty((n, p, c), device=x.device, dtype=acc_dtype)
     gk = (torch.empty((n, p, ck), device=x.device, dtype=acc_dtype) if keys is not None
           else torch.empty((0,), device=x.device, dtype=acc_dtype))
-    gq = torch.zeros(queries.shape, device=x.device, dtype=torch.float32)  # atomics
     if n == 0:
-        return gx.to(x.dtype), gq.to(queries.dtype), gk.to(x.dtype)
+        gq = torch.zeros(queries.shape, device=x.device, dtype=queries.dtype)
+        return gx.to(x.dtype), gq, gk.to(x.dtype)
+    shared = queries.dim() == 2
+    qcfg = dq_config(lq, x.dtype)
+    n_grp, per_grp = dq_groups(n, ck, qcfg["BLOCK_C"], shared)
+    # grad_Q without atomics: dS (N, Lq, P) is stored by the backward kernel, then each
+    # (channel block, frame group) program sums dS_f K_f over its frames in order
+    gq = torch.empty((n_grp, lq, ck), device=x.device, dtype=torch.float32)
+    ds = torch.empty((n, lq, p), device=x.device,
+                     dtype=torch.float32 if x.dtype == torch.float32 else x.dtype)
     dw = torch.empty((n, p), device=x.device, dtype=torch.float32)
     dd = torch.empty((n, lq), device=x.device, dtype=torch.float32)
     sqn, sqq, sqc = _q_strides(queries)
-    sgqn = 0 if queries.dim() == 2 else lq * ck
     ieee = x.dtype == torch.float32
     for q0 in chunks:
         _context_content_pool_bwd_prep_kernel[(n,)](
@@ -498,13 +559,19 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
             KEYS_IS_X=keys is None, IEEE=ieee,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         _context_content_pool_bwd_kernel[(n, triton.cdiv(p, bcfg["BLOCK_P"]))](
-            queries, k, grad_out, lse, dw, dd, gx, gq, gk,
+            queries, k, grad_out, lse, dw, dd, gx, ds, gk,
             p, ck, c, lq, q0, float(scale), 1.0 / lq, side, 1.0 / p,
             sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), sgqn,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             BLOCK_Q=bcfg["BLOCK_Q"], BLOCK_P=bcfg["BLOCK_P"], BLOCK_C=bcfg["BLOCK_C"],
             GRID=g, G_PAD=_g_pad(g), KEYS_IS_X=keys is None, FIRST=q0 == 0, IEEE=ieee,
             num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"])
+    for q0 in range(0, lq, qcfg["BLOCK_Q"]):
+        _context_content_pool_bwd_dq_kernel[(triton.cdiv(ck, qcfg["BLOCK_C"]), n_grp)](
+            ds, k, gq, p, ck, lq, q0, n, per_grp, k.stride(0), k.stride(1), k.stride(2),
+            BLOCK_Q=qcfg["BLOCK_Q"], BLOCK_P=qcfg["BLOCK_P"], BLOCK_C=qcfg["BLOCK_C"],
+            IEEE=ieee, num_warps=qcfg["num_warps"], num_stages=qcfg["num_stages"])
+    gq = gq.sum(0) if shared else gq  # fixed-order reduction over the frame groups
     return gx.to(x.dtype), gq.to(queries.dtype), gk.to(x.dtype)
 
 
@@ -574,15 +641,24 @@ def _specs() -> list[dict]:
                           GRID=grid, G_PAD=_g_pad(grid), KEYS_IS_X=keys_is_x, FIRST=True,
                           IEEE=ieee)
                 sig = dict(q_ptr=ptr, k_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32", dw_ptr="*fp32",
-                           d_ptr="*fp32", gx_ptr=ptr, gq_ptr="*fp32", gk_ptr=ptr, P="i32",
+                           d_ptr="*fp32", gx_ptr=ptr, ds_ptr="*fp32" if ieee else ptr,
+                           gk_ptr=ptr, P="i32",
                            CK="i32", C="i32", LQ="i32", q_start="i32", scale="fp32",
                            inv_lq="fp32", side="i32", inv_p="fp32", stride_qn="i32",
                            stride_qq="i32", stride_qc="i32", stride_kn="i32",
                            stride_kp="i32", stride_kc="i32", stride_gon="i32",
-                           stride_gor="i32", stride_goc="i32", stride_gqn="i32")
+                           stride_gor="i32", stride_goc="i32")
                 specs.append(_spec(f"ccp_bwd_{ty[dt]}_{tag}_g{grid}",
                                    _context_content_pool_bwd_kernel, sig, ce, bc,
                                    ("side",) if grid == 1 else ()))
+        qc = dq_config(lq, dt)
+        ce = dict(BLOCK_Q=qc["BLOCK_Q"], BLOCK_P=qc["BLOCK_P"], BLOCK_C=qc["BLOCK_C"],
+                  IEEE=ieee)
+        sig = dict(ds_ptr="*fp32" if ieee else ptr, k_ptr=ptr, gq_ptr="*fp32", P="i32",
+                   CK="i32", LQ="i32", q_start="i32", N="i32", frames_per_group="i32",
+                   stride_kn="i32", stride_kp="i32", stride_kc="i32")
+        specs.append(_spec(f"ccp_bwd_dq_{ty[dt]}", _context_content_pool_bwd_dq_kernel, sig,
+                           ce, qc))
     return specs
 
 

@@ -8,10 +8,11 @@ Forward (``_summary_attention_fwd_kernel``): one program per (BLOCK_M queries, b
 Q tile (BLOCK_M, BLOCK_D) stays in registers; the program walks key blocks of BLOCK_N up
 to the last key its last query can see (keys past it are skipped, not masked), computing
 scores with ``tl.dot`` in fp32, an online softmax in base 2 (scale folded with log2 e),
-and the fp32 output accumulator. No score matrix touches memory. With RETURN_MASS, a
-second walk over the same key blocks recomputes the scores, normalises them with the
-final lse, and atomically adds each block's column sums (over its queries) into
-``key_mass[b, j]`` (fp32 atomics: summed over query blocks and heads, order not fixed).
+and the fp32 output accumulator. No score matrix touches memory. Key mass
+(``_summary_attention_mass_kernel``, when asked): one program per (BLOCK_N keys, b,
+KV head) recomputes the scores of the G heads' query blocks that see its keys, normalises
+them with the saved lse and sums the columns in registers into a (B, Hkv, S) fp32 partial;
+the launcher sums it over the KV heads (fixed order: deterministic, no atomics).
 
 Decode / small Lq (``_summary_attention_splitkv_kernel``, flash-decoding; chosen by
 :func:`use_splitkv`: Lq <= 16 and no key mass): grid (key splits, B * Hkv * row blocks).
@@ -72,11 +73,10 @@ def _rows(offs, I64: tl.constexpr):
 
 @triton.jit
 def _summary_attention_fwd_kernel(
-    Q, K, V, O, LSE, MASS,
+    Q, K, V, O, LSE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     Hq, G, Lq, S, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    RETURN_MASS: tl.constexpr, I64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -120,17 +120,49 @@ def _summary_attention_fwd_kernel(
     o_ptrs = O + b * sob + h * soh + rows_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
     tl.store(LSE + (b * Hq + h) * Lq + offs_m, lse2 * 0.6931471805599453, mask=mmask)
-    if RETURN_MASS:
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            nmask = offs_n < S
-            kt = tl.load(k_base + _rows(offs_n, I64)[None, :] * skn + offs_d[:, None],
-                         mask=nmask[None, :] & dmask[:, None], other=0.0)
-            s = tl.dot(q, kt)
+
+
+@triton.jit
+def _summary_attention_mass_kernel(
+    Q, K, LSE, MASSP,
+    sqb, sqh, sqm, skb, skh, skn,
+    Hq, Hkv, G, Lq, S, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, I64: tl.constexpr,
+):  # fmt: skip
+    # key mass of BLOCK_N keys over the G query heads of one KV head (per-program partial,
+    # no atomics): walks the query blocks that can see the keys, like the dK/dV kernel
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < S
+    dmask = offs_d < D
+    k = tl.load(K + b * skb + hk * skh + _rows(offs_n, I64)[:, None] * skn + offs_d[None, :],
+                mask=nmask[:, None] & dmask[None, :], other=0.0)
+    shift = S - Lq
+    qk_scale = scale * 1.4426950408889634
+    lo = tl.maximum(start_n - shift, 0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    mass = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        row_base = (b * Hq + h) * Lq
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mmask = offs_m < Lq
+            q = tl.load(q_base + _rows(offs_m, I64)[:, None] * sqm + offs_d[None, :],
+                        mask=mmask[:, None] & dmask[None, :], other=0.0)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=mmask, other=0.0) * 1.4426950408889634
+            s = tl.dot(q, tl.trans(k))
             valid = (offs_n[None, :] <= shift + offs_m[:, None]) & nmask[None, :]
             valid = valid & mmask[:, None]
             p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            tl.atomic_add(MASS + b * S + offs_n, tl.sum(p, 0), mask=nmask)
+            mass += tl.sum(p, 0)
+    tl.store(MASSP + (b * Hkv + hk) * S + offs_n, mass, mask=nmask)
 
 
 @triton.jit
@@ -318,6 +350,12 @@ def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
 
 
+def mass_config(dtype: torch.dtype, block_d: int) -> dict:
+    if dtype == torch.float32 or block_d > 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+
+
 def dq_config(dtype: torch.dtype, block_d: int) -> dict:
     if dtype == torch.float32 or block_d > 64:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
@@ -395,8 +433,7 @@ def summary_attention_fwd(
     hkv, s = k.shape[1], k.shape[2]
     out = torch.empty((b, lq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    mass = (torch.zeros((b, s), dtype=torch.float32, device=q.device) if return_key_mass
-            else torch.empty((0,), dtype=torch.float32, device=q.device))
+    mass = torch.empty((0,), dtype=torch.float32, device=q.device)
     i64 = _needs_i64(q, k, v, out)
     if use_splitkv(lq, return_key_mass):
         g = hq // hkv
@@ -418,14 +455,26 @@ def summary_attention_fwd(
     cfg = fwd_config(q.dtype, _block_d(d), i64)
     grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
     _summary_attention_fwd_kernel[grid](
-        q, k, v, out, lse, mass,
+        q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
-        RETURN_MASS=bool(return_key_mass), I64=i64,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
+    if return_key_mass:
+        # per-(b, KV head) partials (B, Hkv, S) fp32, summed over the KV heads in a fixed
+        # order: deterministic (no atomics)
+        mcfg = mass_config(q.dtype, _block_d(d))
+        mass_part = torch.empty((b, hkv, s), dtype=torch.float32, device=q.device)
+        _summary_attention_mass_kernel[(triton.cdiv(s, mcfg["BLOCK_N"]), b * hkv)](
+            q, k, lse, mass_part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            hq, hkv, hq // hkv, lq, s, d, float(scale),
+            BLOCK_M=mcfg["BLOCK_M"], BLOCK_N=mcfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
+            num_warps=mcfg["num_warps"], num_stages=mcfg["num_stages"],
+        )  # fmt: skip
+        mass = mass_part.sum(1)
     return out, lse, mass
 
 
@@ -486,22 +535,30 @@ def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, T
             bd = _block_d(d)
             tag = f"{_TY[dtype]}_d{d}{'_i64' if i64 else ''}"
             cfg = fwd_config(cfg_dtype, bd, i64)
-            for mass in (False, True):
-                sig = {n: t for n in ("Q", "K", "V", "O")}
-                sig.update({"LSE": "*fp32", "MASS": "*fp32"})
-                # batch strides of a long cache can pass 2^31 (the JIT then passes i64)
-                sig.update({n: "i64" if n.endswith("b") else "i32"
-                            for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
-                                      "svb", "svh", "svn", "sob", "soh", "som")})
-                sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
-                            "scale": "fp32"})
-                cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd,
-                      "RETURN_MASS": mass, "I64": i64}
-                sig.update({n: "constexpr" for n in cx})
-                specs.append({"name": f"fwd_{tag}{'_mass' if mass else ''}",
-                              "fn": _summary_attention_fwd_kernel, "signature": sig,
-                              "constexprs": cx, "num_warps": cfg["num_warps"],
-                              "num_stages": cfg["num_stages"]})
+            sig = {n: t for n in ("Q", "K", "V", "O")}
+            sig["LSE"] = "*fp32"
+            # batch strides of a long cache can pass 2^31 (the JIT then passes i64)
+            sig.update({n: "i64" if n.endswith("b") else "i32"
+                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
+                                  "svb", "svh", "svn", "sob", "soh", "som")})
+            sig.update({"Hq": "i32", "G": "i32", "Lq": "i32", "S": "i32", "D": "i32",
+                        "scale": "fp32"})
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd, "I64": i64}
+            sig.update({n: "constexpr" for n in cx})
+            specs.append({"name": f"fwd_{tag}", "fn": _summary_attention_fwd_kernel,
+                          "signature": sig, "constexprs": cx, "num_warps": cfg["num_warps"],
+                          "num_stages": cfg["num_stages"]})
+            cfg = mass_config(cfg_dtype, bd)
+            sig = {"Q": t, "K": t, "LSE": "*fp32", "MASSP": "*fp32"}
+            sig.update({n: "i64" if n.endswith("b") else "i32"
+                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn")})
+            sig.update({n: "i32" for n in ("Hq", "Hkv", "G", "Lq", "S", "D")})
+            sig["scale"] = "fp32"
+            cx = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": bd, "I64": i64}
+            sig.update({n: "constexpr" for n in cx})
+            specs.append({"name": f"mass_{tag}", "fn": _summary_attention_mass_kernel,
+                          "signature": sig, "constexprs": cx, "num_warps": cfg["num_warps"],
+                          "num_stages": cfg["num_stages"]})
             strides = {n: "i64" if n.endswith("b") else "i32"
                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
                                  "svb", "svh", "svn", "sdob", "sdoh", "sdom")}

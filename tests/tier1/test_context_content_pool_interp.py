@@ -16,7 +16,8 @@ from lvlm_fast.ops.context_content_pool import reference_bwd, reference_fwd
 
 TOL = {torch.float32: 2e-6, torch.float16: 3e-3}
 FWD = {"_context_content_pool_fwd_kernel", "_context_content_pool_pool_kernel"}
-BWD = {"_context_content_pool_bwd_prep_kernel", "_context_content_pool_bwd_kernel"}
+BWD = {"_context_content_pool_bwd_prep_kernel", "_context_content_pool_bwd_kernel",
+       "_context_content_pool_bwd_dq_kernel"}
 
 
 def _close(name, got, want, dtype):
@@ -143,3 +144,37 @@ def test_frame_spanning_2_31_elements_is_made_contiguous(monkeypatch):
     small = torch.empty(p, 8, c, device="meta", dtype=torch.bfloat16).transpose(0, 1)
     K.context_content_pool_fwd(small, q, None, 0.1, 1)
     assert seen[0][1].stride() == small.stride()
+
+
+# --------------------------------------------------------------------------- issue 14.2.3
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_is_deterministic_and_uses_no_atomics(monkeypatch, launched, per_frame, dtype):
+    # grad_Q has no atomics: two runs are bitwise equal, and several frame groups (shared
+    # queries: forced small DQ_TARGET_PROGRAMS -> 3 groups of 2-3 frames) sum in order
+    monkeypatch.setattr(K, "DQ_TARGET_PROGRAMS", 3)
+    x, q, _ = _inputs(7, 45, 5, 24, per_frame=per_frame, seed=3)
+    x, q = x.to(dtype), q.to(dtype)
+    assert K.dq_groups(7, 24, 32, not per_frame) == ((7, 1) if per_frame else (3, 3))
+    out, lse = K.context_content_pool_fwd(x, q, None, 0.2, 1)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    a = K.context_content_pool_bwd(go, x, q, None, 0.2, 1, lse)
+    b = K.context_content_pool_bwd(go, x, q, None, 0.2, 1, lse)
+    for u, w in zip(a, b, strict=True):
+        assert torch.equal(u, w)
+    _, want_lse = reference_fwd(x.double(), q.double(), None, 0.2, 1)
+    want = reference_bwd(go.double(), x.double(), q.double(), None, 0.2, 1, want_lse)
+    _close("grad_x", a[0], want[0], dtype)
+    _close("grad_queries", a[1], want[1], dtype)
+    assert "_context_content_pool_bwd_dq_kernel" in {f.fn.__name__ for f in launched}
+
+
+def test_no_atomics_in_any_kernel():
+    # issue 14.2.3: every reduction in kernels/ is deterministic (per-program partials)
+    import pathlib
+
+    import lvlm_fast.kernels as pkg
+
+    for d in pkg.__path__:
+        for f in pathlib.Path(d).glob("*.py"):
+            assert "atomic_" not in f.read_text().replace("no atomics", ""), f.name

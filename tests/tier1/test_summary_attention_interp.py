@@ -44,8 +44,8 @@ def test_forward_backward(launched, dtype, b, hq, hkv, lq, s, d):
     for a, e in ((dq, qq.grad), (dk, kk.grad), (dv, vv.grad)):
         torch.testing.assert_close(a.double(), e, atol=tol * 4, rtol=tol * 4)
     names = {f.fn.__name__ for f in launched}
-    assert names == {"_summary_attention_fwd_kernel", "_summary_attention_bwd_kernel",
-                     "_summary_attention_bwd_dq_kernel"}
+    assert names == {"_summary_attention_fwd_kernel", "_summary_attention_mass_kernel",
+                     "_summary_attention_bwd_kernel", "_summary_attention_bwd_dq_kernel"}
     for f in launched:
         assert_interpreted(f)
 
@@ -73,8 +73,8 @@ class _Recorder:
 
 def _patch_kernels(monkeypatch):
     recs = {}
-    for name in ("_summary_attention_fwd_kernel", "_summary_attention_bwd_kernel",
-                 "_summary_attention_bwd_dq_kernel"):
+    for name in ("_summary_attention_fwd_kernel", "_summary_attention_mass_kernel",
+                 "_summary_attention_bwd_kernel", "_summary_attention_bwd_dq_kernel"):
         recs[name] = _Recorder()
         monkeypatch.setattr(kern, name, recs[name])
     return recs
@@ -223,3 +223,14 @@ def test_splitkv_chosen_only_for_small_lq_without_mass(monkeypatch):
     # 7B decode at S = 100K: 4 KV groups x 1 row block; splits fill ~4 waves of 132 SMs
     nsplit, per = kern.splitkv_splits(100_000, 4, 64)
     assert nsplit * 4 >= 132 * 3 and per % 64 == 0 and nsplit * per >= 100_000
+
+
+def test_key_mass_is_deterministic(launched):
+    # issue 14.2.3: key mass from per-(b, KV head) partials, no atomics: bitwise repeatable
+    q, k, v = _inputs(1, 6, 2, 40, 90, 64, torch.float16, seed=2)
+    a = kern.summary_attention_fwd(q, k, v, 0.125, True)[2]
+    b = kern.summary_attention_fwd(q, k, v, 0.125, True)[2]
+    assert torch.equal(a, b)
+    _, rmass = ref(q.double(), k.double(), v.double(), scale=0.125, return_key_mass=True)
+    torch.testing.assert_close(a, rmass.float(), atol=1e-3, rtol=1e-3)
+    assert "_summary_attention_mass_kernel" in {f.fn.__name__ for f in launched}

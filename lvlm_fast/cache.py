@@ -54,8 +54,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionCach
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 from transformers.modeling_utils import AttentionInterface
 
-from lvlm_fast.ops import evict_summaries, summary_attention
+from lvlm_fast.ops import summary_attention
 from lvlm_fast.ops._validate import is_meta_or_fake
+from lvlm_fast.ops.evict_summaries import evict_summaries_layers
 
 ATTN_NAME = "lvlm_summary"
 
@@ -794,10 +795,12 @@ class SummaryKVCache(PreallocatedKVCache):
                 raise ValueError(f"layer {li} holds {layer.length} rows, expected {expect} "
                                  "(window_start + raw tokens + summaries)")
         if self.evict:
-            for layer in self.kv_layers:
-                evict_summaries(layer.key_buffer, layer.value_buffer, window_start=window_start,
-                                ratio=ratio, carry=self.carry, count=count, dst=window_start,
-                                inv_freq=self.inv_freq)
+            kv = list(self.kv_layers)
+            # one validation and one launch for all layers (issue 14.2.4)
+            evict_summaries_layers([la.key_buffer for la in kv], [la.value_buffer for la in kv],
+                                   window_start=window_start, ratio=ratio, carry=self.carry,
+                                   count=count, dst=window_start, inv_freq=self.inv_freq)
+            for layer in kv:
                 layer.length = window_start + count
                 layer._refresh()
         self.carry = (n_raw + self.carry) % ratio

@@ -38,9 +38,39 @@ torch.library.define(
 )
 
 
+OP_LAYERS = "lvlm_fast::evict_summaries_layers"
+
+torch.library.define(
+    OP_LAYERS,
+    "(Tensor(a!)[] keys, Tensor(b!)[] values, Tensor inv_freq, int src, int first, int stride, "
+    "int count, int dst, int pos_delta) -> ()",
+)
+
+
 @torch.library.register_fake(OP)
 def _fake(key, value, inv_freq, src, first, stride, count, dst, pos_delta):
     return None
+
+
+@torch.library.register_fake(OP_LAYERS)
+def _fake_layers(keys, values, inv_freq, src, first, stride, count, dst, pos_delta):
+    return None
+
+
+@torch.library.impl(OP_LAYERS, "CUDA")
+def _cuda_layers(keys, values, inv_freq, src, first, stride, count, dst, pos_delta):
+    from lvlm_fast.kernels.evict_summaries import evict_summaries_layers_fwd
+
+    evict_summaries_layers_fwd(list(keys), list(values), inv_freq, src, first, stride, count,
+                               dst, pos_delta)
+
+
+@torch.library.impl(OP_LAYERS, "CPU")
+def _cpu_layers(keys, values, inv_freq, src, first, stride, count, dst, pos_delta):
+    # CPU: the per-layer C++ kernel per layer (no launch cost to save on CPU)
+    for k, val in zip(keys, values, strict=True):
+        torch.ops.lvlm_fast.evict_summaries(k, val, inv_freq, src, first, stride, count, dst,
+                                            pos_delta)
 
 
 @torch.library.impl(OP, "CUDA")
@@ -91,6 +121,59 @@ def evict_summaries(
         inv_freq: (D/2,) RoPE inverse frequencies (``1 / theta^(2i/D)``).
         pos_delta: extra position shift added to every delta (0 when positions = rows).
     """
+    first, stride = _check(key, value, window_start=window_start, ratio=ratio, carry=carry,
+                           count=count, dst=dst, inv_freq=inv_freq, pos_delta=pos_delta)
+    if count == 0:
+        return
+    torch.ops.lvlm_fast.evict_summaries(
+        key, value, inv_freq, window_start, first, stride, count, dst, pos_delta
+    )
+
+
+def evict_summaries_layers(
+    keys: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    values: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    *,
+    window_start: int,
+    ratio: int,
+    carry: int,
+    count: int,
+    dst: int,
+    inv_freq: torch.Tensor,
+    pos_delta: int = 0,
+) -> None:
+    """:func:`evict_summaries` on every layer at once: one validation and, on CUDA, ONE
+    kernel launch for all layers (grid (B * H, L)) instead of one per layer.
+
+    Args:
+        keys, values: per-layer (B, H, C, D) buffers, all of one shape, strides, dtype and
+            device (a model's cache layers); the other arguments as in
+            :func:`evict_summaries`, shared by every layer.
+    """
+    if not isinstance(keys, (list, tuple)) or not isinstance(values, (list, tuple)):
+        raise TypeError("keys and values must be lists of (B, H, C, D) tensors")
+    if len(keys) != len(values) or not keys:
+        raise ValueError(f"keys and values must be non-empty lists of one length, got "
+                         f"{len(keys)} and {len(values)}")
+    k0, v0 = keys[0], values[0]
+    first, stride = _check(k0, v0, window_start=window_start, ratio=ratio, carry=carry,
+                           count=count, dst=dst, inv_freq=inv_freq, pos_delta=pos_delta)
+    for i, (k, val) in enumerate(zip(keys, values, strict=True)):
+        for name, t, t0 in (("keys", k, k0), ("values", val, v0)):
+            if not isinstance(t, torch.Tensor) or t.shape != t0.shape \
+                    or t.stride() != t0.stride() or t.dtype != t0.dtype \
+                    or t.device != t0.device:
+                raise ValueError(f"{name}[{i}] must match {name}[0] in shape "
+                                 f"{tuple(t0.shape)}, strides, dtype and device")
+    if count == 0:
+        return
+    torch.ops.lvlm_fast.evict_summaries_layers(
+        list(keys), list(values), inv_freq, window_start, first, stride, count, dst, pos_delta
+    )
+
+
+def _check(key, value, *, window_start, ratio, carry, count, dst, inv_freq, pos_delta):
+    """The public checks; returns (first, stride) of the interleave rule."""
     v.check_tensor("key", key, 4)
     v.check_tensor("value", value, 4)
     if value.shape != key.shape:
@@ -117,7 +200,7 @@ def evict_summaries(
         raise ValueError(f"carry must be in [0, ratio = {ratio}), got {carry}")
     first, stride = ratio - carry, ratio + 1
     if count == 0:
-        return
+        return first, stride
     last_src = window_start + first + (count - 1) * stride
     if last_src >= cap:
         raise ValueError(
@@ -129,6 +212,4 @@ def evict_summaries(
             f"dst must be <= window_start + ratio - carry = {window_start + first} (moves go "
             f"towards the front, which keeps the in-place move race-free), got {dst}"
         )
-    torch.ops.lvlm_fast.evict_summaries(
-        key, value, inv_freq, window_start, first, stride, count, dst, pos_delta
-    )
+    return first, stride

@@ -56,3 +56,39 @@ def test_strided_last_dim_is_refused():
     inv = torch.ones(32)
     with pytest.raises(ValueError, match="key must have a unit-stride last dim"):
         evict_summaries_fwd(k, v, inv, 2, 1, 2, 3, 1, 0)
+
+
+# --------------------------------------------------------------------------- issue 14.2.4
+@pytest.mark.parametrize(("dtype", "ratio", "carry", "n_raw", "d"), [
+    (torch.float32, 2, 1, 37, 80), (torch.float16, 4, 0, 53, 128),
+])  # fmt: skip
+def test_all_layers_in_one_launch(launched, dtype, ratio, carry, n_raw, d):
+    # separately allocated per-layer buffers (as the cache holds them), one launch
+    from lvlm_fast.kernels.evict_summaries import evict_summaries_layers_fwd
+
+    count, first, stride, _ = summary_layout(n_raw, ratio, carry)
+    start, layers = 5, 4
+    g = torch.Generator().manual_seed(9)
+    shape = (1, 3, start + n_raw + count + 1, d)
+    ks = [torch.randn(shape, generator=g).to(dtype) for _ in range(layers)]
+    vs = [torch.randn(shape, generator=g).to(dtype) for _ in range(layers)]
+    want = [(k.clone(), v.clone()) for k, v in zip(ks, vs, strict=True)]
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    evict_summaries_layers_fwd(ks, vs, inv, start, first, stride, count, start, 0)
+    for kr, vr in want:
+        ref_evict(kr, vr, inv, start, first, stride, count, start)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for (kr, vr), k, v in zip(want, ks, vs, strict=True):
+        torch.testing.assert_close(k, kr, atol=tol, rtol=tol)
+        assert torch.equal(v, vr)
+    assert len(launched) == 1
+    assert_interpreted(launched[0])
+
+
+def test_layers_must_match():
+    from lvlm_fast.kernels.evict_summaries import evict_summaries_layers_fwd
+
+    k = torch.zeros(1, 2, 20, 8)
+    inv = torch.ones(4)
+    with pytest.raises(ValueError, match="keys\\[1\\]"):
+        evict_summaries_layers_fwd([k, torch.zeros(1, 2, 21, 8)], [k, k], inv, 0, 1, 2, 3, 0, 0)

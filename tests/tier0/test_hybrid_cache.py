@@ -172,6 +172,21 @@ def test_decode_after_chunked_prefill_equals_forward(model):
 
 
 # --------------------------------------------------------------------------- generation ops
+def test_reset_keeps_storage_and_starts_over(model):
+    """``reset`` zeroes the states in place and forgets them (the next update is a first
+    one again): a second prompt through the reset cache == a fresh cache."""
+    cache = PreallocatedKVCache.for_config(model.config, 20)
+    _prefill(model, cache, _ids(11, seed=4), chunk=4)
+    ptrs = [s.data_ptr() for pair in _states(cache) for s in pair]
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.is_croppable
+    got = _prefill(model, cache, _ids(9, seed=5), chunk=5)
+    want = _prefill(model, PreallocatedKVCache.for_config(model.config, 20), _ids(9, seed=5),
+                    chunk=5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [s.data_ptr() for pair in _states(cache) for s in pair] == ptrs
+
+
 def test_crop_refused_when_a_recurrent_state_exists(model):
     cache = PreallocatedKVCache.for_config(model.config, 20)
     assert cache.is_croppable  # nothing absorbed yet

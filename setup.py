@@ -24,6 +24,7 @@ PACKAGES = [
     "lvlm_fast.nn",
     "lvlm_fast.models",
     "lvlm_fast.models.strategies",
+    "lvlm_fast.models.families",
     "lvlm_fast.profile",
     "lvlm_fast.integrations",
 ]

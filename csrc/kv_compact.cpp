@@ -48,6 +48,46 @@ void select_top(std::vector<int64_t>& cand, const float* score, int64_t k, uint8
   for (int64_t i = 0; i < k; ++i) keep[cand[i]] = 1;
 }
 
+// Sum of squares and dot product with kLanes independent partial sums: the compiler may
+// not reorder one serial fp sum, but it vectorises these (fixed association order, so
+// results are deterministic for a given D).
+constexpr int kLanes = 8;
+
+template <typename T, typename A>
+inline A sum_sq(const T* x, int64_t n) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<A>(x[i + l]) * static_cast<A>(x[i + l]);
+  A s = 0;
+  for (; i < n; ++i) s += static_cast<A>(x[i]) * static_cast<A>(x[i]);
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+template <typename T, typename A>
+inline void sum_sq_dot(const T* x, const A* m, int64_t n, A& ss, A& dot) {
+  A a[kLanes] = {}, b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const A v = static_cast<A>(x[i + l]);
+      a[l] += v * v;
+      b[l] += v * m[i + l];
+    }
+  ss = 0;
+  dot = 0;
+  for (; i < n; ++i) {
+    const A v = static_cast<A>(x[i]);
+    ss += v * v;
+    dot += v * m[i];
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    ss += a[l];
+    dot += b[l];
+  }
+}
+
 struct Params {
   int64_t n, budget, prefix, recent, tpf, primary_slots, rotary_pairs;
 };
@@ -101,8 +141,7 @@ void compact_impl(Tensor& key, Tensor& value, const c10::optional<Tensor>& score
           for (int64_t f = 0; f < frames; ++f) {
             for (int64_t j = 0; j < P.tpf; ++j) {
               const T* kr = kb + (hi + f * P.tpf + j) * ksn;
-              A ss = 0;
-              for (int64_t i = 0; i < D; ++i) ss += static_cast<A>(kr[i]) * static_cast<A>(kr[i]);
+              const A ss = sum_sq<T, A>(kr, D);
               const A inv = A(1) / std::max<A>(std::sqrt(ss), static_cast<A>(kNormEps));
               A* m = mean.data() + j * D;
               for (int64_t i = 0; i < D; ++i) m[i] += static_cast<A>(kr[i]) * inv;
@@ -119,18 +158,12 @@ void compact_impl(Tensor& key, Tensor& value, const c10::optional<Tensor>& score
             const int64_t j = P.tpf - 1 - ((hi - 1 - r) % P.tpf);
             const T* kr = kb + r * ksn;
             const A* m = mean.data() + j * D;
-            A ss = 0, dot = 0;
-            for (int64_t i = 0; i < D; ++i) {
-              const A x = static_cast<A>(kr[i]);
-              ss += x * x;
-              dot += x * m[i];
-            }
+            A ss, dot;
+            sum_sq_dot<T, A>(kr, m, D, ss, dot);
             prim[r] = static_cast<float>(-dot / std::max<A>(std::sqrt(ss), static_cast<A>(kNormEps)));
           }
           const T* vr = vb + r * vsn;
-          A ss = 0;
-          for (int64_t i = 0; i < DV; ++i) ss += static_cast<A>(vr[i]) * static_cast<A>(vr[i]);
-          sec[r] = static_cast<float>(std::sqrt(ss));
+          sec[r] = static_cast<float>(std::sqrt(sum_sq<T, A>(vr, DV)));
         }
       }
       // ---- 2. selection
@@ -155,16 +188,16 @@ void compact_impl(Tensor& key, Tensor& value, const c10::optional<Tensor>& score
           for (int64_t i = 0; i < D; ++i) row[i] = static_cast<A>(ks[i]);
           const float* c = cs.data() + (r - dest) * 2 * half;  // table of |delta|
           const float* s = c + half;
-          for (int64_t i = 0; i < half; ++i) {
+          const int64_t rot = P.rotary_pairs;
+          for (int64_t i = 0; i < rot; ++i) {
+            // delta = dest - r < 0: cos(-a) = cos(a), sin(-a) = -sin(a)
             const A x1 = row[i], x2 = row[i + half];
-            if (i < P.rotary_pairs) {
-              // delta = dest - r < 0: cos(-a) = cos(a), sin(-a) = -sin(a)
-              kd[i] = static_cast<T>(x1 * c[i] + x2 * s[i]);
-              kd[i + half] = static_cast<T>(x2 * c[i] - x1 * s[i]);
-            } else {
-              kd[i] = static_cast<T>(x1);
-              kd[i + half] = static_cast<T>(x2);
-            }
+            kd[i] = static_cast<T>(x1 * c[i] + x2 * s[i]);
+            kd[i + half] = static_cast<T>(x2 * c[i] - x1 * s[i]);
+          }
+          for (int64_t i = rot; i < half; ++i) {  // M-RoPE spatial pairs: moved unrotated
+            kd[i] = static_cast<T>(row[i]);
+            kd[i + half] = static_cast<T>(row[i + half]);
           }
           const T* vs = vb + r * vsn;
           T* vd = vb + dest * vsn;

@@ -37,6 +37,16 @@ program per head, blocks of rows in order, loads of a block before a barrier, st
 after it). A row's destination is never a row that a later block still has to read
 (dest(i) <= i < every later source), so in-place moves are safe without scratch.
 
+Using it from a cache (e.g. a ``stream`` strategy over ``PreallocatedLayer``s): allocate
+one stacked buffer per K and V, ``key = torch.empty(L, B, Hkv, budget + window, D)``, and
+give layer l the view ``key[l]`` as its ``key_buffer`` (the per-layer list is accepted and
+turned back into the stacked view without a copy, :func:`stacked_layer_view`). After each
+window is appended (``length`` rows), call ``kv_compact(key, value, length, budget=...)``
+once for all layers, then set every layer's host length to ``min(length, budget)`` (the
+same number ``new_length`` holds on device: no sync needed) and refresh its views.
+Positions stay slots: the model's default positions (``get_seq_length() + arange``) are
+then exactly right for the next window and the question, all below ``budget + window``.
+
 Not differentiable (an in-place inference-time cache edit): inputs that require grad are
 rejected. Layers: C++ ``csrc/kv_compact.cpp`` (CPU), Triton ``kernels/kv_compact.py``
 (CUDA), a fake kernel for meta/FakeTensor (outputs depend only on shapes).

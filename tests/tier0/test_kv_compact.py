@@ -374,6 +374,12 @@ def test_seed_baseline_keeps_the_same_rows():
     """The benchmark's seed (the released per-layer gather + cat) and the fused op keep the
     same rows when tar_ratio gives TaR the seed's TaR slots (the released ratio counts the
     recent frames inside TaR's share)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:  # benchmarks/ is not installed (as in test_benchmarks.py)
+        sys.path.insert(0, root)
     from benchmarks.seed.infinipot_v import seed_process_kv_cache
 
     L, H, D, P, sys_len, frames, keep_f, recent_f = 3, 2, 32, 9, 5, 8, 5, 2

@@ -53,7 +53,7 @@ def _both(shape, n, budget, prefix, recent, tpf, ratio=0.5, dtype=torch.float32,
 
 
 CASES = [  # shape (L, B, H, C, D), n, budget, prefix, recent, tokens_per_frame
-    ((2, 1, 3, 60, 64), 60, 30, 3, 8, 4),    # full buffer, budget > window (30)
+    ((2, 1, 3, 60, 64), 60, 36, 3, 8, 4),    # full buffer, budget 36 > window 24
     ((1, 2, 2, 70, 80), 55, 20, 5, 6, 3),    # ragged, head dim 80
     ((3, 1, 1, 45, 32), 45, 13, 0, 4, 4),    # no prefix
     ((1, 1, 2, 40, 64), 40, 12, 2, 10, 5),   # recent is most of the budget

@@ -37,6 +37,7 @@ model, strategy or knob), printed as ``lvlm-fast batch: error: ...``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -145,7 +146,9 @@ def process_state(device: str | None = None) -> Any:
 
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available() \
         or (device is not None and str(device).startswith("cpu"))
-    return PartialState(cpu=cpu)
+    # the final barrier waits for the slowest share of a corpus: hours, not the default
+    # 10-30 min collective timeout
+    return PartialState(cpu=cpu, timeout=datetime.timedelta(days=7))
 
 
 def shard(entries: list[dict[str, Any]], rank: int, world: int) -> list[dict[str, Any]]:
@@ -270,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     todo = [e for e in entries if e["id"] not in done
             or (args.retry_errors and done[e["id"]].get("status") != "ok")]
     mine = shard(todo, rank, world)
+    # every process must shard the same to-do list: none writes before all have read
+    state.wait_for_everyone()
     if not args.progress:
         from transformers.utils import logging as hf_logging
 

@@ -21,7 +21,9 @@ and fsync'ed line by line: the answers (with their token counts), frames read, L
 peak memory and seconds per stage, or ``"status": "error"`` with the error (a missing or
 corrupt video, too many frames, ...; the job goes on). Resume: a rerun (any number of
 processes) skips every line that has a record in ``DIR/parts`` (``--retry-errors`` redoes
-the failed ones); a record cut by a crash is ignored, so its line is redone.
+the failed ones); a record cut by a crash is ignored, so its line is redone. A rerun into
+the same ``DIR`` with another model, strategy, knob, frame count, fps, answer length or
+dtype is refused (``DIR/run_config.json``): those records would not be its answers.
 
 Merge (the main process, after every process is done): ``DIR/results.jsonl`` (one record
 per manifest line, in manifest order) and ``DIR/summary.json``: lines, answered, failures
@@ -47,6 +49,7 @@ from typing import Any
 PARTS = "parts"
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
+RUN_CONFIG = "run_config.json"
 
 
 class BatchError(Exception):
@@ -244,6 +247,36 @@ def merge(out_dir: str, entries: list[dict[str, Any]], *, wall_s: float,
     return summary
 
 
+def run_config(args: argparse.Namespace, strategy: Any) -> dict[str, Any]:
+    """What decides the answers (not how fast they come): a rerun must match it."""
+    return {"model": os.path.abspath(args.model), "strategy": strategy.name,
+            "config": {k: v for k, v in vars(strategy.config).items()
+                       if isinstance(v, (int, float, str, bool))},
+            "frames": args.frames, "fps": args.fps, "max_new_tokens": args.max_new_tokens,
+            "dtype": args.dtype}
+
+
+def check_run_config(out_dir: str, config: dict[str, Any], *, write: bool) -> None:
+    """Resume only into a folder of the same configuration: records made with another
+    strategy, frame count or model would be skipped as done and mixed into the results.
+    The first run stores ``run_config.json`` (main process)."""
+    path = os.path.join(out_dir, RUN_CONFIG)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+        new = json.loads(json.dumps(config))  # compared as stored (tuples -> lists)
+        if old != new:
+            diff = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise BatchError(f"--out {out_dir!r} holds results of another configuration "
+                             f"({diff}); use another --out folder, or the same options to "
+                             "resume")
+    elif write:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Do the work; the main process returns the summary, the others None."""
     from lvlm_fast.models import get_strategy
@@ -268,6 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             "that fits one GPU")
     state = process_state(args.device)
     rank, world = state.process_index, state.num_processes
+    check_run_config(args.out, run_config(args, strategy), write=state.is_main_process)
     os.makedirs(os.path.join(args.out, PARTS), exist_ok=True)
     done = read_records(args.out)
     todo = [e for e in entries if e["id"] not in done

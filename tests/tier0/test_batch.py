@@ -156,6 +156,20 @@ def test_resume_skips_done_lines_and_redoes_cut_or_failed(assets, capsys):
     assert s["lines_this_run"] == 2 and s["failures"] == 2 and s["answered_this_run"] == 0
 
 
+def test_rerun_with_another_configuration_is_refused(assets, capsys, tmp_path):
+    out = tmp_path / "o"
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"video": str(assets / "v0.mp4"), "question": "w3"}) + "\n")
+    assert _batch(capsys, man, "--model", assets / "ckpt", "--out", out, *ARGS)[0] == 0
+    assert json.loads((out / "run_config.json").read_text())["frames"] == 4
+    code, out_text, err = _batch(capsys, man, "--model", assets / "ckpt", "--out", out,
+                                 "--frames", "2", "--max-new-tokens", "3", "--quiet")
+    assert code == 2 and out_text == ""
+    assert "holds results of another configuration (frames: 4 there, 2 now)" in err
+    # the same options resume (nothing to do)
+    assert _batch(capsys, man, "--model", assets / "ckpt", "--out", out, *ARGS)[0] == 0
+
+
 def test_kill_midway_then_rerun_completes_without_redoing(assets, tmp_path):
     # 6 lines of 2 questions each: the first record lands well before the last
     lines = [{"id": f"L{i}", "video": str(assets / f"v{i % 3}.mp4"),

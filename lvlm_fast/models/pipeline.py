@@ -244,10 +244,14 @@ class VideoQA:
         if not post:
             raise ValueError("the prompt after the video is empty (empty question?)")
         dev = self.device
-        # text_ids: families that frame each temporal unit with text (Qwen3-VL timestamps)
+        # text_ids: families that frame each temporal unit with text (Qwen3-VL timestamps);
+        # frame_times: the processor's timestamps (source index / source fps), exact for any
+        # sampling stride
+        times = [i / frames.source_fps for i in frames.indices] \
+            if frames.source_fps and frames.source_fps > 0 else None
         return VideoPrompt(frames.pixels, torch.tensor([pre], device=dev),
                            torch.tensor([post], device=dev), fps=frames.sample_fps,
-                           text_ids=self.text_ids)
+                           text_ids=self.text_ids, frame_times=times)
 
     def text_ids(self, text: str) -> list[int]:
         """The tokenizer as text -> ids, no special tokens."""

@@ -67,7 +67,9 @@ class TokenBlocks:
     last unit depends on it. ``host``: the same ``(t, h, w)`` as host int lists when the
     strategy built them from host values (None when they come from device selections):
     a family that needs the values (Qwen3-VL's timestamp text) reads them here without a
-    device sync, and on meta tensors at all.
+    device sync, and on meta tensors at all. ``times``: the seconds of each frame of the
+    sequence (:attr:`VideoPrompt.frame_times`, selected like the frames), None = frame
+    ``i`` at ``i / fps``.
     """
 
     t: torch.Tensor
@@ -77,11 +79,13 @@ class TokenBlocks:
     fps: float | None = None
     num_frames: int | None = None
     host: tuple[list[int], list[int], list[int]] | None = None
+    times: list[float] | None = None  # seconds of each frame of the sequence (None: i / fps)
 
     @classmethod
     def grid(cls, units: torch.Tensor | int, h: int, w: int, *,
              device: torch.device | str | None = None, frame_hw: tuple[int, int] | None = None,
-             fps: float | None = None, num_frames: int | None = None) -> TokenBlocks:
+             fps: float | None = None, num_frames: int | None = None,
+             times: list[float] | None = None) -> TokenBlocks:
         """One ``h x w`` block per unit of ``units`` (an int n = units 0..n-1)."""
         host = None
         if isinstance(units, int):
@@ -89,17 +93,19 @@ class TokenBlocks:
             units = torch.arange(units, dtype=torch.int64, device=device)
         n = units.shape[0]
         full = lambda v: torch.full((n,), v, dtype=torch.int64, device=units.device)
-        return cls(units.to(torch.int64), full(h), full(w), frame_hw, fps, num_frames, host)
+        return cls(units.to(torch.int64), full(h), full(w), frame_hw, fps, num_frames, host,
+                   times)
 
     @classmethod
     def from_host(cls, t: list[int], h: list[int], w: list[int], *,
                   device: torch.device | str | None = None,
                   frame_hw: tuple[int, int] | None = None, fps: float | None = None,
-                  num_frames: int | None = None) -> TokenBlocks:
+                  num_frames: int | None = None, times: list[float] | None = None
+                  ) -> TokenBlocks:
         """Blocks from host int lists (kept as :attr:`host` too)."""
         tab = torch.tensor([t, h, w], dtype=torch.int64, device=device).view(3, -1)
         return cls(tab[0], tab[1], tab[2], frame_hw, fps, num_frames,
-                   (list(t), list(h), list(w)))
+                   (list(t), list(h), list(w)), times)
 
     @classmethod
     def per_unit(cls, parts: list[TokenBlocks]) -> TokenBlocks:
@@ -111,7 +117,7 @@ class TokenBlocks:
             host = tuple([v for row in zip(*(p.host[i] for p in parts), strict=True)
                           for v in row] for i in range(3))
         return cls(mix("t"), mix("h"), mix("w"), parts[0].frame_hw, parts[0].fps,
-                   parts[0].num_frames, host)
+                   parts[0].num_frames, host, parts[0].times)
 
     @classmethod
     def cat(cls, parts: list[TokenBlocks]) -> TokenBlocks:
@@ -120,11 +126,11 @@ class TokenBlocks:
             host = tuple([v for p in parts for v in p.host[i]] for i in range(3))
         return cls(torch.cat([p.t for p in parts]), torch.cat([p.h for p in parts]),
                    torch.cat([p.w for p in parts]), parts[0].frame_hw, parts[0].fps,
-                   parts[0].num_frames, host)
+                   parts[0].num_frames, host, parts[0].times)
 
     def to(self, device: torch.device | str) -> TokenBlocks:
         return TokenBlocks(self.t.to(device), self.h.to(device), self.w.to(device),
-                           self.frame_hw, self.fps, self.num_frames, self.host)
+                           self.frame_hw, self.fps, self.num_frames, self.host, self.times)
 
     @property
     def num_blocks(self) -> int:

@@ -20,8 +20,10 @@ The class is split into three layers so that a successor with the same vision to
 * **Timestamps** (:meth:`visual_layout`): the prompt's video is one frame per temporal unit,
   each ``<{t:.1f} seconds><|vision_start|> [tokens] <|vision_end|>`` (the processor's
   ``replace_video_token``), ``t`` the mean time of the unit's first and last frame
-  (``Qwen3VLProcessor._calculate_timestamps``: frame ``i`` at ``i / fps``; ``fps`` None =
-  24, the processor's default). The strategy's :class:`TokenBlocks` say which unit each
+  (``Qwen3VLProcessor._calculate_timestamps``: a frame's time is its source index over the
+  source fps, :attr:`VideoPrompt.frame_times` carried as ``blocks.times`` and selected with
+  the frames; without it frame ``i`` at ``i / fps``, ``fps`` None = 24, the processor's
+  default). The strategy's :class:`TokenBlocks` say which unit each
   visual token belongs to; every maximal run of consecutive blocks of one unit is framed as
   one frame of the prompt with that unit's timestamp. So a kept unit keeps its own
   timestamp, a token that stands for a unit (a DFM token, a LLaMA-VID context token) is
@@ -74,13 +76,17 @@ DEFAULT_FPS = 24.0  # the processor's fps when the video metadata has none
 NOMINAL_FRAME = 448
 
 
-def unit_seconds(unit: int, num_frames: int, fps: float | None, tps: int = 2) -> float:
+def unit_seconds(unit: int, num_frames: int, fps: float | None, tps: int = 2,
+                 times: list[float] | None = None) -> float:
     """Timestamp of temporal unit ``unit`` of a ``num_frames``-frame video sampled at
     ``fps`` (the processor's ``_calculate_timestamps``: the mean of the unit's first and
-    last frame time; the last unit padded with the last frame)."""
+    last frame time; the last unit padded with the last frame). ``times``: each frame's
+    seconds (else frame ``i`` at ``i / fps``)."""
     rate = DEFAULT_FPS if fps is None else float(fps)
     first = unit * tps
     last = min(first + tps - 1, max(num_frames - 1, 0))
+    if times is not None:
+        return (times[first] + times[last]) / 2
     return (first / rate + last / rate) / 2
 
 
@@ -277,6 +283,8 @@ class Qwen3VLFamily(Qwen25VLFamily):
             t, h, w = torch.stack([blocks.t, blocks.h, blocks.w]).tolist()  # one host read
         # frames of the sequence the units number (unknown: every unit full)
         nf = blocks.num_frames if blocks.num_frames is not None else (max(t) + 1) * self.tps
+        if blocks.times is not None:
+            nf = len(blocks.times)
         pieces: list[Any] = []
         items: list[tuple[int, int, int]] = []
         row = i = 0
@@ -285,7 +293,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
             while j < len(t) and t[j] == t[i]:
                 j += 1
             before, after = self.unit_text(
-                unit_seconds(t[i], nf, blocks.fps, self.tps), text_ids)
+                unit_seconds(t[i], nf, blocks.fps, self.tps, blocks.times), text_ids)
             pieces.append(torch.tensor(before, dtype=torch.int64))
             items.append((len(before), 0, 0))
             size = sum(h[k] * w[k] for k in range(i, j))

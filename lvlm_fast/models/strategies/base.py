@@ -46,6 +46,9 @@ class VideoPrompt:
     depend on time use it (Qwen2.5-VL: temporal M-RoPE step), others ignore it.
     ``text_ids``: the tokenizer as a callable text -> ids (no special tokens), for families
     that put text inside the video (Qwen3-VL's per-frame timestamps); others ignore it.
+    ``frame_times``: each frame's time in seconds in the source video (the processor's
+    ``frames_indices / video fps``); None = frame ``i`` at ``i / fps``. Qwen3-VL's
+    timestamps use it (exact for non-uniform sampling strides).
     """
 
     pixel_values: torch.Tensor
@@ -53,6 +56,7 @@ class VideoPrompt:
     question_ids: torch.Tensor
     fps: float | None = None
     text_ids: Callable[[str], list[int]] | None = None
+    frame_times: list[float] | None = None
 
 
 @dataclass
@@ -162,6 +166,11 @@ class EmbeddingStrategy(Strategy):
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
         out = self.visual_embeds(vlm, prompt)
         visual, frames = out
+        budget = getattr(self.config, "kv_budget", None)
+        if budget is not None:  # reduction + hard KV cap (issue 12): one generic path
+            from lvlm_fast.models.strategies.stream import composed_prefill
+
+            return composed_prefill(vlm, prompt, visual, frames, budget, self.name)
         return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
                                   frames_encoded=frames, blocks=getattr(out, "blocks", None),
                                   text_ids=prompt.text_ids)

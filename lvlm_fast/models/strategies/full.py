@@ -58,13 +58,14 @@ def end_blocks(vlm: LongVideoVLM, blocks: TokenBlocks, last_unit: int | torch.Te
         return blocks
     unit = torch.as_tensor(last_unit, dtype=torch.int64, device=blocks.t.device).reshape(1)
     tail = TokenBlocks.grid(unit.expand(n_end), 1, 1, frame_hw=blocks.frame_hw, fps=blocks.fps,
-                            num_frames=blocks.num_frames)
+                            num_frames=blocks.num_frames, times=blocks.times)
     return TokenBlocks.cat([blocks, tail])
 
 
 def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
                         frame_index: torch.Tensor | None = None,
-                        fps: float | None = None, *, stream: bool = False) -> VisualEmbeds:
+                        fps: float | None = None, *, stream: bool = False,
+                        times: list[float] | None = None) -> VisualEmbeds:
     """(1, units * tokens_per_unit + end, feature_size) pooled tokens of the (selected)
     frames + the family's end tokens, the frame count, and (families with grid positions)
     one ``h x w`` block per unit. Written chunk by chunk into one preallocated tensor, or
@@ -99,7 +100,8 @@ def pooled_video_embeds(vlm: LongVideoVLM, pixel_values: torch.Tensor,
     if fam.needs_blocks():
         blocks = end_blocks(vlm, TokenBlocks.grid(t_total, gh, gw, device=vlm.device,
                                                   frame_hw=frame_hw, fps=fps,
-                                                  num_frames=f_total), t_total - 1)
+                                                  num_frames=f_total, times=times),
+                            t_total - 1)
     return VisualEmbeds(out, f_total, blocks)
 
 
@@ -112,11 +114,13 @@ class FullStrategy(EmbeddingStrategy):
     holds_all_patch_features = False  # pooled tokens of all frames, patches per chunk only
 
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
-        return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps)
+        return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps,
+                                   times=prompt.frame_times)
 
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
         return stream_prefill(vlm, prompt, pooled_video_embeds(
-            vlm, prompt.pixel_values, fps=prompt.fps, stream=streams(vlm)))
+            vlm, prompt.pixel_values, fps=prompt.fps, stream=streams(vlm),
+            times=prompt.frame_times))
 
 
 def streams(vlm: LongVideoVLM) -> bool:

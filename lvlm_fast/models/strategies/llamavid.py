@@ -60,6 +60,7 @@ from lvlm_fast.models.strategies.base import (
     register,
 )
 from lvlm_fast.models.strategies.full import end_blocks
+from lvlm_fast.models.strategies.stream import check_kv_budget
 from lvlm_fast.models.strategies.vilamp import _check_int
 from lvlm_fast.nn.context_content import ContextContentPooling
 from lvlm_fast.ops import context_content_pool
@@ -79,8 +80,12 @@ class LlamaVIDConfig(StrategyConfig):
     pooling: ContextContentPooling | None = None
     scale: float | None = None
     newline: bool = True
+    # hard KV cap (issue 12): rows per layer; None = off. Set: the visual tokens are
+    # streamed through the budgeted cache (strategies/stream.py, composed_prefill)
+    kv_budget: int | None = None
 
     def __post_init__(self) -> None:
+        check_kv_budget(self.kv_budget)
         _check_int("content_grid", self.content_grid, 1)
         if self.query_module is not None and not callable(self.query_module):
             raise TypeError(f"query_module must be callable (frame_feats, question_embeds) -> "
@@ -158,9 +163,9 @@ class LlamaVID(EmbeddingStrategy):
             hw = (pv.shape[-2], pv.shape[-1])
             blocks = TokenBlocks.per_unit([
                 TokenBlocks.grid(t, 1, 1, device=vlm.device, frame_hw=hw, fps=prompt.fps,
-                                 num_frames=pv.shape[0]),
+                                 num_frames=pv.shape[0], times=prompt.frame_times),
                 TokenBlocks.grid(t, g, g, device=vlm.device, frame_hw=hw, fps=prompt.fps,
-                                 num_frames=pv.shape[0])])
+                                 num_frames=pv.shape[0], times=prompt.frame_times)])
             if n_end:
                 blocks = end_blocks(vlm, blocks, t - 1)
         return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

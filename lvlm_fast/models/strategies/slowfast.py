@@ -58,6 +58,7 @@ from lvlm_fast.models.strategies.base import (
     register,
 )
 from lvlm_fast.models.strategies.full import end_blocks
+from lvlm_fast.models.strategies.stream import check_kv_budget
 from lvlm_fast.models.strategies.vilamp import _check_choice, _check_int
 from lvlm_fast.ops import SlowFastConfig, slowfast_pool
 from lvlm_fast.ops.slowfast_pool import FAST_FRAMES, ORDERS, SLOW_MODES
@@ -97,8 +98,12 @@ class SlowFastStrategyConfig(StrategyConfig):
     order: str | None = None
     separator: bool = False
     newline: bool = True
+    # hard KV cap (issue 12): rows per layer; None = off. Set: the visual tokens are
+    # streamed through the budgeted cache (strategies/stream.py, composed_prefill)
+    kv_budget: int | None = None
 
     def __post_init__(self) -> None:
+        check_kv_budget(self.kv_budget)
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_choice("input_grid", self.input_grid, INPUT_GRIDS)
         if self.num_slow is not None:
@@ -171,7 +176,8 @@ class SlowFast(EmbeddingStrategy):
                            sf.order, self.config.separator) + self._end(vlm)
 
     def blocks(self, vlm: LongVideoVLM, t: int, frame_hw: tuple[int, int],
-               fps: float | None, num_frames: int | None = None) -> TokenBlocks:
+               fps: float | None, num_frames: int | None = None,
+               times: list[float] | None = None) -> TokenBlocks:
         """Where each token sits (module doc), in the op's output order."""
         cfg: SlowFastStrategyConfig = self.config
         h, w, sf = self.grid_and_kernels(vlm, frame_hw)
@@ -193,7 +199,7 @@ class SlowFast(EmbeddingStrategy):
                 rows += [(u, 1, 1)] if cfg.separator else []
         t_, h_, w_ = ([r[i] for r in rows] for i in range(3))
         out = TokenBlocks.from_host(t_, h_, w_, device=vlm.device, frame_hw=frame_hw, fps=fps,
-                                    num_frames=num_frames)
+                                    num_frames=num_frames, times=times)
         return end_blocks(vlm, out, t - 1) if cfg.newline else out
 
     @torch.no_grad()
@@ -246,6 +252,6 @@ class SlowFast(EmbeddingStrategy):
             del feats, grid, tok
         if self._end(vlm):
             out[total - self._end(vlm):] = vlm.family.end_tokens().to(vlm.dtype)
-        blocks = self.blocks(vlm, t, frame_hw, prompt.fps, pv.shape[0]) \
+        blocks = self.blocks(vlm, t, frame_hw, prompt.fps, pv.shape[0], prompt.frame_times) \
             if vlm.family.needs_blocks() else None
         return VisualEmbeds(out.unsqueeze(0), pv.shape[0], blocks)

@@ -30,6 +30,7 @@ from lvlm_fast.models.strategies.base import (
     PrefillResult,
     StrategyConfig,
     VideoPrompt,
+    VisualEmbeds,
     register,
 )
 from lvlm_fast.models.strategies.full import pooled_video_embeds, stream_prefill, streams
@@ -62,21 +63,24 @@ class UniformStrategy(EmbeddingStrategy):
     holds_all_patch_features = False
 
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
+        return self._embeds(vlm, prompt, stream=False)
+
+    def _embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt, stream: bool) -> VisualEmbeds:
         t = prompt.pixel_values.shape[0]
         if t <= self.config.num_frames:
-            return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps)
+            return pooled_video_embeds(vlm, prompt.pixel_values, fps=prompt.fps,
+                                       stream=stream, times=prompt.frame_times)
         idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
         fps = None if prompt.fps is None else prompt.fps * self.config.num_frames / t
-        return pooled_video_embeds(vlm, prompt.pixel_values, idx, fps=fps)
+        times = None
+        if prompt.frame_times is not None:  # the sampled frames' own times (host indices)
+            times = [prompt.frame_times[i]
+                     for i in uniform_index(t, self.config.num_frames, "cpu").tolist()]
+        return pooled_video_embeds(vlm, prompt.pixel_values, idx, fps=fps, stream=stream,
+                                   times=times)
 
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
         if not streams(vlm):
             return super().prefill(vlm, prompt)
-        t = prompt.pixel_values.shape[0]  # DeepStack rows: streamed, as in ``full``
-        if t <= self.config.num_frames:
-            return stream_prefill(vlm, prompt, pooled_video_embeds(
-                vlm, prompt.pixel_values, fps=prompt.fps, stream=True))
-        idx = uniform_index(t, self.config.num_frames, prompt.pixel_values.device)
-        fps = None if prompt.fps is None else prompt.fps * self.config.num_frames / t
-        return stream_prefill(vlm, prompt, pooled_video_embeds(
-            vlm, prompt.pixel_values, idx, fps=fps, stream=True))
+        # DeepStack rows: streamed, as in ``full``
+        return stream_prefill(vlm, prompt, self._embeds(vlm, prompt, stream=True))

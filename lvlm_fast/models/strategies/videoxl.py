@@ -191,7 +191,8 @@ class VideoXLStrategy(Strategy):
         if fam.needs_blocks():
             blocks = end_blocks(vlm, TokenBlocks.grid(units, gh, gw, device=vlm.device,
                                                       frame_hw=frame_hw, fps=prompt.fps,
-                                                      num_frames=t_frames), units - 1)
+                                                      num_frames=t_frames,
+                                                      times=prompt.frame_times), units - 1)
             # families that frame units with text (Qwen3-VL timestamps): the raw stream is
             # the video segment as the prompt has it, text included
             vlayout = fam.visual_layout(blocks, n_vis, text_ids=prompt.text_ids)

@@ -102,6 +102,7 @@ from lvlm_fast.models.strategies.base import (
     register,
 )
 from lvlm_fast.models.strategies.full import end_blocks
+from lvlm_fast.models.strategies.stream import check_kv_budget
 from lvlm_fast.nn.dfm import DifferentialFeatureMerging
 from lvlm_fast.ops import diff_weighted_pool, keyframe_select
 
@@ -175,8 +176,12 @@ class ViLAMPConfig(StrategyConfig):
     dfm: Any = "auto"
     dfm_tau: float = 2.0
     newline: bool = True
+    # hard KV cap (issue 12): rows per layer; None = off. Set: the visual tokens are
+    # streamed through the budgeted cache (strategies/stream.py, composed_prefill)
+    kv_budget: int | None = None
 
     def __post_init__(self) -> None:
+        check_kv_budget(self.kv_budget)
         _check_int("num_keyframes", self.num_keyframes, 1)
         _check_float("tau_f", self.tau_f, -1.0, 1.0)
         if self.floor is not None:
@@ -510,7 +515,8 @@ def finish_output(out: torch.Tensor, layout: KeyframeLayout, newline: bool,
 
 def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout,
                     frame_hw: tuple[int, int], fps: float | None, newline: bool,
-                    num_frames: int | None = None) -> TokenBlocks | None:
+                    num_frames: int | None = None, times: list[float] | None = None
+                    ) -> TokenBlocks | None:
     """Positions (families with grid positions only): unit n is a keyframe grid block
     ``(kh, kw)`` if it is a keyframe, else its DFM token is a 1 x 1 block at unit n (on
     Qwen2.5-VL: M-RoPE ``(P + floor(n * interval), P, P)``, the time of its temporal
@@ -521,7 +527,7 @@ def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout
     one = torch.ones_like(layout.is_key, dtype=torch.int64)
     blocks = TokenBlocks(torch.arange(layout.n, dtype=torch.int64, device=one.device),
                          torch.where(layout.is_key, kh, one), torch.where(layout.is_key, kw, one),
-                         frame_hw, fps, num_frames)
+                         frame_hw, fps, num_frames, times=times)
     return end_blocks(vlm, blocks, layout.n - 1) if newline else blocks
 
 
@@ -593,4 +599,4 @@ class ViLAMP(EmbeddingStrategy):
             del x, xm, feats, kt, tok
         return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), encoded,
                             keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
-                                            cfg.newline, n_frames))
+                                            cfg.newline, n_frames, prompt.frame_times))

@@ -162,4 +162,4 @@ class ViLAMPSeed(EmbeddingStrategy):
         out.index_copy_(0, rows, kt.reshape(-1, fs))
         return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), pv.shape[0],
                             keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
-                                            cfg.newline, pv.shape[0]))
+                                            cfg.newline, pv.shape[0], prompt.frame_times))

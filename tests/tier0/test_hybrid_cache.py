@@ -31,6 +31,7 @@ from lvlm_fast.cache import (
     PreallocatedStateLayer,
     SummaryKVCache,
 )
+from lvlm_fast.models._compat import cache_kwarg, cache_kwargs
 from lvlm_fast.models.configs import tiny_qwen3_5
 from lvlm_fast.models.videoxl_driver import AttnImpl, run_window
 from lvlm_fast.nn.summary_proj import install_summary_projections
@@ -63,7 +64,7 @@ def _prefill(model, cache, ids: torch.Tensor, chunk: int, fused: bool = False) -
     ctx = AttnImpl(lm, ATTN_NAME) if fused else torch.no_grad()
     with ctx, torch.no_grad():
         for a in range(0, ids.shape[1], chunk):
-            h = lm(inputs_embeds=emb[:, a : a + chunk], cache=cache,
+            h = lm(inputs_embeds=emb[:, a : a + chunk], **cache_kwargs(lm, cache),
                    use_cache=True).last_hidden_state
             outs.append(model.lm_head(h))
     return torch.cat(outs, 1)
@@ -111,7 +112,7 @@ def test_chunked_prefill_equals_forward(model, chunk, fused):
     ctx = AttnImpl(lm, ATTN_NAME) if fused else torch.no_grad()
     with ctx, torch.no_grad():
         for a in range(0, 37, chunk):
-            h = lm(inputs_embeds=emb[:, a : a + chunk], cache=cache,
+            h = lm(inputs_embeds=emb[:, a : a + chunk], **cache_kwargs(lm, cache),
                    use_cache=True).last_hidden_state
             outs.append(model.lm_head(h))
             now = [(c.data_ptr(), r.data_ptr()) for c, r in _states(cache)]
@@ -131,7 +132,8 @@ def test_states_equal_transformers_cache(model):
     those of transformers' own cache after one forward of the whole prompt."""
     ids = _ids(23, seed=3)
     with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=True).cache
+        # the output field was renamed with the keyword (past_key_values -> cache)
+        ref = getattr(model(input_ids=ids, use_cache=True), cache_kwarg(model))
     cache = PreallocatedKVCache.for_config(model.config, 30)
     _prefill(model, cache, ids, chunk=6)
     for li in LINEAR:
@@ -152,7 +154,7 @@ def test_generate_equals_transformers(model, beams):
     with torch.no_grad():
         want = model.generate(input_ids=ids, **kw)
         cache = PreallocatedKVCache.for_config(model.config, 19 + 6)
-        got = model.generate(input_ids=ids, cache=cache, **kw)
+        got = model.generate(input_ids=ids, **cache_kwargs(model, cache), **kw)
     assert got.tolist() == want.tolist()
     assert cache.get_seq_length() == 19 + 6
     assert cache.batch_size == beams
@@ -300,12 +302,14 @@ def _videoxl_cached(model, prefix, raw, question, ratio, window, evict, steps, f
     emb = model.get_input_embeddings()
     ctx = AttnImpl(view, ATTN_NAME) if fused else torch.no_grad()
     with ctx, torch.no_grad():
-        lm(inputs_embeds=emb(prefix), position_ids=_pos(0, p), cache=cache, use_cache=True)
+        lm(inputs_embeds=emb(prefix), position_ids=_pos(0, p), **cache_kwargs(lm, cache),
+           use_cache=True)
         cache.mark_sink()
         for s in range(0, n, window):
             m = min(window, n - s)
             run_window(view, cache, layout, raw[:, s : s + m], vst, ratio, _pos(p + s, p + s + m))
-        h = lm(inputs_embeds=emb(question), position_ids=_pos(p + n, p + n + q), cache=cache,
+        h = lm(inputs_embeds=emb(question), position_ids=_pos(p + n, p + n + q),
+               **cache_kwargs(lm, cache),
                use_cache=True).last_hidden_state[:, -1:]
         logits, tokens = [], []
         for t in range(steps):
@@ -315,7 +319,7 @@ def _videoxl_cached(model, prefix, raw, question, ratio, window, evict, steps, f
             if t + 1 < steps:
                 at = p + n + q + t
                 h = lm(inputs_embeds=emb(torch.tensor([[tokens[-1]]])),
-                       position_ids=_pos(at, at + 1), cache=cache,
+                       position_ids=_pos(at, at + 1), **cache_kwargs(lm, cache),
                        use_cache=True).last_hidden_state
     assert len(evictions) == -(-n // window)
     return logits[0], tokens, cache

@@ -152,7 +152,11 @@ class LlavaOneVisionFamily(ModelFamily):
         hidden = self.text_config.hidden_size
         n = self.patch_grid ** 2 + (1 if self.has_cls() else 0)
         acts = n * (6 * vc.hidden_size + vc.intermediate_size) * item
-        scores = vc.num_attention_heads * n * n * 4
+        # CUDA with SDPA: a flash / memory-efficient kernel, no score matrix (issue 14.2.5);
+        # elsewhere (CPU math fallback, eager) the fp32 P^2 scores as a worst case
+        flash = self.model.lm_head.weight.device.type == "cuda" \
+            and getattr(vc, "_attn_implementation", None) != "eager"
+        scores = 0 if flash else vc.num_attention_heads * n * n * 4
         proj = n * 2 * hidden * item
         pixels = 3 * vc.image_size ** 2 * item
         return int(acts + scores + proj + pixels)

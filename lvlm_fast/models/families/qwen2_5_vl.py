@@ -244,7 +244,10 @@ class Qwen25VLFamily(ModelFamily):
         item = self.model.lm_head.weight.dtype.itemsize
         n = (NOMINAL_FRAME // self.patch) ** 2  # patches per temporal patch
         acts = n * (6 * vc.hidden_size + 3 * vc.intermediate_size) * item
-        scores = vc.num_heads * n * n * 4
+        # CUDA with SDPA: a flash / memory-efficient kernel, no score matrix (issue 14.2.5)
+        flash = self.model.lm_head.weight.device.type == "cuda" \
+            and getattr(vc, "_attn_implementation", None) != "eager"
+        scores = 0 if flash else vc.num_heads * n * n * 4
         merger = n * 2 * vc.hidden_size * item + n // self.merge ** 2 * vc.out_hidden_size * item
         pixels = 3 * NOMINAL_FRAME ** 2 * item * self.tps
         return int((acts + scores + merger + pixels) // self.tps) + 1

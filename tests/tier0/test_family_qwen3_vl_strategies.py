@@ -151,9 +151,10 @@ def split_levels(x):
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
 def test_vilamp_timestamps_and_deepstack(vlm, prompt, full, name, k):
-    """Keyframes over temporal units keep their 4 x 4 grid (every level) and their
-    timestamp; every other unit is ONE DFM token framed with that unit's timestamp; the DFM
-    weights come from the main channels and pool every DeepStack level alike."""
+    """Keyframes over temporal units keep their 4 x 4 grid (every level) and their own
+    timestamp; each run of consecutive other units is ONE frame of their DFM tokens with
+    the run's first unit's timestamp; the DFM weights come from the main channels and pool
+    every DeepStack level alike."""
     x = full.reshape(UNITS, G * G, 3 * D)
     xm = x[..., :D]
     emb = xm.mean(dim=1).float()
@@ -172,7 +173,11 @@ def test_vilamp_timestamps_and_deepstack(vlm, prompt, full, name, k):
             runs.append((u, [(G, G)]))
         else:
             rows.append(tok[u:u + 1])
-            runs.append((u, [(1, 1)]))
+            if runs and runs[-1][0] not in kf:  # continue the run of DFM tokens
+                runs[-1][1].append((1, 1))
+            else:
+                runs.append((u, [(1, 1)]))
+    assert any(len(b) > 1 for _, b in runs)  # a run of several DFM tokens is tested
     check(vlm, prompt, name, {"num_keyframes": k}, torch.cat(rows).unsqueeze(0), runs)
 
 
@@ -258,7 +263,9 @@ def test_every_strategy_runs_on_meta(vlm, prompt, name):
     assert logits.shape == (1, 256) and logits.device.type == "meta"
     vlm.first_token(prompt, name, **kw)
     assert meta.last_prefill.visual_tokens == vlm.last_prefill.visual_tokens
-    assert meta.last_prefill.llm_tokens == vlm.last_prefill.llm_tokens  # timestamps too
+    # timestamps too (ViLAMP: default 32 keyframes >= 7 units, so the nominal keyframes
+    # on meta are the real ones)
+    assert meta.last_prefill.llm_tokens == vlm.last_prefill.llm_tokens
     # without a tokenizer (the profiler): Qwen's token count for each timestamp
     pm.text_ids = None
     meta.first_token(pm, name, **kw)

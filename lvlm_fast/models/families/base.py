@@ -69,7 +69,10 @@ class TokenBlocks:
     a family that needs the values (Qwen3-VL's timestamp text) reads them here without a
     device sync, and on meta tensors at all. ``times``: the seconds of each frame of the
     sequence (:attr:`VideoPrompt.frame_times`, selected like the frames), None = frame
-    ``i`` at ``i / fps``.
+    ``i`` at ``i / fps``. ``frames``: (B,) int64, which frame of the prompt each block sits
+    in, for families that frame units with text (equal consecutive ids = one frame, with
+    the timestamp of its first block's unit); None = every maximal run of blocks of one
+    unit is a frame. Kept by :meth:`to`, dropped by :meth:`cat` / :meth:`per_unit`.
     """
 
     t: torch.Tensor
@@ -80,6 +83,7 @@ class TokenBlocks:
     num_frames: int | None = None
     host: tuple[list[int], list[int], list[int]] | None = None
     times: list[float] | None = None  # seconds of each frame of the sequence (None: i / fps)
+    frames: torch.Tensor | None = None  # (B,) prompt frame of each block (None: unit runs)
 
     @classmethod
     def grid(cls, units: torch.Tensor | int, h: int, w: int, *,
@@ -130,7 +134,8 @@ class TokenBlocks:
 
     def to(self, device: torch.device | str) -> TokenBlocks:
         return TokenBlocks(self.t.to(device), self.h.to(device), self.w.to(device),
-                           self.frame_hw, self.fps, self.num_frames, self.host, self.times)
+                           self.frame_hw, self.fps, self.num_frames, self.host, self.times,
+                           None if self.frames is None else self.frames.to(device))
 
     @property
     def num_blocks(self) -> int:

@@ -25,20 +25,22 @@ The class is split into three layers so that a successor with the same vision to
   the frames; without it frame ``i`` at ``i / fps``, ``fps`` None = 24, the processor's
   default). The strategy's :class:`TokenBlocks` say which unit each
   visual token belongs to; every maximal run of consecutive blocks of one unit is framed as
-  one frame of the prompt with that unit's timestamp. So a kept unit keeps its own
-  timestamp, a token that stands for a unit (a DFM token, a LLaMA-VID context token) is
-  framed with that unit's timestamp, and a dropped unit loses its timestamp with its
-  tokens. Units are numbered in the strategy's frame sequence (``blocks.num_frames``
-  frames at ``blocks.fps``). The chat template's own ``<|vision_start|>`` /
-  ``<|vision_end|>`` around the video stay in ``prefix_ids`` / ``question_ids``. The text
-  is tokenized with the caller's ``text_ids`` (:attr:`VideoPrompt.text_ids`). The kept
-  units come from ``blocks.host`` when the strategy built its blocks on the host
-  (``full``, ``uniform``, ``slowfast``, ``llamavid``, ``videoxl``: no device sync), else
-  they are read to the host once per prefill (ViLAMP's device-side keyframes: the text,
-  and so the sequence length, depends on which units are kept). On meta tensors (the
-  profiler's simulation) a missing tokenizer is :func:`nominal_text_ids` and device-valued
-  blocks are split nominally (:func:`nominal_blocks`): token counts exact, the assignment
-  of rows to units nominal.
+  one frame of the prompt with that unit's timestamp (or, where the strategy groups blocks
+  into frames with ``blocks.frames``, each group with the timestamp of its first unit). So
+  a kept unit keeps its own timestamp, a token that stands for a unit (a LLaMA-VID context
+  token) is framed with that unit's timestamp, a run of tokens that stand for consecutive
+  units (ViLAMP's DFM tokens between two keyframes) is framed once with its first unit's,
+  and a dropped unit loses its timestamp with its tokens. Units are numbered in the
+  strategy's frame sequence (``blocks.num_frames`` frames at ``blocks.fps``). The chat
+  template's own ``<|vision_start|>`` / ``<|vision_end|>`` around the video stay in
+  ``prefix_ids`` / ``question_ids``. The text is tokenized with the caller's ``text_ids``
+  (:attr:`VideoPrompt.text_ids`). The kept units come from ``blocks.host`` when the strategy
+  built its blocks on the host (``full``, ``uniform``, ``slowfast``, ``llamavid``,
+  ``videoxl``: no device sync), else they are read to the host once per prefill (ViLAMP's
+  device-side keyframes: the text, and so the sequence length, depends on which units are
+  kept). On meta tensors (the profiler's simulation) a missing tokenizer is
+  :func:`nominal_text_ids` and device-valued blocks are split nominally
+  (:func:`nominal_blocks`): token counts exact, the assignment of rows to units nominal.
 * **Positions** (:class:`SequentialPlan`): transformers' ``get_rope_index`` splits the video
   into one grid per frame with temporal index 0 and places everything in sequence: a text
   token at ``cur`` (all three axes) then ``cur += 1``; a visual block of ``h x w`` tokens at
@@ -275,12 +277,22 @@ class Qwen3VLFamily(Qwen25VLFamily):
                                  "timestamp text: pass the tokenizer as prompt.text_ids "
                                  "(text -> ids, no special tokens)")
             text_ids = nominal_text_ids
+        grp = None
         if blocks.host is not None:  # built from host values: no device read
             t, h, w = blocks.host
+            if blocks.frames is not None and blocks.frames.device.type != "meta":
+                grp = blocks.frames.tolist()
         elif meta:  # device selections on meta (the profiler): nominal split, exact count
             t, h, w = nominal_blocks(blocks.num_blocks, num_visual)
         else:
-            t, h, w = torch.stack([blocks.t, blocks.h, blocks.w]).tolist()  # one host read
+            rows = [blocks.t, blocks.h, blocks.w]
+            if blocks.frames is not None:
+                rows.append(blocks.frames.to(blocks.t.device))
+            vals = torch.stack(rows).tolist()  # one host read
+            t, h, w = vals[:3]
+            grp = vals[3] if len(vals) > 3 else None
+        if grp is None:  # one frame per maximal run of blocks of one unit
+            grp = t
         # frames of the sequence the units number (unknown: every unit full)
         nf = blocks.num_frames if blocks.num_frames is not None else (max(t) + 1) * self.tps
         if blocks.times is not None:
@@ -290,7 +302,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
         row = i = 0
         while i < len(t):
             j = i
-            while j < len(t) and t[j] == t[i]:
+            while j < len(t) and grp[j] == grp[i]:
                 j += 1
             before, after = self.unit_text(
                 unit_seconds(t[i], nf, blocks.fps, self.tps, blocks.times), text_ids)

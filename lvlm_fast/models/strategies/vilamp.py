@@ -73,13 +73,17 @@ row is computed on device from the keyframe indices; keyframe rows are computed 
 overwritten by the keyframe's patch tokens (as in the paper, DFM tokens at keyframe
 positions are discarded).
 
-Qwen3-VL: a keyframe keeps its merged grid and its own timestamp; every other unit's DFM
-token is framed as a one-token frame with THAT unit's timestamp (``<t seconds>
-<|vision_start|> dfm <|vision_end|>``, position ``(cur, cur, cur)``), so timestamps stay
-aligned with the units the tokens stand for. DeepStack: selection embeddings, DFM
-relevance and redundancy read the main channels only; the same softmax weights over
-patches pool every DeepStack level (``diff_weighted_pool`` with ``rel``/``red`` = main
-channels, values = all channels), and a keyframe keeps all its levels' rows.
+Qwen3-VL: a keyframe is its own frame of the prompt with its own timestamp (``<t
+seconds><|vision_start|> grid <|vision_end|>``); each maximal run of consecutive
+non-keyframes is ONE frame holding their DFM tokens in time order, framed with the timestamp
+of the run's first unit (each token 1 x 1 at the running position ``(cur, cur, cur)``), so
+every timestamp precedes exactly the tokens of the units from that time on, up to the next
+timestamp. (Framing each DFM token with its own timestamp costs ~9 text tokens per 1-token
+unit: 61,288 vs ~12,000 LLM tokens at 10,240 frames on Qwen3-VL-8B.) On meta tensors (the
+profiler) the keyframes are nominally evenly spread. DeepStack: selection embeddings, DFM
+relevance and redundancy read the main channels only; the same softmax weights over patches
+pool every DeepStack level (``diff_weighted_pool`` with ``rel``/``red`` = main channels,
+values = all channels), and a keyframe keeps all its levels' rows.
 """
 
 from __future__ import annotations
@@ -524,10 +528,29 @@ def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout
     if not vlm.family.needs_blocks():
         return None
     kh, kw = keyframe_grid(cfg, vlm, frame_hw)
-    one = torch.ones_like(layout.is_key, dtype=torch.int64)
+    is_key = layout.is_key
+    if is_key.device.type == "meta":
+        # the profiler's simulation: the selection has no values; keyframes nominally
+        # spread evenly (the budget fill's tendency); K, and so the token count, is exact
+        host = [False] * layout.n
+        for u in torch.linspace(0, layout.n - 1, layout.k, dtype=torch.float64).round().long():
+            host[int(u)] = True
+        is_key = torch.tensor(host, dtype=torch.bool)
+    one = torch.ones_like(is_key, dtype=torch.int64)
+    # prompt frames (families that frame units with text, Qwen3-VL): a keyframe alone, each
+    # maximal run of consecutive non-keyframes' DFM tokens together
+    starts = is_key.clone()
+    starts[1:] |= is_key[:-1]
+    starts[0] = True
+    frames = torch.cumsum(starts.long(), 0) - 1
     blocks = TokenBlocks(torch.arange(layout.n, dtype=torch.int64, device=one.device),
-                         torch.where(layout.is_key, kh, one), torch.where(layout.is_key, kw, one),
-                         frame_hw, fps, num_frames, times=times)
+                         torch.where(is_key, kh, one), torch.where(is_key, kw, one),
+                         frame_hw, fps, num_frames, times=times, frames=frames)
+    if layout.is_key.device.type == "meta":  # host values (frames stay on the host)
+        dev = layout.is_key.device
+        blocks = TokenBlocks(blocks.t.to(dev), blocks.h.to(dev), blocks.w.to(dev), frame_hw,
+                             fps, num_frames, (blocks.t.tolist(), blocks.h.tolist(),
+                                               blocks.w.tolist()), times, frames)
     return end_blocks(vlm, blocks, layout.n - 1) if newline else blocks
 
 

@@ -1,0 +1,205 @@
+"""``stream``: any visual token stream prefilled through a hard KV budget (InfiniPot-V's
+continual KV compression, arXiv 2506.15745; fused ``kv_compact``), so the KV cache and
+the peak memory stay flat however many frames the video has.
+
+The stream is ``full``'s (every frame's pooled tokens, then the family's end tokens),
+made on demand (:class:`~lvlm_fast.models.strategies.base.VisualStream`: one vision chunk
+alive at a time, never a tensor of every frame's tokens). After the prefix, the visual
+tokens go through the decoder in windows of ``window_frames`` frames into a
+:class:`lvlm_fast.stream_cache.BudgetedKVCache`; after each window that leaves more than
+``kv_budget`` rows, every layer is compacted in place to ``kv_budget`` rows by one
+``kv_compact`` call (protected: the prefix and the newest ``recent_frames`` frames; the
+rest chosen by TaR for ``tar_ratio`` of the slots and VaN for the others). Nothing
+depends on the question (query-agnostic, as a true stream must be); the question is run
+after the last compaction, then the answer is decoded.
+
+Positions: a row's RoPE position is its slot in the bounded buffer (kept keys are
+re-rotated by their slot delta inside ``kv_compact``), so the decoder's default 1-D
+positions (cache length + arange) are right for every window, the question and the answer,
+and no position ever exceeds ``kv_budget + max(window, question + answer)`` (InfiniPot-V's
+released code instead continues the uncompressed logical index, which passes any
+trained RoPE range on long streams; see ``lvlm_fast/reference/kv_compact.py``).
+
+Deviation from the released code, on purpose: it does not compress after the last block
+(it knows the total frame count); a stream does not know which window is the last, so
+this strategy compacts after every window, and the question always sees at most
+``kv_budget`` video+prefix rows.
+
+Knobs (:class:`StreamConfig`), defaults from the method facts
+(``shared/methods/infinipot_v.md``), for LLaVA-OneVision-7B (196 tokens per frame):
+
+- ``kv_budget = 6144`` rows per layer: the paper's "6K" setting, where InfiniPot-V matches
+  the 50K full cache on Qwen-2-VL-7B (65.6/65.8/62.8/58.4 vs 65.2/65.8/63.9/58.8) and is
+  within ~2 points on LLaVA-Next-Video-7B. 6144 rows = 31 LLaVA-OV frames.
+- ``window_frames = 8``: the trigger. The released code adds ``block_size -
+  compress_frame_num = 32 - 24 = 8`` frames per block, then compresses: the cache reaches
+  |M| = budget + 8 frames and is cut to |C| = budget (|C|/|M| = 0.80 here vs the code's
+  0.75).
+- ``recent_frames = 8``: protected newest frames; the code keeps ``query_ratio`` (0.25) x
+  32 = 8 frames, exactly its newest block (here: the window just added).
+- ``tar_ratio = 0.5``: share of the selectable slots filled by TaR, the rest by VaN (the
+  code's default; 0 = VaN only, 1 = TaR only).
+
+Composition: ``slowfast``, ``llamavid`` and ``vilamp`` take a ``kv_budget`` knob; when set,
+:class:`~lvlm_fast.models.strategies.base.EmbeddingStrategy` streams their (reduced) visual
+tokens through the same budgeted cache with :func:`budgeted_prefill` (one place, no
+per-strategy copy). Their tokens are not whole frames of one grid, so TaR's patch index is
+undefined there: they use VaN only, no protected recent rows, and windows of the wrapper's
+``prefill_chunk_tokens`` (the chunk it already prefills in, so the activation peak is
+unchanged).
+
+Families: 1-D RoPE decoders (LLaVA-OneVision). M-RoPE families (Qwen2.5-VL, Qwen3-VL,
+Qwen3.5) raise ``NotImplementedError``: their positions come from the family's
+``PositionPlan`` (logical (t, h, w) grid positions, text after ``max(h, w)``), and a slot
+rule consistent with that plan (temporal section = slot, spatial sections kept, question
+after the spatial extent) is not built and tested yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lvlm_fast.models.strategies.base import (
+    PrefillResult,
+    Strategy,
+    StrategyConfig,
+    VideoPrompt,
+    VisualStream,
+    register,
+)
+from lvlm_fast.models.strategies.full import pooled_video_embeds
+from lvlm_fast.stream_cache import BudgetedKVCache
+
+if TYPE_CHECKING:
+    from lvlm_fast.models.wrapper import LongVideoVLM
+
+DEFAULT_KV_BUDGET = 6144  # the paper's "6K" (module doc)
+DEFAULT_WINDOW_FRAMES = 8  # block 32 - keep 24 of the released code
+DEFAULT_RECENT_FRAMES = 8  # query_ratio 0.25 x 32 frames
+DEFAULT_TAR_RATIO = 0.5  # the released code's tar_ratio
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def check_kv_budget(value: object) -> None:
+    """``kv_budget`` knob of the composing strategies: None (off) or an int >= 1."""
+    if value is not None:
+        _check_int("kv_budget", value, 1)
+
+
+@dataclass
+class StreamConfig(StrategyConfig):
+    kv_budget: int = DEFAULT_KV_BUDGET  # rows per layer after each compaction (incl. prefix)
+    window_frames: int = DEFAULT_WINDOW_FRAMES  # frames appended between compactions
+    recent_frames: int = DEFAULT_RECENT_FRAMES  # newest frames always kept
+    tar_ratio: float = DEFAULT_TAR_RATIO  # TaR's share of the selectable slots (rest: VaN)
+
+    def __post_init__(self) -> None:
+        _check_int("kv_budget", self.kv_budget, 1)
+        _check_int("window_frames", self.window_frames, 1)
+        _check_int("recent_frames", self.recent_frames, 0)
+        r = self.tar_ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 1:
+            raise ValueError(f"tar_ratio must be a number in [0, 1], got {r!r}")
+        if r > 0 and self.recent_frames < 1:
+            raise ValueError("recent_frames must be >= 1 when tar_ratio > 0 (TaR compares "
+                             "each token with the recent frames); use tar_ratio=0 for VaN")
+
+
+def _check_family(vlm: LongVideoVLM, what: str) -> None:
+    if vlm.family.needs_blocks():
+        raise NotImplementedError(
+            f"{what}: the {vlm.family.name} family uses M-RoPE positions from its "
+            "PositionPlan; the budgeted KV cache's slot-position rule is implemented for 1-D "
+            "RoPE decoders (LLaVA-OneVision) only")
+
+
+@torch.no_grad()
+def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
+                     visual: torch.Tensor | VisualStream, frames_encoded: int, *,
+                     kv_budget: int, window: int, recent: int = 0, tokens_per_frame: int = 0,
+                     tar_ratio: float = 0.0, what: str = "kv_budget") -> PrefillResult:
+    """Prefix, then ``visual`` (1, N, hidden) (a tensor or a :class:`VisualStream`) in
+    windows of ``window`` tokens, each followed by an in-place compaction to ``kv_budget``
+    rows, then the question (module doc). ``recent`` / ``tokens_per_frame`` /
+    ``tar_ratio``: as :func:`lvlm_fast.ops.kv_compact` (``tokens_per_frame = 0``: VaN only).
+    ``what`` names the knob in errors."""
+    _check_family(vlm, what)
+    _check_int("kv_budget", kv_budget, 1)
+    _check_int("window", window, 1)
+    p, n, q = prompt.prefix_ids.shape[1], visual.shape[1], prompt.question_ids.shape[1]
+    if kv_budget < p + recent:
+        raise ValueError(f"kv_budget must be >= prefix tokens + protected recent tokens = "
+                         f"{p} + {recent} = {p + recent}, got {kv_budget}")
+    hid = vlm.hidden_size
+    if visual.shape[2] != hid:
+        raise ValueError(f"visual must be (1, N, hidden={hid}), got {tuple(visual.shape)}")
+    tail = q + vlm.decode_reserve
+    lm = vlm.language_model
+    cache = BudgetedKVCache.for_text_config(
+        vlm.config.text_config, kv_budget + max(window, tail), budget=kv_budget,
+        inv_freq=lm.rotary_emb.inv_freq, dtype=vlm.dtype, device=vlm.device)
+    stream = isinstance(visual, VisualStream)
+    step = vlm.prefill_chunk_tokens
+    with vlm._stage("prefill"), vlm.llm_attention():
+        vlm.run_llm(vlm.embed_tokens(prompt.prefix_ids), cache)
+        for lo in range(0, n, window):
+            hi = min(lo + window, n)
+            for a in range(lo, hi, step):
+                b = min(a + step, hi)
+                rows = visual.take(a, b) if stream else visual[:, a:b]
+                vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache)
+                del rows
+            cache.compact(prefix=p, recent=recent, tokens_per_frame=tokens_per_frame,
+                          tar_ratio=tar_ratio)
+        last = vlm.run_llm(vlm.embed_tokens(prompt.question_ids), cache)[:, -1:].clone()
+    return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n + q, visual_tokens=n,
+                         frames_encoded=frames_encoded)
+
+
+def composed_prefill(vlm: LongVideoVLM, prompt: VideoPrompt, visual: torch.Tensor,
+                     frames_encoded: int, kv_budget: int, name: str) -> PrefillResult:
+    """A reduction strategy's visual tokens under a ``kv_budget`` (module doc: VaN only,
+    no protected recent rows, windows of ``prefill_chunk_tokens``)."""
+    return budgeted_prefill(vlm, prompt, visual, frames_encoded, kv_budget=kv_budget,
+                            window=vlm.prefill_chunk_tokens, what=f"{name} with kv_budget")
+
+
+@register
+class StreamStrategy(Strategy):
+    """``full``'s tokens under a hard KV budget, compacted after every window (module doc)."""
+
+    name = "stream"
+    config_class = StreamConfig
+    holds_all_patch_features = False  # one vision chunk and one window at a time
+
+    def __init__(self, config: StreamConfig | None = None, **overrides: object) -> None:
+        super().__init__(config, **overrides)
+        self.cache: BudgetedKVCache | None = None  # the last prefill's cache (tests)
+
+    @torch.no_grad()
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        cfg: StreamConfig = self.config
+        _check_family(vlm, "stream")
+        pv = prompt.pixel_values
+        gh, gw = vlm.family.token_grid((pv.shape[-2], pv.shape[-1]))
+        per = gh * gw  # tokens per temporal unit (frame): TaR's patch index
+        out = pooled_video_embeds(vlm, pv, fps=prompt.fps, stream=True)
+        res = budgeted_prefill(vlm, prompt, out[0], out[1], kv_budget=cfg.kv_budget,
+                               window=cfg.window_frames * per, recent=cfg.recent_frames * per,
+                               tokens_per_frame=per, tar_ratio=cfg.tar_ratio,
+                               what="stream")
+        self.cache = res.cache
+        return res
+
+
+__all__ = ["StreamConfig", "StreamStrategy", "budgeted_prefill", "check_kv_budget",
+           "composed_prefill"]

@@ -1,0 +1,123 @@
+"""``BudgetedKVCache``: a preallocated KV cache with a hard per-layer row budget, compacted
+in place by the fused :func:`lvlm_fast.ops.kv_compact` (InfiniPot-V-style, query-agnostic).
+
+Layout. Every full-attention layer's K/V rows live in ONE stacked buffer per K and V,
+``key = (L, B, Hkv, C, D)``; layer ``l`` holds the views ``key[l]`` / ``value[l]`` as its
+``key_buffer`` / ``value_buffer`` (a :class:`~lvlm_fast.cache.PreallocatedLayer`, so
+``update`` and the attention see exactly what a ``DynamicCache`` would hold). That is what
+lets one ``kv_compact`` call (one launch) compact every layer and KV head at once.
+
+Capacity ``C = budget + max(window, tail)``: at most ``budget`` rows survive a compaction,
+then at most one window (or the question + answer tail) is appended before the next, so
+the buffer never grows with the stream (the flat-memory property).
+
+Positions: after :meth:`compact` the kept rows sit at slots ``0 .. budget-1`` with their
+keys re-rotated by the slot delta (1-D RoPE), so a row's RoPE position is its slot. The
+decoder's default positions (``get_seq_length() + arange``) are then exactly right for
+the next window, the question and the answer; every position stays below ``C``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lvlm_fast.cache import PreallocatedKVCache
+from lvlm_fast.ops.kv_compact import KVCompactResult, kv_compact
+
+
+def _pos_int(name: str, value: object, lo: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+class BudgetedKVCache(PreallocatedKVCache):
+    """Preallocated stacked K/V buffers of ``capacity`` rows with in-place compaction to
+    ``budget`` rows (module doc). Batch 1 or more, fixed at construction."""
+
+    def __init__(self, num_layers: int, capacity: int, *, budget: int,
+                 inv_freq: torch.Tensor, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, batch: int = 1,
+                 value_dim: int | None = None,
+                 layer_types: Sequence[str] | None = None) -> None:
+        super().__init__(num_layers, capacity, layer_types)
+        _pos_int("budget", budget, 1)
+        if budget > capacity:
+            raise ValueError(f"budget must be <= capacity = {capacity}, got {budget}")
+        _pos_int("num_kv_heads", num_kv_heads, 1)
+        _pos_int("head_dim", head_dim, 2)
+        _pos_int("batch", batch, 1)
+        if not isinstance(inv_freq, torch.Tensor) or inv_freq.shape != (head_dim // 2,):
+            raise ValueError(f"inv_freq must be a ({head_dim // 2},) tensor (the decoder's "
+                             "1-D RoPE inverse frequencies)")
+        dv = head_dim if value_dim is None else _pos_int("value_dim", value_dim, 1)
+        kv = self.kv_layers
+        self.key = torch.empty(len(kv), batch, num_kv_heads, capacity, head_dim, dtype=dtype,
+                               device=device)
+        self.value = torch.empty(len(kv), batch, num_kv_heads, capacity, dv, dtype=dtype,
+                                 device=device)
+        for li, layer in enumerate(kv):
+            layer.key_buffer, layer.value_buffer = self.key[li], self.value[li]
+            layer.dtype, layer.device = dtype, self.key.device
+            layer.is_initialized = True
+            layer._refresh()
+        self.budget = budget
+        self.inv_freq = inv_freq.to(device=self.key.device, dtype=torch.float32)
+        self.compactions = 0
+        # set ``record = True`` to keep the last KVCompactResult (keep mask, scores): tests,
+        # the quality proxy; off by default (the score tensor is (2, L, B, H, C) fp32)
+        self.record = False
+        self.last_result: KVCompactResult | None = None
+
+    @classmethod
+    def for_text_config(cls, config: Any, capacity: int, *, budget: int,
+                        inv_freq: torch.Tensor, dtype: torch.dtype,
+                        device: torch.device | str, batch: int = 1) -> BudgetedKVCache:
+        """A cache for the decoder described by ``config`` (its layer count, KV heads, head
+        dim and ``layer_types``). Rejects RoPE variants a slot re-rotation cannot express."""
+        tc = getattr(config, "text_config", None) or config
+        rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default" or "mrope_section" in rope:
+            raise NotImplementedError(
+                f"BudgetedKVCache re-rotates kept keys with plain 1-D RoPE; this decoder's "
+                f"rope ({rope.get('rope_type', 'default')!r}"
+                f"{', mrope_section' if 'mrope_section' in rope else ''}) is not supported")
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return cls(tc.num_hidden_layers, capacity, budget=budget, inv_freq=inv_freq,
+                   num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, dtype=dtype,
+                   device=device, batch=batch, layer_types=getattr(tc, "layer_types", None))
+
+    def compact(self, *, prefix: int = 0, recent: int = 0, tokens_per_frame: int = 0,
+                tar_ratio: float | None = None, scores: torch.Tensor | None = None) -> int:
+        """Compact every full-attention layer to ``budget`` rows in place (one op call);
+        returns the new length. A no-op (no launch) while the cache holds <= ``budget``
+        rows: the host length decides, so nothing syncs with the device."""
+        n = self.get_seq_length()
+        if n <= self.budget:
+            return n
+        res = kv_compact(self.key, self.value, n, budget=self.budget, inv_freq=self.inv_freq,
+                         prefix=prefix, recent=recent, tokens_per_frame=tokens_per_frame,
+                         tar_ratio=tar_ratio, scores=scores)
+        new = self.budget  # == res.new_length on device (min(n, budget), n > budget)
+        for layer in self.kv_layers:
+            layer.length = new
+            layer._refresh()
+        self.compactions += 1
+        self.last_result = res if self.record else None
+        return new
+
+    # the stacked buffers are shared by all layers: per-layer re-batching would silently
+    # detach a layer from ``key``/``value`` (and from the next compaction)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BudgetedKVCache has a fixed batch (stacked buffers)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("BudgetedKVCache has a fixed batch (stacked buffers)")
+
+
+__all__ = ["BudgetedKVCache"]

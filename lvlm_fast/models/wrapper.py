@@ -378,13 +378,21 @@ class LongVideoVLM:
     def _stage(self, name: str) -> Iterator[None]:
         if self.sync_timings and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        # stages nest when a prefill pulls vision chunks on demand (VisualStream): an inner
+        # stage's time counts for it alone, not for the enclosing one too
+        stack = self.__dict__.setdefault("_open_stages", [])
+        stack.append(0.0)
         t0 = time.perf_counter()
         try:
             yield
         finally:
             if self.sync_timings and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            inner = stack.pop()
+            self.timings[name] = self.timings.get(name, 0.0) + dt - inner
+            if stack:
+                stack[-1] += dt
 
     # ------------------------------------------------------------------ vision
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:

@@ -265,3 +265,23 @@ def test_qwen3_vl_8b_full_on_meta():
     # 4 frames of "<t seconds><vs> ... <ve>": t = 0.2, 1.2, 2.2, 3.2 -> 6 + 2 tokens each
     assert res.llm_tokens == 5 + 9 + 4 * 196 + 4 * 8
     assert meta.fused_attention  # head dim 128
+
+
+def test_streamed_vision_time_is_not_counted_as_prefill(qwen3, monkeypatch):
+    """With rows streamed into the prefill the stages nest: vision time counts once."""
+    import time as _time
+
+    vlm = LongVideoVLM(qwen3, vision_chunk_frames=2, prefill_chunk_tokens=10)
+    real = vlm.family.encode
+
+    def slow(frames):
+        _time.sleep(0.2)
+        return real(frames)
+
+    monkeypatch.setattr(vlm.family, "encode", slow)
+    t0 = _time.perf_counter()
+    vlm.first_token(_prompt(6, seed=4))
+    wall = _time.perf_counter() - t0
+    assert vlm.timings["vision"] >= 0.6  # 3 chunks of 2 frames
+    assert vlm.timings["prefill"] < 0.6 or vlm.timings["prefill"] < wall - 0.6
+    assert sum(vlm.timings.values()) <= wall + 1e-3

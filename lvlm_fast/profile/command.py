@@ -31,7 +31,8 @@ from lvlm_fast.profile.memory import DEFAULT_FRAMES, DEFAULT_MODEL, GIB, PROFILE
 # Published knobs the default run pins (the targets are stated at these).
 DEFAULT_STRATEGY_OVERRIDES: dict[str, dict[str, Any]] = {"videoxl": {"ratio": 16}}
 # Preferred order in tables and plots; strategies registered later come after, sorted.
-STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl", "vilamp-seed")
+STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl", "vilamp-seed",
+                  "stream")
 LINES_GIB = (24.0, 80.0)
 CSV_FIELDS = ("model", "strategy", "frames", "frame_size", "dtype", "simulated", "method",
               "peak_bytes", "peak_gib", "weight_bytes", "input_bytes", "inputs_counted",

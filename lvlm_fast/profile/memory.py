@@ -695,6 +695,11 @@ class Profiler:
         # vision chunks replayed from their first run (meta runs only; VisionChunkReplay)
         self.replay_chunks = simulate
         self.chunk_replay = VisionChunkReplay()
+        # repeated decoder windows of the budgeted cache (stream strategy, issue 12)
+        from lvlm_fast.profile.window_replay import DecoderWindowReplay
+
+        self.replay_windows = simulate
+        self.window_replay = DecoderWindowReplay()
         # the preprocessed frame size fed to the model (a 448 x 448 video, family resize)
         from lvlm_fast.models.families import family_for
 
@@ -744,6 +749,9 @@ class Profiler:
         t0 = time.perf_counter()
         tr = tracker_cls(cache=self.op_cache)
         hits0 = self.chunk_replay.hits
+        whits0 = self.window_replay.hits
+        if self.simulate and self.replay_windows:
+            vlm.run_llm = self.window_replay.wrap(vlm.run_llm, tr)
         if self.simulate and self.replay_chunks:
             vlm.family.encode = self.chunk_replay.wrap(vlm.family.encode, tr)
         with torch.inference_mode(), tr:
@@ -781,6 +789,7 @@ class Profiler:
             "op_cache_hits": tr.hits,
             "op_cache_misses": tr.misses,
             "vision_chunks_replayed": self.chunk_replay.hits - hits0,
+            "windows_replayed": self.window_replay.hits - whits0,
             "seconds": round(seconds, 3),
             # the cache's split: K/V (grows with tokens) vs recurrent states (constant)
             **dict(zip(("kv_bytes", "state_bytes"), cache_split(info), strict=True)),

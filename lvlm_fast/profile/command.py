@@ -286,6 +286,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['seconds']:.1f}s)", flush=True)
 
     rows = prof.sweep(strategies, frames, stop_above_bytes=stop, on_row=progress)
+    if len(prof.unsupported) == len(strategies):
+        raise ValueError(f"no selected strategy runs on {args.model}: " + "; ".join(
+            f"{k}: {v}" for k, v in prof.unsupported.items()))
+    # strategies this family does not support: out of the table, plot and searches
+    strategies = [s for s in strategies if s not in prof.unsupported]
     print()
     print(format_table(rows, strategies, frames))
     notes: list[str] = []
@@ -313,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{(r['peak_bytes'] + r['input_bytes']) / GIB:.2f} GiB with all frames "
                          "on the device)")
             print(f"  {s:>12} @ {r['frames']:>6}: {r['peak_bytes'] / GIB:7.2f} GiB = {split}")
+    for s, why in prof.unsupported.items():
+        notes.append(f"{s}: not supported on {args.model} ({why})")
     for n in notes:
         print("note: " + n)
 
@@ -379,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
                 "weight_bytes": prof.weight_bytes, "strategies": strategies, "frames": frames,
                 "strategy_overrides": overrides, "vlm_kwargs": vlm_kwargs,
                 "inputs_counted": args.frames_on_device, "stop_above_gib": args.stop_above,
-                "stopped": stopped, "wall_seconds": round(wall, 1),
+                "stopped": stopped, "unsupported": dict(prof.unsupported),
+                "wall_seconds": round(wall, 1),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "peak_definition": "weights + buffers + input frames/ids on the device + peak "
                                    "of tensors allocated during first_token (see "

@@ -511,24 +511,72 @@ def _strided_numel(shape: Sequence[int], stride: Sequence[int]) -> int:
     return 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
 
 
+def _replay_key(x: Any) -> Any:
+    """Hashable key of a replayed call's argument: a meta tensor by its metadata (shape,
+    strides, dtype; not its storage offset: chunks are slices of one frame tensor and
+    recording checks the output never aliases an input), a host tensor (Qwen2.5-VL's
+    ``cu_seqlens``) by its values, scalars by value. Anything else: _Uncacheable."""
+    if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            return ("meta", tuple(x.shape), x.stride(), x.dtype)
+        if x.device.type == "cpu" and x.numel() <= 1 << 20:
+            return ("host", x.dtype, tuple(x.shape), x.contiguous().numpy().tobytes()
+                    if x.dtype != torch.bfloat16 else x.float().numpy().tobytes())
+        raise _Uncacheable
+    tx = type(x)
+    if tx is tuple or tx is list:
+        return (tx, *[_replay_key(v) for v in x])
+    if tx is dict:
+        return (tx, *[(k, _replay_key(v)) for k, v in x.items()])
+    if x is None or isinstance(x, _SCALARS):
+        return (tx, x)
+    raise _Uncacheable
+
+
+def _module_signature(module: torch.nn.Module) -> Any:
+    """What makes two modules compute the same shapes: class, parameter/buffer shapes and
+    dtypes, training flag."""
+    return (type(module), module.training,
+            tuple((n, tuple(t.shape), t.dtype) for n, t in module.named_parameters()),
+            tuple((n, tuple(t.shape), t.dtype) for n, t in module.named_buffers()))
+
+
+def vision_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of the model's vision tower: the elements of every
+    ``nn.ModuleList`` under a submodule named ``visual`` (Qwen-VL) or ``vision_tower``
+    (LLaVA). Replaying them (:class:`VisionChunkReplay`) makes one all-frames vision call
+    (``vilamp-seed``'s released-style pass) cost one block of each kind."""
+    out: list[torch.nn.Module] = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if isinstance(mod, torch.nn.ModuleList) and ("visual" in parts
+                                                      or "vision_tower" in parts):
+            out.extend(mod)
+    return out
+
+
 class VisionChunkReplay:
-    """Replays simulated vision chunks whose input metadata was seen before.
+    """Replays simulated vision calls (a chunk through ``family.encode``, one vision block)
+    whose inputs were seen before.
 
     Why: a 10,240-frame simulation sends hundreds of identical vision chunks through the
     tower (Qwen2.5-VL-7B at 448 x 448: 16 windows per temporal patch, one attention call
-    each, in 28 of its 32 blocks: ~4,000 attention calls per chunk), and every strategy and
-    frame count repeats them. On meta tensors ``family.encode(frames)`` is a function of
-    the frames' metadata only (shape, strides, dtype) and, by the family contract, leaves
-    nothing alive but its output. So the first call with a given metadata runs for real
-    under the tracker and records (a) its peak above the live level at entry, (b) its
-    output's metadata and storage size, (c) the allocation counters; a later identical
-    call raises the tracker's peak to ``live + (a)`` if that is higher and allocates an
-    output of (b). The accounting is the one the real call gives: the peak of a chunk
-    does not depend on what is alive beside it, and nothing else changes the live total
-    meanwhile. A recorded call that leaves anything alive besides its output (state the
-    family kept) is never replayed: it runs for real every time. Only meta inputs are
-    replayed (measured runs always run); tested: replayed and fully run peaks are equal
-    for every strategy on every family.
+    each, in 28 of its 32 blocks: ~4,000 attention calls per chunk), every strategy and
+    frame count repeats them, and a released-style all-frames vision call (``vilamp-seed``)
+    runs the same windowed block 28 times over every frame. On meta tensors such a call is
+    a function of its inputs' metadata (shape, strides, dtype), its host-side arguments
+    (``cu_seqlens``) and the module's parameter shapes, and it leaves nothing alive but its
+    output. So the first call with a given key runs for real under the tracker and
+    records (a) its peak above the live level at entry, (b) its output's metadata and
+    storage size, (c) the allocation counters; a later identical call raises the tracker's
+    peak to ``live + (a)`` if that is higher and allocates an output of (b). The
+    accounting is the one the real call gives: the peak of a call does not depend on what
+    is alive beside it, and nothing else changes the live total meanwhile. A recorded call
+    that leaves anything alive besides its output (state kept by the module), returns
+    something other than one fresh tensor, or takes an argument that cannot be keyed, is
+    never replayed: it runs for real every time. Only meta inputs are replayed (measured
+    runs always run); tested: replayed and fully run peaks, token counts, allocation counts
+    and breakdowns are equal for every strategy on every family.
     """
 
     def __init__(self) -> None:
@@ -536,30 +584,46 @@ class VisionChunkReplay:
         self.hits = 0
         self.misses = 0
 
-    def wrap(self, encode: Callable[[torch.Tensor], torch.Tensor],
-             tracker: LiveTensorTracker) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``encode`` with replay under ``tracker`` (the tracker active during the call)."""
+    def wrap(self, encode: Callable[..., torch.Tensor], tracker: LiveTensorTracker,
+             tag: Any = "encode") -> Callable[..., torch.Tensor]:
+        """``encode`` with replay under ``tracker`` (the tracker active during the call);
+        ``tag`` tells apart functions that compute different things from the same inputs
+        (a module's :func:`_module_signature`)."""
         breakdown = isinstance(tracker, PeakBreakdownTracker)
 
-        def encode_replayed(frames: torch.Tensor) -> torch.Tensor:
-            if not (isinstance(frames, torch.Tensor) and frames.is_meta):
-                return encode(frames)
-            # (the storage offset is left out: chunks are slices of one frame tensor, and
-            # the output never aliases the input, which recording checks)
-            key = (tuple(frames.shape), frames.stride(), frames.dtype, breakdown)
+        def replayed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if not (isinstance(first, torch.Tensor) and first.is_meta):
+                return encode(*args, **kwargs)
+            try:
+                key = (tag, _replay_key(args), _replay_key(kwargs), breakdown)
+            except _Uncacheable:
+                return encode(*args, **kwargs)
             if key not in self.records:
                 self.misses += 1
-                return self._record(key, encode, frames, tracker, breakdown)
+                return self._record(key, lambda: encode(*args, **kwargs), tracker,
+                                    breakdown)
             rec = self.records[key]
             if rec is None:  # left state behind when recorded: always run
-                return encode(frames)
+                return encode(*args, **kwargs)
             self.hits += 1
             return self._replay(rec, tracker, breakdown)
 
-        return encode_replayed
+        return replayed
 
-    def _record(self, key: Any, encode: Callable[[torch.Tensor], torch.Tensor],
-                frames: torch.Tensor, tr: LiveTensorTracker, breakdown: bool) -> torch.Tensor:
+    def wrap_modules(self, modules: Sequence[torch.nn.Module],
+                     tracker: LiveTensorTracker) -> Callable[[], None]:
+        """Replay every module of ``modules`` (their ``forward``); returns the undo."""
+        for m in modules:
+            m.forward = self.wrap(m.forward, tracker, _module_signature(m))
+
+        def undo() -> None:
+            for m in modules:
+                m.__dict__.pop("forward", None)
+        return undo
+
+    def _record(self, key: Any, call: Callable[[], Any], tr: LiveTensorTracker,
+                breakdown: bool) -> Any:
         with tr._lock:
             entry = tr.current_bytes
             saved_peak = tr.peak_bytes
@@ -568,7 +632,7 @@ class VisionChunkReplay:
             n0, a0 = tr.num_allocations, tr.allocated_bytes
             tr.peak_bytes = entry  # follow the chunk's own peak from here
         try:
-            out = encode(frames)
+            out = call()
         finally:
             with tr._lock:
                 inner_peak = tr.peak_bytes - entry
@@ -599,10 +663,12 @@ class VisionChunkReplay:
             if cand > tr.peak_bytes:
                 tr.peak_bytes = cand
                 if breakdown:
-                    tr._peak_keys = list(tr._live)
+                    keys = list(tr._live)
                     tr.peak_live = [tr._info.get(k) or LiveTensorInfo(tr._live[k][0], (), "?",
                                                                       "?", "")
-                                    for k in tr._peak_keys] + list(rec.peak_infos or ())
+                                    for k in keys] + list(rec.peak_infos or ())
+                    # the replayed call's own storages have no key (None: never "at entry")
+                    tr._peak_keys = keys + [None] * len(rec.peak_infos or ())
             dev_cur = tr._by_device.get("meta", 0) + rec.inner_peak
             if dev_cur > tr.peak_by_device.get("meta", 0):
                 tr.peak_by_device["meta"] = dev_cur
@@ -708,6 +774,7 @@ class Profiler:
             _check_frame_hw(frame_hw)
         self._cache: dict[tuple[int, str], dict[str, Any]] = {}
         self._models: dict[str, torch.nn.Module] = {}
+        self.unsupported: dict[str, str] = {}  # strategy -> why it cannot run (sweep)
 
     def model_for(self, strategy: str) -> torch.nn.Module:
         """The model a strategy runs on: a fresh build per strategy (same seed), because
@@ -752,12 +819,18 @@ class Profiler:
         whits0 = self.window_replay.hits
         if self.simulate and self.replay_windows:
             vlm.run_llm = self.window_replay.wrap(vlm.run_llm, tr)
+        undo = None
         if self.simulate and self.replay_chunks:
             vlm.family.encode = self.chunk_replay.wrap(vlm.family.encode, tr)
-        with torch.inference_mode(), tr:
-            logits, info = _run_first_token(vlm, prompt)
-            if cuda:
-                torch.cuda.synchronize()
+            undo = self.chunk_replay.wrap_modules(vision_blocks(model), tr)
+        try:
+            with torch.inference_mode(), tr:
+                logits, info = _run_first_token(vlm, prompt)
+                if cuda:
+                    torch.cuda.synchronize()
+        finally:
+            if undo is not None:  # the model outlives this run and its tracker
+                undo()
         seconds = time.perf_counter() - t0
         pass_peak = tr.cuda_allocator_peak_bytes if cuda and tr.cuda_allocator_peak_bytes \
             is not None else tr.peak_bytes
@@ -808,11 +881,19 @@ class Profiler:
               stop_above_bytes: int | None = None,
               on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
         """Rows for every strategy x frame count (ascending). A strategy whose peak passed
-        ``stop_above_bytes`` is not run at larger frame counts (its rows are left out)."""
+        ``stop_above_bytes`` is not run at larger frame counts (its rows are left out). A
+        strategy that raises NotImplementedError (not supported on this model family) has
+        no rows; :attr:`unsupported` maps it to the reason."""
         rows = []
         for name in strategies:
             for n in sorted(frames):
-                row = self.run(name, n)
+                try:
+                    row = self.run(name, n)
+                except NotImplementedError as exc:
+                    # the strategy does not support this model family (e.g. a 1-D-RoPE
+                    # only rule on an M-RoPE decoder): no rows, the reason kept
+                    self.unsupported[name] = f"{type(exc).__name__}: {exc}"
+                    break
                 rows.append(row)
                 if on_row:
                     on_row(row)

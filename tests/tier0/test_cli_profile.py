@@ -110,7 +110,14 @@ def test_qwen2_5_vl_simulated_every_output(tmp_path, capsys) -> None:
     assert printed.startswith(f"lvlm-fast profile: {model}, bf16, simulated")
     assert "frames 448x448 (a 448x448 video resized by the qwen2_5_vl family's" in printed
     data = json.loads(out.read_text())
-    names = registered_strategies()
+    # strategies without a rule for M-RoPE refuse it (NotImplementedError): noted, no rows
+    unsupported = data["metadata"]["unsupported"]
+    assert all(why.startswith("NotImplementedError") for why in unsupported.values())
+    for s in unsupported:
+        assert f"note: {s}: not supported on {model} (NotImplementedError" in printed
+    names = [s for s in registered_strategies() if s not in unsupported]
+    assert {"full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl",
+            "vilamp-seed"} <= set(names)
     assert sorted((r["strategy"], r["frames"]) for r in data["rows"]) == \
         sorted((s, n) for s in names for n in (2, 5))
     assert data["metadata"]["frame_size"] == [448, 448]
@@ -127,6 +134,39 @@ def test_qwen2_5_vl_simulated_every_output(tmp_path, capsys) -> None:
     assert printed.count("largest tensors alive at the pass peak") == len(names)
     line5 = next(ln for ln in printed.splitlines() if ln.strip().startswith("5 "))
     assert len(line5.split()) == 1 + len(names)
+
+
+def test_unsupported_strategy_is_noted_not_fatal(tmp_path, capsys, monkeypatch) -> None:
+    """A strategy that raises NotImplementedError on this family (no rule for its
+    positions, say) is left out of the table/CSV/plot with a note; the others run."""
+    from lvlm_fast.profile.memory import Profiler
+
+    real_run = Profiler.run
+
+    def run(self, strategy, frames, **kw):
+        if strategy == "llamavid":
+            raise NotImplementedError("llamavid: no rule for this family (test)")
+        return real_run(self, strategy, frames, **kw)
+
+    monkeypatch.setattr(Profiler, "run", run)
+    out = tmp_path / "u.json"
+    rc = cli.main(["profile", "--model", TINY, "--strategies", "full,llamavid", "--frames",
+                   "2,3", "--json", str(out), "--out-dir", str(tmp_path), "--no-plot",
+                   "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "note: llamavid: not supported on tiny-llava-onevision (NotImplementedError: " \
+           "llamavid: no rule for this family (test))" in printed
+    header = next(ln for ln in printed.splitlines() if ln.strip().startswith("peak"))
+    assert header.split()[2:] == ["full"]
+    data = json.loads(out.read_text())
+    assert {r["strategy"] for r in data["rows"]} == {"full"}
+    assert list(data["metadata"]["unsupported"]) == ["llamavid"]
+    # nothing runs at all: a clear error
+    rc = cli.main(["profile", "--model", TINY, "--strategies", "llamavid", "--frames", "2",
+                   "--out-dir", str(tmp_path), "--no-plot", "--quiet"])
+    assert rc == 2
+    assert "no selected strategy runs on tiny-llava-onevision" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [

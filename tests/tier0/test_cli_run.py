@@ -261,3 +261,138 @@ def test_placeholder_token_in_question_is_a_clear_error(files, capsys, tmp_path)
     assert code == 2 and out == ""
     assert err.startswith("lvlm-fast run: error: ")
     assert f"question_ids holds the multimodal placeholder token(s) video_token_id={vid}" in err
+
+
+# ------------------------------------------------------------------ issue 10.3 (Qwen2.5-VL)
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+QWEN_BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 56 * 112}
+
+
+def _processor_patches(frames: torch.Tensor, tps: int = 2, patch: int = 14, merge: int = 2):
+    """transformers' Qwen2VLVideoProcessor._patchify_video (copied: it needs torchvision,
+    absent here): last frame repeated to a multiple of temporal_patch_size, then the
+    (t, tps, c, h/m, m, p, w/m, m, p) -> (t, h/m, w/m, m, m, c, tps, p, p) layout."""
+    v = frames[None]
+    if pad := -v.shape[1] % tps:
+        v = torch.cat((v, v[:, -1:].expand(-1, pad, -1, -1, -1)), dim=1)
+    b, t, c, h, w = v.shape
+    gt, gh, gw = t // tps, h // patch, w // patch
+    x = v.view(b, gt, tps, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(gt * gh * gw, c * tps * patch * patch)
+    return x, torch.tensor([[gt, gh, gw]])
+
+
+@pytest.fixture(scope="module")
+def qwen_files(tmp_path_factory):
+    """A tiny random Qwen2_5_VLForConditionalGeneration + a word-level tokenizer that knows
+    the vision start/end/pad tokens and carries a ChatML chat template + a preprocessor
+    config with pixel bounds, all saved offline; a 10 fps 72 x 100 video."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("qwen_run")
+    cfg = get_config("tiny-qwen2.5-vl")
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(cfg).eval().save_pretrained(d / "ckpt")
+    specials = {"<|image_pad|>": cfg.image_token_id, "<|video_pad|>": cfg.video_token_id,
+                "<|vision_start|>": cfg.vision_start_token_id,
+                "<|vision_end|>": cfg.vision_end_token_id, "<|im_start|>": 248,
+                "<|im_end|>": 249}
+    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 248)}, **specials}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<eos>")
+    fast.chat_template = QWEN_TEMPLATE
+    fast.save_pretrained(d / "ckpt")
+    (d / "ckpt" / "preprocessor_config.json").write_text(json.dumps(QWEN_BOUNDS))
+    rng = np.random.default_rng(1)
+    write_video(str(d / "v.mp4"), rng.integers(0, 255, (N_FRAMES, 72, 100, 3), dtype=np.uint8),
+                fps=10)
+    return d
+
+
+def _transformers_answer(ckpt, pixels, pre, post, second_per_grid, n_new):
+    """transformers' own Qwen2.5-VL generate on the processor's layout: input ids with one
+    <|video_pad|> per merged token between vision start/end, the processor's flat patches,
+    video_grid_thw and second_per_grid_ts (its M-RoPE temporal step)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
+    flat, thw = _processor_patches(pixels)
+    n_vis = int(thw.prod()) // 4
+    ids = torch.tensor([pre + [model.config.video_token_id] * n_vis + post])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         pixel_values_videos=flat, video_grid_thw=thw,
+                         second_per_grid_ts=torch.tensor([second_per_grid]),
+                         max_new_tokens=n_new, do_sample=False, eos_token_id=1,
+                         pad_token_id=0)[0, ids.shape[1]:].tolist()
+    return out[: out.index(1)] if 1 in out else out, n_vis
+
+
+@pytest.mark.parametrize("sampling", [("--frames", 5), ("--fps", 5)])
+def test_run_qwen2_5_vl_equals_transformers_generate(qwen_files, capsys, sampling):
+    """`lvlm-fast run` on a Qwen2.5-VL checkpoint folder: frames resized as its processor
+    does (transformers' smart_resize: multiples of 28 within the folder's min/max pixels),
+    normalised with the family's (CLIP) mean/std, prompt = the folder's chat template split
+    at the video (prefix ends with <|vision_start|>, question starts with <|vision_end|>),
+    M-RoPE temporal step from the sampling rate; the answer equals transformers' generate
+    on the processor's layout of the same frames, token for token. --frames 5: an odd
+    count (the last temporal patch repeats the last frame)."""
+    from lvlm_fast.models.families.qwen2_5_vl import smart_resize
+
+    ckpt, video = qwen_files / "ckpt", qwen_files / "v.mp4"
+    flag, value = sampling
+    code, out, err = _run(capsys, video, "--model", ckpt, "--question", "w5 w7 w9", flag, value,
+                          "--max-new-tokens", 5, "--json", qwen_files / "q.json")
+    assert code == 0, err
+    r = json.loads((qwen_files / "q.json").read_text())
+    # 72 x 100 within [56*56, 56*112] pixels, multiples of 28: transformers' rule
+    hw = smart_resize(72, 100, 28, **QWEN_BOUNDS)
+    assert tuple(r["frame_size"]) == hw == (56, 84)
+    assert r["family"] == "qwen2_5_vl" and r["preprocess"] == "preprocessor_config.json"
+    assert r["prompt_template"] == "chat template"
+    if flag == "--frames":
+        idx, sample_fps = sample_indices(N_FRAMES, "uniform", count=5), 5 / (N_FRAMES / 10)
+    else:
+        idx, sample_fps = sample_indices(N_FRAMES, "fps", fps=5, source_fps=10), 5.0
+    assert r["frames_read"] == len(idx)
+    # the same frames, preprocessed the documented way (bicubic to 56 x 84, CLIP mean/std)
+    px = torch.empty(len(idx), 3, *hw)
+    fam = LongVideoVLM.from_config("tiny-qwen2.5-vl").family
+    cmd.preprocess(read_frames(str(video), idx), hw, fam.preprocessing(str(ckpt)), px)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    pre, post = fam.split_prompt(tok, "w5 w7 w9")
+    assert pre[-1] == 252 and post[0] == 253 and post[1:4] == [5, 7, 9]
+    ids, n_vis = _transformers_answer(ckpt, px, pre, post, 2 / sample_fps, 5)
+    assert r["visual_tokens"] == n_vis == -(-len(idx) // 2) * 2 * 3
+    assert r["llm_tokens"] == len(pre) + n_vis + len(post)
+    assert r["answer_ids"] == ids and len(ids) > 0
+    assert out.partition("\n--\n")[0].strip() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_run_refuses_an_unsupported_model_class(tmp_path, capsys):
+    """A checkpoint of a class no family supports: exit 2, TypeError text listing the
+    supported classes (before any weights load)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ckpt = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 vocab_size=64)).save_pretrained(ckpt)
+    _save_tokenizer(ckpt)
+    rng = np.random.default_rng(0)
+    write_video(str(tmp_path / "v.mp4"), rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8))
+    code, out, err = _run(capsys, tmp_path / "v.mp4", "--model", ckpt, "--question", "w3",
+                          "--max-new-tokens", 1)
+    assert code == 2 and out == ""
+    assert err.startswith("lvlm-fast run: error: ")
+    from lvlm_fast.models.families import supported_class_names
+
+    assert "llama" in err and "supported: " + ", ".join(supported_class_names()) in err
+    assert {"LlavaOnevisionForConditionalGeneration",
+            "Qwen2_5_VLForConditionalGeneration"} <= set(supported_class_names())

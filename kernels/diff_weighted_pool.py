@@ -8,7 +8,8 @@ Math (spec: :mod:`lvlm_fast.reference.diff_weighted_pool`)::
 ``A`` (rel) and ``B`` (red) default to ``X``; then the kernels are specialised by constexpr
 flags so X is loaded once and serves as all three.
 
-Forward (``_diff_weighted_pool_fwd_kernel``): one program per frame. It loops over patch
+Forward (``_diff_weighted_pool_fwd_kernel``): one program per frame (per (frame, patch
+split) when N is small: :func:`p_splits`, partials merged by their lse). It loops over patch
 blocks of ``BLOCK_P`` rows x the whole channel dim padded to ``BLOCK_D = next_pow2(D)``;
 every dot product and norm of a row comes from the one tile load, so X (and A, B, the
 referenced R row) is read exactly once. Online softmax (running max and sum, fp32) with an
@@ -72,6 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .split_kv import merge_partials
+
 COS_EPS = 1e-8
 MAX_BLOCK_D = 8192
 
@@ -81,7 +84,7 @@ MAX_BLOCK_D = 8192
 def _diff_weighted_pool_fwd_kernel(
     x_ptr, a_ptr, b_ptr, q_ptr, r_ptr, ref_ptr, tau_ptr,
     out_ptr, lse_ptr, s_ptr, w_ptr,
-    P, D, DA, DB,
+    P, D, DA, DB, PPS,
     stride_xn, stride_xp, stride_an, stride_ap, stride_bn, stride_bp,
     stride_qn, stride_rk, stride_rp, stride_on, stride_ref,
     HAS_REL: tl.constexpr, HAS_RED: tl.constexpr, HAS_REF: tl.constexpr,
@@ -91,6 +94,9 @@ def _diff_weighted_pool_fwd_kernel(
 ):  # fmt: skip
     EPS: tl.constexpr = 1e-8
     n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1).to(tl.int64)  # patch split (0 unless the launcher splits P)
+    p_lo = (sp * PPS).to(tl.int32)
+    p_hi = tl.minimum(p_lo + PPS, P)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -121,9 +127,9 @@ def _diff_weighted_pool_fwd_kernel(
     m_i = tl.zeros([], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         p = p0 + offs_p
-        pmask = p < P
+        pmask = p < p_hi
         pl = p.to(tl.int64)
         xt = tl.load(
             x_row + pl[:, None] * stride_xp + offs_d[None, :],
@@ -167,9 +173,11 @@ def _diff_weighted_pool_fwd_kernel(
             tl.store(s_ptr + n * P + pl, score, mask=pmask)
 
     out = acc / l_i
-    tl.store(out_ptr + n * stride_on + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    # split P: row (split, n) of fp32 partials (out_ptr / lse_ptr are the partial buffers)
+    row = sp * tl.num_programs(0) + n
+    tl.store(out_ptr + row * stride_on + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
     lse = m_i + tl.log(l_i)
-    tl.store(lse_ptr + n, lse)
+    tl.store(lse_ptr + row, lse)
     if RETURN_WEIGHTS:
         # Scores were stored by other threads of this program: make them visible first.
         tl.debug_barrier()
@@ -419,6 +427,23 @@ def query_config(block_da: int, p: int | None = None) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- launchers
+# Occupancy at small N (a vision chunk of 17-38 frames on 132 SMs): the forward splits P
+# across programs (grid (N, splits)), each writing an fp32 partial and its lse, merged by
+# the split-KV merge kernel (kernels/split_kv.py). Only without return_weights (the
+# weights need the frame's final lse inside the kernel).
+SPLIT_TARGET_PROGRAMS = 264  # 2 waves on 132 SMs
+SPLIT_MIN_PATCHES = 64
+
+
+def p_splits(n: int, p: int, block_p: int, return_weights: bool) -> tuple[int, int]:
+    """(splits, patches per split, a multiple of BLOCK_P); (1, P) when N fills the GPU."""
+    if return_weights or n >= SPLIT_TARGET_PROGRAMS or p <= SPLIT_MIN_PATCHES:
+        return 1, p
+    want = min(triton.cdiv(SPLIT_TARGET_PROGRAMS, n), triton.cdiv(p, SPLIT_MIN_PATCHES))
+    per = triton.cdiv(triton.cdiv(p, want), block_p) * block_p
+    return triton.cdiv(p, per), per
+
+
 def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     """Kernels assume a unit-stride channel dim; copy once otherwise."""
     if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
@@ -481,17 +506,26 @@ def diff_weighted_pool_fwd(
     else:
         s_buf = lse  # dummy pointers, never written
         weights = x.new_empty((0,))
-    _diff_weighted_pool_fwd_kernel[(n,)](
+    nsplit, pps = p_splits(n, p, block_p, return_weights)
+    if nsplit > 1:  # fp32 partials per (patch split, frame), merged with their lse below
+        o_dst = torch.empty((nsplit, n, d), device=x.device, dtype=torch.float32)
+        l_dst = torch.empty((nsplit, n), device=x.device, dtype=torch.float32)
+    else:
+        o_dst, l_dst = out, lse
+    _diff_weighted_pool_fwd_kernel[(n, nsplit)](
         x, a, b, q2, r, ref, _tau32(tau),
-        out, lse, s_buf, weights if return_weights else lse,
-        p, d, da, db,
+        o_dst, l_dst, s_buf, weights if return_weights else lse,
+        p, d, da, db, pps,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        q2.stride(0) if q2.shape[0] != 1 else 0, r.stride(0), r.stride(1), out.stride(0),
+        q2.stride(0) if q2.shape[0] != 1 else 0, r.stride(0), r.stride(1), o_dst.stride(-2),
         ref_index.stride(0) if has_ref else 0,
         HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, RETURN_WEIGHTS=return_weights,
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_DA=block_da, BLOCK_DB=block_db,
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
+    if nsplit > 1:
+        lse = merge_partials(o_dst.view(nsplit, 1, 1, n, d), l_dst.view(nsplit, 1, 1, n),
+                             out.view(1, 1, n, d)).view(n)
     return out, weights, lse
 
 
@@ -587,7 +621,7 @@ def _specs() -> list[dict]:
                 sig = {k: t for k in ("x_ptr", "a_ptr", "b_ptr", "q_ptr", "r_ptr")}
                 sig.update(ref_ptr="*i64", tau_ptr="*fp32", out_ptr=t, lse_ptr="*fp32",
                            s_ptr="*fp32", w_ptr=t)
-                sig.update({k: "i32" for k in ("P", "D", "DA", "DB", "stride_xn",
+                sig.update({k: "i32" for k in ("P", "D", "DA", "DB", "PPS", "stride_xn",
                                                "stride_xp", "stride_an", "stride_ap",
                                                "stride_bn", "stride_bp", "stride_qn",
                                                "stride_rk", "stride_rp", "stride_on",
@@ -598,6 +632,10 @@ def _specs() -> list[dict]:
                 specs.append({"name": f"dwp_fwd_{tag}", "fn": _diff_weighted_pool_fwd_kernel,
                               "signature": sig, "constexprs": ce, "num_warps": nw,
                               "num_stages": 1, "divisible_by_16": _div16(sig)})
+                if vname == "AB=X" and dt != torch.float32:
+                    # split P (small N): fp32 partial outputs
+                    specs.append({**specs[-1], "name": f"dwp_fwd_{tag}_split",
+                                  "signature": {**sig, "out_ptr": "*fp32"}})
                 if vname == "AB=X" and d == 1152:
                     # return_weights adds the second pass over the fp32 scores
                     ce_w = {**ce, "RETURN_WEIGHTS": True}

@@ -225,3 +225,22 @@ def test_tau_tensor_dtype_and_no_weights():
     out32, w, _ = K.diff_weighted_pool_fwd(x, _rand(8, seed=1), None, None, None, None,
                                            torch.tensor(0.5), False)
     assert w.shape == (0,) and torch.equal(out64, out32)
+
+
+# --------------------------------------------------------------------------- issue 14.2.5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_small_n_splits_patches_and_merges(launched, dtype):
+    # N = 3 frames of P = 203 patches: the forward splits P over 4 programs per frame (a
+    # ragged last split) and merges the partials with their lse; == the reference
+    g = torch.Generator().manual_seed(11)
+    n, p, d = 3, 203, 40
+    assert K.p_splits(n, p, K.fwd_config(64, False, False, True, p)[0], False)[0] == 4
+    assert K.p_splits(n, p, 2, True) == (1, p)  # weights need the final lse in-kernel
+    assert K.p_splits(300, p, 2, False) == (1, p)  # N fills the GPU
+    x = torch.randn(n, p, d, generator=g)
+    query = torch.randn(d, generator=g)
+    bank = torch.randn(2, p, d, generator=g)
+    idx = torch.tensor([-1, 0, 1])
+    _check(dtype, x, query, bank, idx, return_weights=False)
+    names = [f.fn.__name__ for f in launched]
+    assert names[:2] == ["_diff_weighted_pool_fwd_kernel", "_lse_merge_kernel"], names

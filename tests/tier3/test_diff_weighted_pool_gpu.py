@@ -129,3 +129,19 @@ def test_python_float_tau_copies_nothing_host_to_device():
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     assert not [n for n in names if "HtoD" in n], names
+
+
+def test_small_chunk_splits_patches_cuda():
+    # issue 14.2.5: 17 frames (a vision chunk) run as (frame, patch split) programs + merge
+    from lvlm_fast.kernels import diff_weighted_pool as K
+
+    from lvlm_fast.ops import diff_weighted_pool
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(17, 729, 1152, device="cuda", generator=g, dtype=torch.bfloat16)
+    q = torch.randn(1152, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert K.p_splits(17, 729, 2, False)[0] > 1
+    out = diff_weighted_pool(x, q, tau=0.1)
+    s = torch.nn.functional.cosine_similarity(x.double(), q.double()[None, None], dim=-1) / 0.1
+    want = (torch.softmax(s, -1)[..., None] * x.double()).sum(1)
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)

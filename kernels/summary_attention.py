@@ -51,6 +51,8 @@ padded head dim; every one is in COMPILE_SPECS and compiles without spills for s
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -332,21 +334,49 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# Prefill tiles. Defaults per (dtype, padded head dim): 64 -> Dh 64; 128 -> Dh 80, 96, 128
+# (padded, so one compiled variant serves all three); int64 row offsets (I64) keep the
+# smaller tiles that leave room for 64-bit offsets. AUTOTUNE SPACES (fp16/bf16, I64 off):
+# every entry compiles for sm_80 and sm_90 with zero spills at BLOCK_D 128 (the largest
+# register footprint; tier 2 compiles every entry). Dropped because they spill there
+# (ptxas -v, spill-store bytes sm_80/sm_90): fwd 64x128 w4 (752/608), 64x128 w8 (0/16),
+# 128x32 w4 (212/120), 128x64 w4 (860/572), 128x64 w8 (0/4), 128x128 w4 (28258/2584);
+# dQ 64x32 w4 (28/0), 64x64 w4 (36/0), 128x32 w4/w8, 128x64 w4/w8; dK/dV 32x64 w4
+# (128/240), 64x64 w4 (152/384), and every BLOCK_N 128 tile (64x128, 32x128, 16x128 at 4
+# and 8 warps: 320 to 24752 bytes). So BLOCK_M reaches 128 (forward) but BLOCK_N stops at
+# 64 in every kernel; stages 2-4 add shared memory, not registers, on these tiles.
+FWD_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2),
+    (64, 64, 8, 3), (64, 64, 8, 4), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+]
+DQ_SPACE = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 3),
+            (32, 64, 4, 3), (32, 64, 8, 4)]
+BWD_SPACE = [(32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]
+
+
+def _cfg(t: tuple[int, int, int, int]) -> dict:
+    return {"BLOCK_M": t[0], "BLOCK_N": t[1], "num_warps": t[2], "num_stages": t[3]}
+
+
 def fwd_config(dtype: torch.dtype, block_d: int, i64: bool = False) -> dict:
     # chosen with ptxas -v on sm_80/sm_90: the largest tiles without spills
     if dtype == torch.float32 and block_d > 64:
         # int64 row offsets (I64) cost registers: fp32 at head dim 128 spills at BLOCK_N 32
         return {"BLOCK_M": 32, "BLOCK_N": 16 if i64 else 32, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32 or block_d > 64:
+    if dtype == torch.float32 or (block_d > 64 and i64):
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if block_d > 64:
+        return _cfg((64, 64, 8, 2))  # in FWD_SPACE
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
-def bwd_config(dtype: torch.dtype, block_d: int) -> dict:
+def bwd_config(dtype: torch.dtype, block_d: int, i64: bool = False) -> dict:
     if dtype == torch.float32:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if block_d > 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+        if i64:
+            return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+        return _cfg((32, 64, 8, 2))  # in BWD_SPACE
     return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
 
 
@@ -356,14 +386,41 @@ def mass_config(dtype: torch.dtype, block_d: int) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 
 
-def dq_config(dtype: torch.dtype, block_d: int) -> dict:
-    if dtype == torch.float32 or block_d > 64:
+def dq_config(dtype: torch.dtype, block_d: int, i64: bool = False) -> dict:
+    if dtype == torch.float32 or (block_d > 64 and i64):
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if block_d > 64:
+        return _cfg((64, 64, 8, 2))  # in DQ_SPACE
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
+def use_autotune(q: torch.Tensor, i64: bool) -> bool:
+    """Autotune the prefill kernels over the spaces above: only on CUDA, only when
+    ``LVLM_FAST_AUTOTUNE=1``, only fp16/bf16 with int32 rows (the spaces were checked for
+    those). Tuned once per (kernel, head dim, GQA group, dtypes) on the first call's shapes
+    (timing every config costs ~len(space) extra runs of that call); otherwise the
+    heuristic defaults above run (no timing, no warm-up)."""
+    return (os.environ.get("LVLM_FAST_AUTOTUNE") == "1" and q.is_cuda and not i64
+            and q.dtype in (torch.float16, torch.bfloat16))
+
+
+_TUNED: dict[str, object] = {}
+
+
+def autotuned(name: str):
+    """The ``triton.autotune`` wrapper of kernel ``name`` over its space (built once)."""
+    if name not in _TUNED:
+        fn, space = {"fwd": (_summary_attention_fwd_kernel, FWD_SPACE),
+                     "bwd": (_summary_attention_bwd_kernel, BWD_SPACE),
+                     "dq": (_summary_attention_bwd_dq_kernel, DQ_SPACE)}[name]
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in space]
+        _TUNED[name] = triton.autotune(configs=configs, key=["D", "G"])(fn)
+    return _TUNED[name]
+
+
 # Split-KV (flash-decoding) path: Lq <= SPLITKV_MAX_LQ and no key mass. The G query heads
-# of a KV group share one program's rows (G * Lq rows, in row blocks of <= 64), so each
+# of a KV group share one program's rows (G * Lq rows, in row blocks of <= 32), so each
 # K/V tile is read once per group; S is split so that ~SPLITKV_TARGET_PROGRAMS programs run
 # (>= SPLITKV_MIN_KEYS keys each: fewer, longer splits below that), then one merge launch.
 SPLITKV_MAX_LQ = 16
@@ -452,16 +509,18 @@ def summary_attention_fwd(
         )  # fmt: skip
         lse = merge_partials(o_part, lse_part, out)
         return out, lse, mass
-    cfg = fwd_config(q.dtype, _block_d(d), i64)
-    grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
-    _summary_attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+    args = (q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            hq, hq // hkv, lq, s, d, float(scale))
+    if use_autotune(q, i64):
+        autotuned("fwd")[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
+            *args, BLOCK_D=_block_d(d), I64=i64)
+    else:
+        cfg = fwd_config(q.dtype, _block_d(d), i64)
+        _summary_attention_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
+            *args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d),
+            I64=i64, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if return_key_mass:
         # per-(b, KV head) partials (B, Hkv, S) fp32, summed over the KV heads in a fixed
         # order: deterministic (no atomics)
@@ -499,18 +558,22 @@ def summary_attention_bwd(
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     i64 = _needs_i64(q, k, v, do, dq, dk, dv)
-    cfg = bwd_config(q.dtype, _block_d(d))
+    bargs = (q, k, v, do, lse, delta, dk, dv, *strides, hq, hkv, g, lq, s, d, float(scale))
+    qargs = (q, k, v, do, lse, delta, dq, *strides, hq, g, lq, s, d, float(scale))
+    if use_autotune(q, i64):  # dK/dV and dQ write their outputs (no accumulation): re-runnable
+        autotuned("bwd")[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
+            *bargs, BLOCK_D=_block_d(d), I64=i64)
+        autotuned("dq")[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
+            *qargs, BLOCK_D=_block_d(d), I64=i64)
+        return dq, dk, dv
+    cfg = bwd_config(q.dtype, _block_d(d), i64)
     _summary_attention_bwd_kernel[(triton.cdiv(s, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, *strides, hq, hkv, g, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
-    cfg = dq_config(q.dtype, _block_d(d))
+        *bargs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = dq_config(q.dtype, _block_d(d), i64)
     _summary_attention_bwd_dq_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
-        q, k, v, do, lse, delta, dq, *strides, hq, g, lq, s, d, float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+        *qargs, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_block_d(d), I64=i64,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dq, dk, dv
 
 
@@ -562,7 +625,7 @@ def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, T
             strides = {n: "i64" if n.endswith("b") else "i32"
                        for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn",
                                  "svb", "svh", "svn", "sdob", "sdoh", "sdom")}
-            cfg = bwd_config(cfg_dtype, bd)
+            cfg = bwd_config(cfg_dtype, bd, i64)
             sig = {n: t for n in ("Q", "K", "V", "DO")}
             sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DK": t, "DV": t})
             sig.update(strides)
@@ -574,7 +637,7 @@ def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, T
             specs.append({"name": f"bwd_{tag}", "fn": _summary_attention_bwd_kernel,
                           "signature": sig, "constexprs": cx, "num_warps": cfg["num_warps"],
                           "num_stages": cfg["num_stages"]})
-            cfg = dq_config(cfg_dtype, bd)
+            cfg = dq_config(cfg_dtype, bd, i64)
             sig = {n: t for n in ("Q", "K", "V", "DO")}
             sig.update({"LSE": "*fp32", "DELTA": "*fp32", "DQ": t})
             sig.update(strides)
@@ -616,4 +679,20 @@ def _splitkv_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> lis
     return specs
 
 
-COMPILE_SPECS: list[dict] = _specs() + _splitkv_specs()
+def _space_specs() -> list[dict]:
+    """Every autotune config (FWD_SPACE / BWD_SPACE / DQ_SPACE) at bf16, BLOCK_D 128 (head
+    dims 80/96/128: the largest register footprint), int32 rows."""
+    base = {sp["name"]: sp for sp in _specs((torch.bfloat16,), (False,))}
+    specs = []
+    for kind, space, name in (("fwd", FWD_SPACE, "fwd_bf16_d128"),
+                              ("bwd", BWD_SPACE, "bwd_bf16_d128"),
+                              ("dq", DQ_SPACE, "bwd_dq_bf16_d128")):
+        for m, n, w, st in space:
+            sp = base[name]
+            specs.append({**sp, "name": f"space_{kind}_m{m}_n{n}_w{w}_s{st}_bf16_d128",
+                          "constexprs": {**sp["constexprs"], "BLOCK_M": m, "BLOCK_N": n},
+                          "num_warps": w, "num_stages": st})
+    return specs
+
+
+COMPILE_SPECS: list[dict] = _specs() + _splitkv_specs() + _space_specs()

@@ -234,3 +234,47 @@ def test_key_mass_is_deterministic(launched):
     _, rmass = ref(q.double(), k.double(), v.double(), scale=0.125, return_key_mass=True)
     torch.testing.assert_close(a, rmass.float(), atol=1e-3, rtol=1e-3)
     assert "_summary_attention_mass_kernel" in {f.fn.__name__ for f in launched}
+
+
+# --------------------------------------------------------------------------- issue 14.2.2
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_prefill_tiles_per_head_dim_are_in_the_autotune_space(dtype):
+    # head dims 80 / 96 / 128 pad to BLOCK_D 128; int32 rows: the defaults are space entries
+    for fn, space in ((kern.fwd_config, kern.FWD_SPACE), (kern.bwd_config, kern.BWD_SPACE),
+                      (kern.dq_config, kern.DQ_SPACE)):
+        c = fn(dtype, 128)
+        assert (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]) in space
+    for m, n, w, st in kern.FWD_SPACE + kern.BWD_SPACE + kern.DQ_SPACE:
+        assert m <= 128 and n <= 128 and 2 <= st <= 4 and w in (4, 8)
+    # every space entry is in the tier-2 compile matrix
+    names = {s["name"] for s in kern.COMPILE_SPECS}
+    for kind, space in (("fwd", kern.FWD_SPACE), ("bwd", kern.BWD_SPACE), ("dq", kern.DQ_SPACE)):
+        for m, n, w, st in space:
+            assert f"space_{kind}_m{m}_n{n}_w{w}_s{st}_bf16_d128" in names
+
+
+def test_autotune_only_on_cuda_when_enabled(monkeypatch):
+    q = torch.empty(1, 2, 3, 128, dtype=torch.float16)
+    monkeypatch.setenv("LVLM_FAST_AUTOTUNE", "1")
+    assert not kern.use_autotune(q, False)  # CPU tensors (the interpreter): never
+    qm = torch.empty(1, 2, 3, 128, dtype=torch.float16, device="meta")
+    assert not kern.use_autotune(qm, False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert kern.use_autotune(q, False)
+    assert not kern.use_autotune(q, True)  # int64 rows: the conservative defaults
+    assert not kern.use_autotune(q.float(), False)
+    monkeypatch.setenv("LVLM_FAST_AUTOTUNE", "0")
+    assert not kern.use_autotune(q, False)
+    tuned = kern.autotuned("fwd")
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in tuned.configs] == kern.FWD_SPACE
+
+
+@pytest.mark.parametrize("cfg", [(128, 32, 8, 2), (64, 32, 4, 3)])
+def test_space_entries_compute_the_reference(monkeypatch, launched, cfg):
+    # a non-default space entry (BLOCK_M 128; 3 stages) gives the reference's output
+    monkeypatch.setattr(kern, "fwd_config", lambda *a, **k: kern._cfg(cfg))
+    q, k, v = _inputs(1, 4, 2, 150, 170, 80, torch.float16, seed=4)
+    out, _, _ = kern.summary_attention_fwd(q, k, v, 0.1, False)
+    torch.testing.assert_close(out.double(), ref(q.double(), k.double(), v.double(), scale=0.1),
+                               atol=3e-3, rtol=3e-3)

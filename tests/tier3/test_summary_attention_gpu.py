@@ -81,3 +81,22 @@ def test_splitkv_decode_cuda(dtype, hq, hkv, lq, s, d):
     r = ref(q.float(), k.float(), v.float())
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     torch.testing.assert_close(out.float(), r, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_autotuned_prefill_cuda(monkeypatch, d):
+    # issue 14.2.2: LVLM_FAST_AUTOTUNE=1 tunes fwd / dK,dV / dQ over their spaces on CUDA
+    monkeypatch.setenv("LVLM_FAST_AUTOTUNE", "1")
+    torch.manual_seed(0)
+    k = torch.randn(1, 4, 2100, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 4, 2100, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 600, 28, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q.requires_grad_(True)
+    out = summary_attention(q, k, v)
+    qr = q.detach().float().requires_grad_(True)
+    r = ref(qr, k.float(), v.float())
+    torch.testing.assert_close(out.float(), r, atol=2e-2, rtol=2e-2)
+    go = torch.randn_like(r)
+    out.backward(go.to(out.dtype))
+    r.backward(go)
+    torch.testing.assert_close(q.grad.float(), qr.grad, atol=8e-2, rtol=8e-2)

@@ -219,3 +219,33 @@ def test_mrope_family_is_refused():
                      torch.randint(0, 250, (1, 5), generator=g), fps=2.0)
     with pytest.raises(NotImplementedError, match="M-RoPE"):
         vlm.first_token(pr)
+
+
+def test_lvlm_fast_run_accepts_stream(tmp_path, capsys):
+    """`lvlm-fast run --strategy stream` (registry) with knobs through --set; the report
+    lists them and the answer comes out."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lvlm_fast.cli import main
+    from lvlm_fast.video import write_video
+
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(get_config("tiny-llava-onevision")).eval() \
+        .save_pretrained(tmp_path / "ckpt")
+    vocab = {"[UNK]": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 254)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                            eos_token="<eos>").save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    write_video(str(tmp_path / "v.mp4"), rng.integers(0, 255, (12, 64, 80, 3), dtype=np.uint8))
+    code = main(["run", str(tmp_path / "v.mp4"), "--model", str(tmp_path / "ckpt"),
+                 "--question", "w5 w7", "--strategy", "stream", "--frames", "10",
+                 "--set", "kv_budget=40", "--set", "window_frames=2", "--set",
+                 "recent_frames=1", "--max-new-tokens", "3"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "'kv_budget': 40, 'window_frames': 2, 'recent_frames': 1" in out.out
+    assert "(41 visual)" in out.out  # 10 frames x 4 tokens + the newline, all read

@@ -111,3 +111,23 @@ def test_transposed_frames_on_cuda():
     got = context_content_pool(x, q)
     want = context_content_pool(x.contiguous(), q.contiguous())
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_backward_deterministic_cuda(shared):
+    # issue 14.2.3: no atomics; two backward passes are bitwise equal on the GPU
+    from lvlm_fast.kernels.context_content_pool import (
+        context_content_pool_bwd,
+        context_content_pool_fwd,
+    )
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 256, 1408, device="cuda", generator=g, dtype=torch.bfloat16)
+    q = torch.randn(*(() if shared else (64,)), 32, 1408, device="cuda", generator=g,
+                    dtype=torch.bfloat16)
+    out, lse = context_content_pool_fwd(x, q, None, 1408**-0.5, 1)
+    go = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    a = context_content_pool_bwd(go, x, q, None, 1408**-0.5, 1, lse)
+    b = context_content_pool_bwd(go, x, q, None, 1408**-0.5, 1, lse)
+    for u, w in zip(a, b, strict=True):
+        assert torch.equal(u, w)

@@ -39,3 +39,21 @@ def test_raw_op_refuses_a_strided_last_dim():
     with pytest.raises(ValueError, match="unit-stride last dim"):
         torch.ops.lvlm_fast.evict_summaries(k, v, torch.ones(32, device="cuda"), 2, 1, 2, 3,
                                             1, 0)
+
+
+def test_all_layers_one_launch_cuda():
+    # issue 14.2.4: 28 separately allocated layer buffers evicted by one launch
+    from lvlm_fast.ops.evict_summaries import evict_summaries_layers
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ks = [torch.randn(1, 4, 600, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+          for _ in range(28)]
+    vs = [torch.randn_like(k) for k in ks]
+    want = [(k.clone(), v.clone()) for k, v in zip(ks, vs, strict=True)]
+    inv = 1.0 / 10000 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float32) / 128)
+    kw = dict(window_start=20, ratio=16, carry=3, count=30, dst=20, inv_freq=inv)
+    for k, v in want:
+        torch.ops.lvlm_fast.evict_summaries(k, v, inv, 20, 13, 17, 30, 20, 0)
+    evict_summaries_layers(ks, vs, **kw)
+    for (kr, vr), k, v in zip(want, ks, vs, strict=True):
+        assert torch.equal(k, kr) and torch.equal(v, vr)

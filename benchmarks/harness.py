@@ -21,6 +21,8 @@ Per group the harness:
 
 Row fields are those of DESIGN.md (``ROW_FIELDS``); ``bw_fraction`` divides achieved GB/s by
 this machine's read bandwidth measured in the same run (:func:`measure_read_bandwidth`).
+Compute-bound cases also state ``flops``; their ``gemm_fraction`` divides achieved GFLOP/s
+by this machine's fp32 GEMM rate measured in the same run (:func:`measure_gemm_rate`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ ROW_FIELDS = (
     "bytes",
     "gbps",
     "bw_fraction",
+    "flops",
+    "gflops",
+    "gemm_fraction",
     "speedup_vs_reference",
     "speedup_vs_seed",
     "peak_bytes",
@@ -63,6 +68,7 @@ class Case:
     ``fn`` runs the work once (zero arguments; its return value is used only by ``verify``).
     ``bytes`` is the traffic that *must* move for this op and shape (the same number for every
     impl of it; state the model in the case module's docstring), or None if not meaningful.
+    ``flops`` likewise for compute-bound ops (gives ``gflops`` and ``gemm_fraction``).
     ``setup``/``teardown`` are called once per group around timing; shared inputs go there.
     ``skip`` (a reason) marks a case that cannot run here: it is printed, stored in the
     metadata, and produces no row. ``repeats`` caps the timed rounds of the case's group
@@ -75,6 +81,7 @@ class Case:
     dtype: str
     fn: Callable[[], Any] | None
     bytes: int | None = None
+    flops: int | None = None  # compute-bound cases: FLOPs that must be done (model in docstring)
     track_peak: bool = False
     setup: Callable[[], Any] | None = None
     teardown: Callable[[], Any] | None = None
@@ -183,6 +190,28 @@ def measure_read_bandwidth(device: str, mib: int = 1024, repeats: int = 7) -> di
         "read_gbps": n * 4 / med / 1e9,
         "method": f"median of {repeats} x torch.sum over a {mib} MiB fp32 buffer",
         "buffer_bytes": n * 4,
+        "median_ms": med * 1e3,
+    }
+
+
+def measure_gemm_rate(device: str, n: int = 2048, repeats: int = 7) -> dict[str, Any]:
+    """This machine's fp32 GEMM rate: median time of ``torch.mm`` of two ``n x n`` fp32
+    matrices (2 n^3 FLOPs) on the current torch threads, as GFLOP/s."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g)
+    b = torch.randn(n, n, device=device, generator=g)
+    out = torch.empty(n, n, device=device)
+
+    def call() -> None:
+        torch.mm(a, b, out=out)  # into a preallocated output: no allocation timed
+
+    for _ in range(2):
+        call()
+    times = [_time_call(call, 1, device) for _ in range(repeats)]
+    med = statistics.median(times)
+    return {
+        "gemm_gflops": 2 * n**3 / med / 1e9,
+        "method": f"median of {repeats} x torch.mm, fp32 {n}x{n} @ {n}x{n}",
         "median_ms": med * 1e3,
     }
 
@@ -323,6 +352,9 @@ def run_group(
                 "bytes": c.bytes,
                 "gbps": c.bytes / m / 1e9 if c.bytes else None,
                 "bw_fraction": None,  # filled by run() once the machine bandwidth is known
+                "flops": c.flops,
+                "gflops": c.flops / m / 1e9 if c.flops else None,
+                "gemm_fraction": None,  # filled by fill_gemm_fraction once the rate is known
                 "speedup_vs_reference": (
                     med["reference"] / m if "reference" in med and c.impl != "reference" else None
                 ),
@@ -375,6 +407,11 @@ def fill_bw_fraction(rows: list[dict[str, Any]], read_gbps: float) -> None:
         r["bw_fraction"] = r["gbps"] / read_gbps if r["gbps"] is not None else None
 
 
+def fill_gemm_fraction(rows: list[dict[str, Any]], gemm_gflops: float) -> None:
+    for r in rows:
+        r["gemm_fraction"] = r["gflops"] / gemm_gflops if r.get("gflops") is not None else None
+
+
 # ------------------------------------------------------------------------------ output
 def _fmt(v: Any, spec: str) -> str:
     return "" if v is None else format(v, spec)
@@ -400,6 +437,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "p80",
         "GB/s",
         "bw%",
+        "GFLOP/s",
+        "gemm%",
         "x ref",
         "x seed",
         "peak",
@@ -419,6 +458,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["p80_ms"], ".3f"),
             _fmt(r["gbps"], ".2f"),
             _fmt(None if r["bw_fraction"] is None else 100 * r["bw_fraction"], ".1f"),
+            _fmt(r.get("gflops"), ".1f"),
+            _fmt(None if r.get("gemm_fraction") is None else 100 * r["gemm_fraction"], ".1f"),
             _fmt(r["speedup_vs_reference"], ".2f"),
             _fmt(r["speedup_vs_seed"], ".2f"),
             _fmt_bytes(r["peak_bytes"]),

@@ -86,6 +86,26 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _build_info(device: str) -> dict:
+    """How the CPU kernels were built and which ISA variant runs (lvlm_fast._extension)."""
+    try:
+        from lvlm_fast import _extension
+
+        _extension.load_cpu_kernels()
+        st = _extension.cpu_kernel_status()
+        return {k: st.get(k) for k in ("loaded", "isa", "isa_built", "isa_supported",
+                                        "isa_forced", "library")}
+    except Exception as exc:  # the table still runs; the metadata says why this is missing
+        return {"error": repr(exc)}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -99,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bw-mib",
         type=int,
         help="buffer for the read-bandwidth probe (default 1024 MiB, quick 256)",
+    )
+    p.add_argument(
+        "--gemm-n",
+        type=int,
+        help="size of the fp32 GEMM-rate probe, n x n @ n x n (default 2048, quick 512)",
     )
     p.add_argument(
         "--gpu-bw",
@@ -119,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     repeats = args.repeats or (3 if args.quick else 7)
     bw_mib = args.bw_mib or (256 if args.quick else 1024)
+    gemm_n = args.gemm_n or (512 if args.quick else 2048)
 
     mods = discover(args.cases_dir)
     cases = collect(mods, args.quick, args.device, args.op)
@@ -133,17 +159,32 @@ def main(argv: list[str] | None = None) -> int:
     # Probe the read bandwidth before and after the cases and keep the higher: on a shared
     # machine a probe can land in someone else's burst, and a low denominator would flatter
     # bw_fraction.
+    # The same for the fp32 GEMM rate (gemm_fraction of compute-bound rows).
     print(f"device {args.device}  threads {torch.get_num_threads()}  torch {torch.__version__}")
+    build = _build_info(args.device)
+    print(f"build: {build}")
+    load0 = _loadavg()
     bw0 = harness.measure_read_bandwidth(args.device, bw_mib)
     print(f"read bandwidth (before) {bw0['read_gbps']:.2f} GB/s ({bw0['method']})")
+    gm0 = harness.measure_gemm_rate(args.device, gemm_n)
+    print(f"fp32 GEMM rate (before) {gm0['gemm_gflops']:.1f} GFLOP/s ({gm0['method']})")
     res = harness.run(cases, args.device, repeats, None, args.gpu_bw)
     bw1 = harness.measure_read_bandwidth(args.device, bw_mib)
+    gm1 = harness.measure_gemm_rate(args.device, gemm_n)
+    load1 = _loadavg()
     read_gbps = max(bw0["read_gbps"], bw1["read_gbps"])
+    gemm_gflops = max(gm0["gemm_gflops"], gm1["gemm_gflops"])
     harness.fill_bw_fraction(res.rows, read_gbps)
+    harness.fill_gemm_fraction(res.rows, gemm_gflops)
     print(
         f"read bandwidth (after) {bw1['read_gbps']:.2f} GB/s; bw_fraction uses "
         f"{read_gbps:.2f} GB/s (the higher)"
     )
+    print(
+        f"fp32 GEMM rate (after) {gm1['gemm_gflops']:.1f} GFLOP/s; gemm_fraction uses "
+        f"{gemm_gflops:.1f} GFLOP/s (the higher)"
+    )
+    print(f"load average (1 min) before / after: {load0} / {load1}")
     print()
     print(harness.format_table(res.rows))
     derived = []  # figures a case module computes from several rows (e.g. a growth rate)
@@ -172,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         "read_bandwidth_gbps": read_gbps,
         "read_bandwidth_probes_gbps": [bw0["read_gbps"], bw1["read_gbps"]],
         "read_bandwidth_method": bw0["method"] + ", before and after the cases; the higher",
+        "gemm_gflops": gemm_gflops,
+        "gemm_probes_gflops": [gm0["gemm_gflops"], gm1["gemm_gflops"]],
+        "gemm_method": gm0["method"] + ", before and after the cases; the higher",
+        "build": build,
+        "load_average_1min": [load0, load1],
         "fields": fields,
         "speedup_definition": "other impl median_ms / this median_ms, same run",
         "gpu_bw_gbps_assumed": args.gpu_bw,

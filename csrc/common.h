@@ -1,12 +1,15 @@
 // Shared helpers for the CPU kernels. Every op file includes this and registers its
 // kernels with TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m); schemas are defined in Python
-// (lvlm_fast/ops/<op>.py), so this library only provides implementations.
+// (lvlm_fast/ops/<op>.py), so this library only provides implementations. Hot op files
+// are compiled once per ISA and register a dispatching kernel (isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "isa.h"
 
 #include <cmath>
 #include <cstdint>

@@ -2,14 +2,16 @@
 // context_content_pool.py, definitions: lvlm_fast/ops/context_content_pool.py).
 //
 // Forward, parallel over frames (one contiguous chunk of frames per thread). Per frame:
-//   S = K (scale Q)^T          (P x Lq) in per-thread scratch, register-blocked GEMM
+//   S = K (scale Q)^T          (P x Lq) in per-thread scratch: at::mm on views of the
+//                              inputs (BLAS, single-threaded inside the frame loop)
 //   softmax over P per query   lse[n, q] saved (float32; float64 for float64 inputs)
 //   w[p] = mean_q softmax      one weight per patch
 //   one pass over X's rows: context += w[p] X[p], content bin(s) of p += X[p]
 // Nothing of size (N, Lq, P) or (N, Lq, C) exists: the per-thread scratch is O(P * Lq +
-// (1 + g*g) * C) plus, when queries are per frame, the frame's packed queries (Lq x Ck),
-// plus a 64-row fp32 copy of the keys for fp16/bf16 inputs. Accumulation in fp32 (fp64
-// for fp64).
+// (1 + g*g) * C) plus an fp32 copy of the frame's keys (P x Ck) for fp16/bf16 inputs.
+// Accumulation in fp32 (fp64 for fp64). The GEMMs (scores; grad_K = dS Q; grad_Q = dS^T K)
+// go to ATen/BLAS on views (no copies for fp32/fp64); the loops around them are compiled
+// per ISA (isa.h).
 //
 // Backward recomputes S per frame from lse, then (A = softmax, gc = grad of the context)
 //   dw[p] = gc . X[p];  D[q] = sum_p A[q,p] dw[p];  dS = scale/Lq * A * (dw - D)
@@ -23,24 +25,23 @@
 #include "common.h"
 
 namespace lvlm_fast {
+inline namespace LVLM_ISA {  // compiled once per ISA variant (isa.h)
 namespace {
 
-// ---------------------------------------------------------------- register-blocked GEMM
-// GCC vector extensions: 256-bit vectors (AVX2 with -march=native; two SSE halves else:
-// the portable wheel build is correct but slower; the dev JIT build uses -march=native).
+// ---------------------------------------------------------------- vector helpers
+// GCC vector extensions as wide as the ISA of this compile (isa.h): 512-bit for the
+// AVX-512 variant, 256-bit otherwise (one AVX2 register, or two SSE / NEON halves).
 // All users are internal (anonymous namespace), so the vector-return ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int W = 8;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int W = 4;
+struct Vec {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
 };
 
 template <typename T>
@@ -52,109 +53,6 @@ inline typename Vec<T>::type vload(const T* p) {
 template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
-}
-
-// C[R, V*W] (+)= A[R, K] @ B[K, V*W]; A rows are broadcast one scalar at a time, B rows are
-// vectors, R*V accumulators stay in registers for the whole K loop.
-template <typename T, int R, int V>
-void micro(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
-           T* __restrict C, int64_t ldc, bool accumulate) {
-  using vec = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  vec acc[R][V];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) acc[r][j] = vec{};
-  for (int64_t k = 0; k < K; ++k) {
-    vec b[V];
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) b[j] = vload(B + k * ldb + j * W);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const T a = A[r * lda + k];
-#pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) acc[r][j] += b[j] * a;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int j = 0; j < V; ++j) {
-      T* c = C + r * ldc + j * W;
-      vstore(c, accumulate ? acc[r][j] + vload(c) : acc[r][j]);
-    }
-}
-
-template <typename T>
-using MicroFn = void (*)(int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, bool);
-
-// Micro-tile: up to 6 rows x 2 vectors = 12 accumulators + 2 B vectors + 1 broadcast, all
-// 15 in registers (AVX2 has 16). Wider tiles (3 x 4) make GCC fold B loads into the FMAs
-// and run load-bound (measured: 6x2 ~ 1.6x faster than 3x4 on Zen 3).
-constexpr int kTileRows = 6;
-constexpr int kTileVecs = 2;
-
-template <typename T, int V>
-MicroFn<T> pick_rows(int r) {
-  switch (r) {
-    case 1: return &micro<T, 1, V>;
-    case 2: return &micro<T, 2, V>;
-    case 3: return &micro<T, 3, V>;
-    case 4: return &micro<T, 4, V>;
-    case 5: return &micro<T, 5, V>;
-    default: return &micro<T, 6, V>;
-  }
-}
-
-template <typename T>
-MicroFn<T> pick(int r, int v) {
-  return v == 1 ? pick_rows<T, 1>(r) : pick_rows<T, 2>(r);
-}
-
-// C[M, N] (+)= A[M, K] @ B[K, N]; row-major with the given row strides (unit column
-// stride). B is read in panels of 2W columns: panel jp starts at B + jp * panel_stride
-// (panel_stride = 2W for a plain matrix; K * 2W for a packed one, whose panels are then
-// contiguous streams; packed B needs N % 2W == 0). Row tiles are the outer loop so each
-// A tile (6 rows) stays in L1 across the column panels; A rows stream sequentially.
-template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-          int64_t panel_stride, T* C, int64_t ldc, bool accumulate) {
-  constexpr int W = Vec<T>::W;
-  constexpr int64_t KB = 2048;  // K block (only very wide keys are split)
-  const int64_t nv = N / W;
-  const int64_t n_vec = nv * W;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t kb = std::min(KB, K - k0);
-    const bool acc = accumulate || k0 > 0;
-    for (int64_t i0 = 0; i0 < M; i0 += kTileRows) {
-      const int r = static_cast<int>(std::min<int64_t>(kTileRows, M - i0));
-      for (int64_t j0 = 0; j0 < nv; j0 += kTileVecs) {
-        const int v = static_cast<int>(std::min<int64_t>(kTileVecs, nv - j0));
-        pick<T>(r, v)(kb, A + i0 * lda + k0, lda, B + (j0 / kTileVecs) * panel_stride + k0 * ldb,
-                      ldb, C + i0 * ldc + j0 * W, ldc, acc);
-      }
-    }
-    // Columns past the last full vector (N % W of them; plain B only): dot products.
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = n_vec; j < N; ++j) {
-        T s = 0;
-        for (int64_t k = 0; k < kb; ++k) s += A[i * lda + k0 + k] * B[(k0 + k) * ldb + j];
-        C[i * ldc + j] = acc ? C[i * ldc + j] + s : s;
-      }
-  }
-}
-
-// Plain row-major B (K x N, row stride ldb).
-template <typename T>
-void gemm_plain(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                T* C, int64_t ldc, bool accumulate) {
-  gemm<T>(M, N, K, A, lda, B, ldb, kTileVecs * Vec<T>::W, C, ldc, accumulate);
 }
 
 // ctx[c] = sum_p w[p] X[p, c] and sum[c] = sum_p X[p, c] in one pass over X, 4 column
@@ -205,22 +103,7 @@ inline void to_acc(const S* src, int64_t n, T* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// Rows [p0, p0 + rows) of a (P, C) slab as acc_t: the slab itself when the types match,
-// else converted into buf (rows x C, contiguous). Returns (pointer, row stride).
-template <typename T, typename S>
-inline std::pair<const T*, int64_t> rows_as(const S* base, int64_t row_stride, int64_t p0,
-                                            int64_t rows, int64_t C, std::vector<T>& buf) {
-  if constexpr (std::is_same_v<T, S>) {
-    return {base + p0 * row_stride, row_stride};
-  } else {
-    for (int64_t r = 0; r < rows; ++r) to_acc(base + (p0 + r) * row_stride, C, buf.data() + r * C);
-    return {buf.data(), C};
-  }
-}
-
-constexpr int64_t kBlockP = 64;  // patch rows per block (fp16/bf16 key copies, backward)
-
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+constexpr int64_t kBlockP = 64;  // patch rows per backward block (grad_K scratch)
 
 // Adaptive-pooling bins of the content grid: for each grid row / column, the bins that
 // contain it (1 or 2 when bins overlap; more only if g > side), plus 1/(bin area).
@@ -297,35 +180,31 @@ Shapes check_inputs(const at::Tensor& x, const at::Tensor& q, const c10::optiona
   return s;
 }
 
-// scale * Q^T packed for the scores GEMM: Lqp/(2W) panels, each (Ck, 2W) contiguous;
-// queries past Lq are zero.
+// A row-major (rows, cols) matrix view of existing memory (row stride ld, unit columns).
+template <typename T>
+at::Tensor mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// The frame's keys (P, Ck) as acc_t: a view of the input when the types match, else a
+// converted copy in the thread's buffer (one (P, Ck) fp32 matrix, reused frame to frame).
 template <typename T, typename S>
-void pack_qt(const S* q, int64_t q_row_stride, int64_t Lq, int64_t Lqp, int64_t Ck, T scale, T* qt) {
-  constexpr int64_t PW = kTileVecs * Vec<T>::W;
-  for (int64_t j0 = 0; j0 < Lqp; j0 += PW) {
-    T* panel = qt + j0 * Ck;
-    for (int64_t c = 0; c < Ck; ++c)
-      for (int64_t j = 0; j < PW; ++j) {
-        const int64_t i = j0 + j;
-        panel[c * PW + j] = i < Lq ? scale * static_cast<T>(q[i * q_row_stride + c]) : T(0);
-      }
+at::Tensor frame_keys(const Shapes& s, const S* kn, int64_t k_row_stride, at::Tensor& buf) {
+  if constexpr (std::is_same_v<T, S>) {
+    (void)buf;
+    return mat<T>(kn, s.P, s.Ck, k_row_stride);
+  } else {
+    if (!buf.defined()) buf = at::empty({s.P, s.Ck}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    buf.copy_(mat<S>(kn, s.P, s.Ck, k_row_stride));
+    return buf;
   }
 }
 
-// S (P x Lqp) = K_n (scale Q)^T for one frame.
-template <typename T, typename S>
-void frame_scores(const Shapes& s, const S* kn, int64_t k_row_stride, const T* qt, T* Sc,
-                  std::vector<T>& kbuf) {
-  constexpr int64_t PW = kTileVecs * Vec<T>::W;
-  if constexpr (std::is_same_v<T, S>) {
-    gemm<T>(s.P, s.Lqp, s.Ck, kn, k_row_stride, qt, PW, PW * s.Ck, Sc, s.Lqp, false);
-  } else {
-    for (int64_t p0 = 0; p0 < s.P; p0 += kBlockP) {
-      const int64_t pb = std::min(kBlockP, s.P - p0);
-      auto [a, lda] = rows_as<T>(kn, k_row_stride, p0, pb, s.Ck, kbuf);
-      gemm<T>(pb, s.Lqp, s.Ck, a, lda, qt, PW, PW * s.Ck, Sc + p0 * s.Lqp, s.Lqp, false);
-    }
-  }
+// Scaled queries (Lq, Ck) per frame (or one shared set) as a contiguous acc_t tensor.
+template <typename T>
+at::Tensor scaled_queries(const at::Tensor& q, double scale) {
+  return (q.to(c10::CppTypeToScalarType<T>::value) * scale).contiguous();
 }
 
 // ---------------------------------------------------------------- forward
@@ -333,37 +212,29 @@ template <typename S>
 void forward_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor* keys, const Shapes& s,
                   double scale_d, const Bins& bins, at::Tensor& out, at::Tensor& lse) {
   using T = acc_t<S>;
-  const T scale = static_cast<T>(scale_d);
   const S* xp = x.data_ptr<S>();
-  const S* qp = q.data_ptr<S>();
   const S* kp = keys ? keys->data_ptr<S>() : xp;
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
   const int64_t ks0 = keys ? keys->stride(0) : xs0, ks1 = keys ? keys->stride(1) : xs1;
-  const int64_t qs0 = s.shared_q ? 0 : q.stride(0), qs1 = q.stride(-2);
   S* op = out.data_ptr<S>();
   T* lp = lse.data_ptr<T>();
   const int64_t rows_out = 1 + s.G;
+  // scale * Q in acc_t, (Lq, Ck) or (N, Lq, Ck): Lq/P of the keys' size, made once.
+  const at::Tensor qs = scaled_queries<T>(q, scale_d);
+  const T* qsp = qs.data_ptr<T>();
+  const int64_t qstride = s.shared_q ? 0 : s.Lq * s.Ck;
 
-  std::vector<T> qt_shared;
-  if (s.shared_q) {
-    qt_shared.resize(s.Ck * s.Lqp);
-    pack_qt<T>(qp, qs1, s.Lq, s.Lqp, s.Ck, scale, qt_shared.data());
-  }
   const int64_t nchunks = std::min<int64_t>(s.N, at::get_num_threads());
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> Sc(s.P * s.Lqp), m(s.Lqp), l(s.Lqp), coef(s.Lqp), w(s.P);
+    std::vector<T> m(s.Lqp), l(s.Lqp), coef(s.Lqp), w(s.P);
     std::vector<T> acc((1 + s.G) * s.C), row(std::is_same_v<T, S> ? 0 : s.C);
-    std::vector<T> qt_frame(s.shared_q ? 0 : s.Ck * s.Lqp);
-    std::vector<T> kbuf(std::is_same_v<T, S> ? 0 : kBlockP * s.Ck);
+    at::Tensor Sc = at::empty({s.P, s.Lqp}, qs.options()), kbuf;
     for (int64_t ci = cb; ci < ce; ++ci) {
       for (int64_t n = ci * s.N / nchunks; n < (ci + 1) * s.N / nchunks; ++n) {
-        const T* qt = qt_shared.data();
-        if (!s.shared_q) {
-          pack_qt<T>(qp + n * qs0, qs1, s.Lq, s.Lqp, s.Ck, scale, qt_frame.data());
-          qt = qt_frame.data();
-        }
-        T* Sp = Sc.data();
-        frame_scores<T>(s, kp + n * ks0, ks1, qt, Sp, kbuf);
+        // S = K_n (scale Q)^T: one BLAS GEMM on views (runs single-threaded in here).
+        at::mm_out(Sc, frame_keys<T>(s, kp + n * ks0, ks1, kbuf),
+                   mat<T>(qsp + n * qstride, s.Lq, s.Ck, s.Ck).t());
+        T* Sp = Sc.data_ptr<T>();
         // Softmax over patches, one column per query (queries are contiguous in a row).
         std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
         for (int64_t p = 0; p < s.P; ++p) {
@@ -447,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> context_content_pool_cpu(const at::Tensor& x_
   at::Tensor keys;
   if (s.has_keys) keys = unit_last_stride(*keys_in);
   const bool dbl = x.scalar_type() == at::kDouble;
-  s.Lqp = round_up(s.Lq, kTileVecs * (dbl ? Vec<double>::W : Vec<float>::W));
+  s.Lqp = s.Lq;  // score rows are exactly Lq wide (BLAS needs no padded panels)
   const Bins bins(s.P, content_grid);
   at::Tensor out = at::empty({s.N, 1 + s.G, s.C}, x.options());
   at::Tensor lse = at::empty({s.N, s.Lq}, x.options().dtype(dbl ? at::kDouble : at::kFloat));
@@ -465,13 +336,11 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   using T = acc_t<S>;
   const T scale = static_cast<T>(scale_d);
   const S* xp = x.data_ptr<S>();
-  const S* qp = q.data_ptr<S>();
   const S* kp = keys ? keys->data_ptr<S>() : xp;
   const S* gop = go.data_ptr<S>();
   const T* lp = lse.data_ptr<T>();
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
   const int64_t ks0 = keys ? keys->stride(0) : xs0, ks1 = keys ? keys->stride(1) : xs1;
-  const int64_t qs0 = s.shared_q ? 0 : q.stride(0), qs1 = q.stride(-2);
   const int64_t gos0 = go.stride(0), gos1 = go.stride(1);
   const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1);
   S* gxp = gx.data_ptr<S>();
@@ -479,41 +348,31 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   S* gkp = gk ? gk->data_ptr<S>() : nullptr;
   const int64_t Lq = s.Lq, Lqp = s.Lqp, P = s.P, C = s.C, Ck = s.Ck;
 
-  // Queries as acc_t: scaled + transposed (scores) and plain rows (grad_K = dS Q).
-  std::vector<T> qt_shared, qf_shared;
-  if (s.shared_q) {
-    qt_shared.resize(Ck * Lqp);
-    pack_qt<T>(qp, qs1, Lq, Lqp, Ck, scale, qt_shared.data());
-    qf_shared.resize(Lq * Ck);
-    for (int64_t i = 0; i < Lq; ++i) to_acc(qp + i * qs1, Ck, qf_shared.data() + i * Ck);
-  }
+  // Queries as acc_t: scaled (scores) and plain (grad_K = dS Q); (Lq, Ck) or (N, Lq, Ck).
+  const at::Tensor qs = scaled_queries<T>(q, scale_d);
+  const at::Tensor qfull = scaled_queries<T>(q, 1.0);
+  const T* qsp = qs.data_ptr<T>();
+  const T* qfp = qfull.data_ptr<T>();
+  const int64_t qstride = s.shared_q ? 0 : Lq * Ck;
   const int64_t nchunks = std::min<int64_t>(s.N, at::get_num_threads());
   // Shared queries: one fp32 partial grad_Q per chunk, reduced below in chunk order.
   std::vector<T> gq_part(s.shared_q ? nchunks * Lq * Ck : 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<T> Sc(P * Lqp), dST(Lq * P), w(P), dw(P), D(Lqp), gc(C), gcont(s.G * C);
+    std::vector<T> w(P), dw(P), D(Lqp), gc(C), gcont(s.G * C);
     std::vector<T> gkb(kBlockP * Ck), gxrow(C);
     std::vector<T> xrow(std::is_same_v<T, S> ? 0 : C);
-    std::vector<T> kbuf(std::is_same_v<T, S> ? 0 : kBlockP * Ck);
-    std::vector<T> qt_frame(s.shared_q ? 0 : Ck * Lqp), qf_frame(s.shared_q ? 0 : Lq * Ck);
     std::vector<T> gq_frame(s.shared_q ? 0 : Lq * Ck);
+    at::Tensor Sc = at::empty({P, Lqp}, qs.options()), kbuf;
     for (int64_t ci = cb; ci < ce; ++ci) {
       T* gq_acc = s.shared_q ? gq_part.data() + ci * Lq * Ck : gq_frame.data();
       if (s.shared_q) std::fill(gq_acc, gq_acc + Lq * Ck, T(0));
       for (int64_t n = ci * s.N / nchunks; n < (ci + 1) * s.N / nchunks; ++n) {
-        const T* qt = qt_shared.data();
-        const T* qf = qf_shared.data();
-        if (!s.shared_q) {
-          pack_qt<T>(qp + n * qs0, qs1, Lq, Lqp, Ck, scale, qt_frame.data());
-          for (int64_t i = 0; i < Lq; ++i) to_acc(qp + n * qs0 + i * qs1, Ck, qf_frame.data() + i * Ck);
-          qt = qt_frame.data();
-          qf = qf_frame.data();
-          std::fill(gq_acc, gq_acc + Lq * Ck, T(0));
-        }
+        const at::Tensor qf = mat<T>(qfp + n * qstride, Lq, Ck, Ck);
+        if (!s.shared_q) std::fill(gq_acc, gq_acc + Lq * Ck, T(0));
         const S* xn = xp + n * xs0;
-        const S* kn = kp + n * ks0;
-        T* Sp = Sc.data();
-        frame_scores<T>(s, kn, ks1, qt, Sp, kbuf);
+        const at::Tensor kmat = frame_keys<T>(s, kp + n * ks0, ks1, kbuf);
+        at::mm_out(Sc, kmat, mat<T>(qsp + n * qstride, Lq, Ck, Ck).t());
+        T* Sp = Sc.data_ptr<T>();
         // A = exp(S - lse) (padded query columns -> 0), w = mean_q A.
         const T* ln = lp + n * ls0;
         for (int64_t p = 0; p < P; ++p) {
@@ -556,26 +415,22 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
 #pragma omp simd
           for (int64_t i = 0; i < Lqp; ++i) D[i] += sr[i] * d;
         }
-        // dS = scale/Lq * A * (dw - D), in place; dS^T for grad_Q.
+        // dS = scale/Lq * A * (dw - D), in place.
         const T f = scale / static_cast<T>(Lq);
         for (int64_t p = 0; p < P; ++p) {
           T* sr = Sp + p * Lqp;
-          for (int64_t i = 0; i < Lq; ++i) {
-            sr[i] = f * sr[i] * (dw[p] - D[i]);
-            dST[i * P + p] = sr[i];
-          }
+          for (int64_t i = 0; i < Lq; ++i) sr[i] = f * sr[i] * (dw[p] - D[i]);
         }
+        // grad_Q += dS^T K (one GEMM over the frame's P rows).
+        at::Tensor gq_view = mat<T>(gq_acc, Lq, Ck, Ck);
+        gq_view.addmm_(Sc.t(), kmat);
         S* gxn = gxp + n * P * C;
+        at::Tensor gk_block = mat<T>(gkb.data(), kBlockP, Ck, Ck);
         for (int64_t p0 = 0; p0 < P; p0 += kBlockP) {
           const int64_t pb = std::min(kBlockP, P - p0);
           // grad_K rows of this block: dS[p0:p0+pb, :Lq] @ Q (Lq x Ck).
-          gemm_plain<T>(pb, Ck, Lq, Sp + p0 * Lqp, Lqp, qf, Ck, gkb.data(), Ck, false);
-          // grad_Q += dS^T[:, block] @ K[block] (fp16/bf16 keys: per converted block;
-          // same-type keys: one GEMM over all P below, no per-block grad_Q round trips).
-          if constexpr (!std::is_same_v<T, S>) {
-            auto [kr, ldk] = rows_as<T>(kn, ks1, p0, pb, Ck, kbuf);
-            gemm_plain<T>(Lq, Ck, pb, dST.data() + p0, P, kr, ldk, gq_acc, Ck, true);
-          }
+          at::Tensor gk_rows = gk_block.narrow(0, 0, pb);
+          at::mm_out(gk_rows, Sc.narrow(0, p0, pb), qf);
           for (int64_t r = 0; r < pb; ++r) {
             const int64_t p = p0 + r;
             const T wp = w[p];
@@ -598,9 +453,6 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
             S* gxo = gxn + p * C;
             for (int64_t c = 0; c < C; ++c) gxo[c] = static_cast<S>(g[c]);
           }
-        }
-        if constexpr (std::is_same_v<T, S>) {
-          gemm_plain<T>(Lq, Ck, P, dST.data(), P, kn, ks1, gq_acc, Ck, true);
         }
         if (!s.shared_q) {
           S* gqo = gqp + n * Lq * Ck;
@@ -638,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_content_pool_backward_cpu
   const at::Tensor q = unit_last_stride(q_in);
   at::Tensor keys;
   if (s.has_keys) keys = unit_last_stride(*keys_in);
-  s.Lqp = round_up(s.Lq, kTileVecs * (dbl ? Vec<double>::W : Vec<float>::W));
+  s.Lqp = s.Lq;
   const Bins bins(s.P, content_grid);
   at::Tensor gx = at::empty({s.N, s.P, s.C}, x.options());
   at::Tensor gq = at::empty(q.sizes(), q.options());
@@ -652,9 +504,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> context_content_pool_backward_cpu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
-  m.impl("context_content_pool", &context_content_pool_cpu);
-  m.impl("context_content_pool_backward", &context_content_pool_backward_cpu);
-}
+LVLM_ISA_EXPORT(context_content_pool, context_content_pool_cpu)
+LVLM_ISA_EXPORT(context_content_pool_backward, context_content_pool_backward_cpu)
 
+}  // namespace LVLM_ISA
 }  // namespace lvlm_fast
+
+#if LVLM_ISA_REGISTER
+LVLM_ISA_DECLARE(context_content_pool)
+LVLM_ISA_DECLARE(context_content_pool_backward)
+TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
+  m.impl("context_content_pool", LVLM_ISA_DISPATCH(context_content_pool));
+  m.impl("context_content_pool_backward", LVLM_ISA_DISPATCH(context_content_pool_backward));
+}
+#endif

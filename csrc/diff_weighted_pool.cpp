@@ -46,6 +46,7 @@
 #endif
 
 namespace lvlm_fast {
+inline namespace LVLM_ISA {  // compiled once per ISA variant (isa.h)
 namespace dwp {
 namespace {
 
@@ -821,9 +822,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 }  // namespace dwp
+
+LVLM_ISA_EXPORT(diff_weighted_pool, dwp::dwp_forward)
+LVLM_ISA_EXPORT(diff_weighted_pool_backward, dwp::dwp_backward)
+
+}  // namespace LVLM_ISA
 }  // namespace lvlm_fast
 
+#if LVLM_ISA_REGISTER
+LVLM_ISA_DECLARE(diff_weighted_pool)
+LVLM_ISA_DECLARE(diff_weighted_pool_backward)
 TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
-  m.impl("diff_weighted_pool", &lvlm_fast::dwp::dwp_forward);
-  m.impl("diff_weighted_pool_backward", &lvlm_fast::dwp::dwp_backward);
+  m.impl("diff_weighted_pool", LVLM_ISA_DISPATCH(diff_weighted_pool));
+  m.impl("diff_weighted_pool_backward", LVLM_ISA_DISPATCH(diff_weighted_pool_backward));
 }
+#endif

@@ -24,6 +24,7 @@
 #include <vector>
 
 namespace lvlm_fast {
+inline namespace LVLM_ISA {  // compiled once per ISA variant (isa.h)
 namespace {
 
 // Dot product in acc_t with 4 x 256 bits of independent partial sums (the compiler turns
@@ -271,6 +272,12 @@ std::tuple<at::Tensor, at::Tensor> keyframe_select_cpu(const at::Tensor& frame_e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) { m.impl("keyframe_select", &keyframe_select_cpu); }
+LVLM_ISA_EXPORT(keyframe_select, keyframe_select_cpu)
 
+}  // namespace LVLM_ISA
 }  // namespace lvlm_fast
+
+#if LVLM_ISA_REGISTER
+LVLM_ISA_DECLARE(keyframe_select)
+TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) { m.impl("keyframe_select", LVLM_ISA_DISPATCH(keyframe_select)); }
+#endif

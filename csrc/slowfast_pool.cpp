@@ -22,6 +22,7 @@
 #endif
 
 namespace lvlm_fast {
+inline namespace LVLM_ISA {  // compiled once per ISA variant (isa.h)
 namespace {
 
 struct Params {
@@ -577,9 +578,17 @@ std::tuple<at::Tensor, at::Tensor> slowfast_pool_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
-  m.impl("slowfast_pool", &slowfast_pool_cpu);
-  m.impl("slowfast_pool_backward", &slowfast_pool_backward_cpu);
-}
+LVLM_ISA_EXPORT(slowfast_pool, slowfast_pool_cpu)
+LVLM_ISA_EXPORT(slowfast_pool_backward, slowfast_pool_backward_cpu)
 
+}  // namespace LVLM_ISA
 }  // namespace lvlm_fast
+
+#if LVLM_ISA_REGISTER
+LVLM_ISA_DECLARE(slowfast_pool)
+LVLM_ISA_DECLARE(slowfast_pool_backward)
+TORCH_LIBRARY_IMPL(lvlm_fast, CPU, m) {
+  m.impl("slowfast_pool", LVLM_ISA_DISPATCH(slowfast_pool));
+  m.impl("slowfast_pool_backward", LVLM_ISA_DISPATCH(slowfast_pool_backward));
+}
+#endif

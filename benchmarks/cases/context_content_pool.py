@@ -13,11 +13,14 @@ materialised (N, Lq, P) attention and (N, Lq, C) product before the mean).
 
 Bytes model (what must move, same for every impl): read X once (N*P*C), read the queries
 (Lq*C), write the tokens (N*(1 + g*g)*C); element size 4 (fp32). The op is compute-bound
-on CPU (2*N*Lq*P*C flops for the scores), so ``bw_fraction`` is low by nature.
+on CPU, so ``bw_fraction`` is low by nature; its figure of merit is ``gemm_fraction``.
+
+FLOPs model (same for every impl): the scores K Q^T, 2*N*P*Lq*C, plus the pooling of X
+(the attention-weighted context and the plain content sum): 4*N*P*C.
 
 Peak memory: the harness's live-tensor tracker sees only tensors that pass the dispatcher.
 The fused C++ kernel's scratch is per thread and per frame, invisible to it: P*Lq scores +
-(1 + g*g)*C accumulators (~45 KB at this shape), plus Lq*C packed queries (~180 KB, once
+(1 + g*g)*C accumulators (~45 KB at this shape), plus Lq*C scaled queries (~180 KB, once
 for shared queries), so the reported fused peak (the outputs + lse) undercounts by well
 under 1 MB per thread.
 """
@@ -46,6 +49,10 @@ def bytes_model(n: int, p: int, lq: int, c: int, grid: int, elt: int) -> int:
     return (n * p * c + lq * c + n * (1 + grid * grid) * c) * elt
 
 
+def flops_model(n: int, p: int, lq: int, c: int) -> int:
+    return 2 * n * p * lq * c + 4 * n * p * c
+
+
 def cases(quick: bool, device: str) -> list[Case]:
     import lvlm_fast.ops  # registers the op and loads the C++ kernels
     from benchmarks.seed.llamavid import seed_context_content
@@ -58,7 +65,8 @@ def cases(quick: bool, device: str) -> list[Case]:
         inp = Lazy(lambda n=n, p=p, lq=lq, c=c: make_inputs(n, p, lq, c, dtype, device))
         shape = f"N={n},P={p},Lq={lq},C={c},g={grid}"
         common = dict(op="context_content_pool", shape=shape, dtype="fp32",
-                      bytes=bytes_model(n, p, lq, c, grid, 4), track_peak=True,
+                      bytes=bytes_model(n, p, lq, c, grid, 4),
+                      flops=flops_model(n, p, lq, c), track_peak=True,
                       setup=inp.get, teardown=inp.release, rtol=1e-4, atol=1e-5)
 
         def fused(inp=inp, grid=grid):

@@ -10,9 +10,16 @@ Shapes: one window of W = 1,440 raw tokens + 90 summaries (r = 16) = 1,530 queri
 Impls: ``fused`` = ``lvlm_fast.ops.summary_attention`` on views of a preallocated buffer;
 ``seed`` = the released SDPA path (concatenate memory and window, repeat KV heads, float
 mask (1, 1, q, mem + q), ``F.scaled_dot_product_attention``); ``reference`` =
-``lvlm_fast.reference.summary_attention``.
+``lvlm_fast.reference.summary_attention``; ``sdpa_flash`` = torch's own flash kernel for CPU
+(``aten._scaled_dot_product_flash_attention_for_cpu``) on exactly the work the op must do:
+the Lq queries against the M = S - Lq memory keys (no mask) and against the Lq window keys
+(causal), with the KV heads repeated to Hq in setup (untimed). It is the speed target: the
+fused op (which runs the same flash kernel on stride-0 GQA views, then merges the two parts
+with their log-sum-exps) must stay within 10% of it (``summarize`` prints the ratio).
 
 Bytes model (what must move): read q, k, v once, write out: (2*Hq*Lq + 2*Hkv*S) * D * elt.
+FLOPs model: QK^T and PV over the visible (query, key) pairs, 2 FLOPs per multiply-add:
+4 * Hq * D * (Lq*M + Lq*(Lq+1)/2).
 """
 
 from __future__ import annotations
@@ -33,7 +40,28 @@ def _inputs(hq, hkv, d, lq, s, device):
     kbuf = torch.randn(1, hkv, cap, d, generator=g).to(device)
     vbuf = torch.randn(1, hkv, cap, d, generator=g).to(device)
     q = torch.randn(1, lq, hq, d, generator=g).to(device).transpose(1, 2)
-    return {"q": q, "k": kbuf[:, :, :s], "v": vbuf[:, :, :s]}
+    k, v = kbuf[:, :, :s], vbuf[:, :, :s]
+    m = s - lq
+    rep = lambda t: t.repeat_interleave(hq // hkv, dim=1).contiguous()
+    flash = {"q": q.contiguous(), "k_mem": rep(k[:, :, :m]), "v_mem": rep(v[:, :, :m]),
+             "k_win": rep(k[:, :, m:]), "v_win": rep(v[:, :, m:])}
+    return {"q": q, "k": k, "v": v, "flash": flash}
+
+
+def flops_model(hq: int, d: int, lq: int, s: int) -> int:
+    return 4 * hq * d * (lq * (s - lq) + lq * (lq + 1) // 2)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """fused / sdpa_flash median time per shape (the target: <= 1.10)."""
+    out = []
+    by = {(r["shape"], r["impl"]): r for r in rows if r["op"] == "summary_attention"}
+    for (shape, impl), r in by.items():
+        f = by.get((shape, "sdpa_flash"))
+        if impl == "fused" and f is not None:
+            out.append(f"summary_attention {shape}: fused / sdpa_flash time = "
+                       f"{r['median_ms'] / f['median_ms']:.3f} (target <= 1.10)")
+    return out
 
 
 def cases(quick: bool, device: str) -> list[Case]:
@@ -47,7 +75,8 @@ def cases(quick: bool, device: str) -> list[Case]:
         inp = Lazy(lambda hq=hq, hkv=hkv, d=d, lq=lq, s=s: _inputs(hq, hkv, d, lq, s, device))
         shape = f"{tag}:Hq={hq},Hkv={hkv},D={d},Lq={lq},S={s}"
         common = dict(op="summary_attention", shape=shape, dtype="fp32",
-                      bytes=(2 * hq * lq + 2 * hkv * s) * d * 4, track_peak=True,
+                      bytes=(2 * hq * lq + 2 * hkv * s) * d * 4,
+                      flops=flops_model(hq, d, lq, s), track_peak=True,
                       setup=inp.get, teardown=inp.release, rtol=1e-4, atol=1e-4)
 
         def fused(inp=inp):
@@ -64,7 +93,16 @@ def cases(quick: bool, device: str) -> list[Case]:
             i = inp.get()
             return ref(i["q"], i["k"], i["v"])
 
+        def sdpa_flash(inp=inp):
+            f = inp.get()["flash"]
+            flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+            mem = flash(f["q"], f["k_mem"], f["v_mem"])
+            win = flash(f["q"], f["k_win"], f["v_win"], is_causal=True)
+            return mem[0], win[0]  # the two unmerged parts: not comparable to the reference
+
         out.append(Case(impl="fused", fn=fused, note=note, **common))
         out.append(Case(impl="seed", fn=seed, **common))
         out.append(Case(impl="reference", fn=reference, **common))
+        if device == "cpu":
+            out.append(Case(impl="sdpa_flash", fn=sdpa_flash, verify=False, **common))
     return out

@@ -120,4 +120,23 @@ class BudgetedKVCache(PreallocatedKVCache):
         raise NotImplementedError("BudgetedKVCache has a fixed batch (stacked buffers)")
 
 
-__all__ = ["BudgetedKVCache"]
+def compact_per_layer(cache: PreallocatedKVCache, budget: int, *, prefix: int,
+                      inv_freq: torch.Tensor) -> int:
+    """Compact a cache whose layers own separate buffers (e.g. ``SummaryKVCache``, whose
+    rows are a sink and Video-XL summaries) to ``budget`` rows per full-attention layer:
+    one ``kv_compact`` call per layer (the buffers are not one stacked tensor), VaN only
+    (summary rows are not frames of one grid, so TaR's patch index is undefined), the
+    ``prefix`` rows protected, keys re-rotated to their new slots (1-D RoPE ``inv_freq``).
+    Returns the new length; a no-op at or under the budget (host length: no sync)."""
+    n = cache.get_seq_length()
+    if n <= budget:
+        return n
+    for layer in cache.kv_layers:
+        kv_compact(layer.key_buffer.unsqueeze(0), layer.value_buffer.unsqueeze(0), n,
+                   budget=budget, inv_freq=inv_freq, prefix=prefix, tar_ratio=0.0)
+        layer.length = budget
+        layer._refresh()
+    return budget
+
+
+__all__ = ["BudgetedKVCache", "compact_per_layer"]

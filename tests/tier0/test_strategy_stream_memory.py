@@ -126,3 +126,83 @@ def test_kv_budget_knob_is_checked(model, name):
         vlm.set_strategy(name, kv_budget=2.5)
     with pytest.raises(ValueError, match="kv_budget"):
         vlm.set_strategy(name, kv_budget=0)
+
+
+def test_videoxl_kv_budget(model):
+    """videoxl + kv_budget: a budget covering sink + every summary == videoxl without it;
+    a smaller one caps the rows after the video and the cache's capacity (flat), and the
+    answer decodes; M-RoPE families refuse it."""
+    pr = _prompt(t=12, seed=1)
+    kw = dict(ratio=2, window=8)
+    plain = LongVideoVLM(model, "videoxl", **kw)
+    ref, ref_tokens = plain.first_token(pr), plain.generate(pr, 3)
+    n_sum = (12 * 4 + 1) // 2
+    big = LongVideoVLM(model, "videoxl", kv_budget=3 + n_sum, **kw)
+    torch.testing.assert_close(big.first_token(pr), ref, rtol=0, atol=0)
+    assert torch.equal(big.generate(pr, 3), ref_tokens)
+    small = LongVideoVLM(model, "videoxl", kv_budget=10, **kw)
+    logits = small.first_token(pr)
+    assert small.strategy.rows_after_video == 10 < plain.strategy.rows_after_video
+    assert small.last_prefill.cache.capacity < plain.last_prefill.cache.capacity
+    assert torch.isfinite(logits).all() and not torch.equal(logits, ref)
+    assert small.generate(pr, 3).shape == (1, 3)
+    with pytest.raises(ValueError, match="kv_budget"):
+        LongVideoVLM(model, "videoxl", kv_budget=2, **kw).first_token(pr)
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    qwen = Qwen2_5_VLForConditionalGeneration(get_config("tiny-qwen2.5-vl")).eval()
+    g = torch.Generator().manual_seed(0)
+    qpr = VideoPrompt(torch.randn(4, 3, 56, 56, generator=g),
+                      torch.randint(0, 250, (1, 3), generator=g),
+                      torch.randint(0, 250, (1, 5), generator=g), fps=2.0)
+    with pytest.raises(NotImplementedError, match="M-RoPE"):
+        LongVideoVLM(qwen, "videoxl", kv_budget=64, **kw).first_token(qpr)
+
+
+def test_videoxl_kv_budget_equals_reference_compaction(model):
+    """The rows after the video == the uncapped videoxl run window by window with the
+    reference kv_compact (VaN, sink protected) applied to sink + summaries after each
+    window, on a fresh SummaryKVCache driven by the same run_window."""
+    from lvlm_fast.models.strategies import videoxl as vx
+    from lvlm_fast.reference.kv_compact import kv_compact as ref_compact
+
+    pr = _prompt(t=12, seed=2)
+    budget, kw = 9, dict(ratio=2, window=8)
+    vlm = LongVideoVLM(model, "videoxl", kv_budget=budget, **kw)
+    captured = []
+    orig = vx.compact_per_layer
+
+    def spy(cache, b, **k):
+        new = orig(cache, b, **k)
+        captured.append([(la.keys.clone(), la.values.clone()) for la in cache.kv_layers])
+        return new
+
+    vx.compact_per_layer = spy
+    ref_rows = []
+
+    def ref_spy(cache, b, *, prefix, inv_freq):
+        n = cache.get_seq_length()
+        if n > b:
+            key = torch.stack([la.key_buffer for la in cache.kv_layers]).clone()
+            value = torch.stack([la.value_buffer for la in cache.kv_layers]).clone()
+            ref_compact(key, value, n, inv_freq, budget=b, prefix=prefix)
+            ref_rows.append((key[:, :, :, :b], value[:, :, :, :b]))
+        else:
+            ref_rows.append(None)
+        return spy(cache, b, prefix=prefix, inv_freq=inv_freq)
+
+    vx.compact_per_layer = ref_spy
+    try:
+        vlm.first_token(pr)
+    finally:
+        vx.compact_per_layer = orig
+    assert any(r is not None for r in ref_rows)
+    for rows, got in zip(ref_rows, captured, strict=True):
+        if rows is None:
+            continue
+        k, v = rows
+        for li, (gk, gv) in enumerate(got):
+            torch.testing.assert_close(gk, k[li], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gv, v[li], rtol=1e-5, atol=1e-5)

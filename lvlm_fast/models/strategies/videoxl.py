@@ -92,8 +92,10 @@ from lvlm_fast.models.strategies.base import (
     register,
 )
 from lvlm_fast.models.strategies.full import end_blocks
+from lvlm_fast.models.strategies.stream import check_kv_budget
 from lvlm_fast.nn.summary_proj import install_summary_projections
 from lvlm_fast.ops.summary_attention import HEAD_DIMS
+from lvlm_fast.stream_cache import compact_per_layer
 
 if TYPE_CHECKING:
     from lvlm_fast.models.wrapper import LongVideoVLM
@@ -105,9 +107,13 @@ class VideoXLConfig(StrategyConfig):
     window: int = 1440  # raw visual tokens per window
     evict: bool = True  # drop each window's raw KV rows after the window
     summary_embed: torch.Tensor | None = None  # learned summary-token embedding (hidden,)
+    # hard KV cap (issue 12): after each window, sink + summaries are compacted to this
+    # many rows per layer (kv_compact, VaN; 1-D RoPE families only); None = off
+    kv_budget: int | None = None
 
     def __post_init__(self) -> None:
         _check_ratio_window(self.ratio, self.window)
+        check_kv_budget(self.kv_budget)
 
 
 class DecoderView:
@@ -201,7 +207,19 @@ class VideoXLStrategy(Strategy):
         n_stream = n_vis if vlayout is None else vlayout.length
         keep = None if plan is None else \
             torch.zeros_like(vlm.language_model.rotary_emb.inv_freq)
-        cache = SummaryKVCache.for_model(view, prefix=p, num_visual=n_stream, ratio=ratio,
+        budget, sized = cfg.kv_budget, n_stream
+        if budget is not None:
+            if plan is not None:
+                raise NotImplementedError(
+                    f"videoxl with kv_budget: the {fam.name} family keeps logical M-RoPE "
+                    "positions; compacting its summaries to slots is implemented for 1-D "
+                    "RoPE decoders (LLaVA-OneVision) only")
+            if budget < p:
+                raise ValueError(f"kv_budget must be >= the prefix tokens ({p}), got {budget}")
+            # at most budget rows survive a window, plus one interleaved window (window
+            # raw + window // ratio + 1 summaries): size for that, not for every summary
+            sized = min(n_stream, ratio * (budget - p + 1) + window)
+        cache = SummaryKVCache.for_model(view, prefix=p, num_visual=sized, ratio=ratio,
                                          window=window, tail=q + vlm.decode_reserve,
                                          evict=cfg.evict, inv_freq=keep)
         raw_done = 0  # raw stream tokens already sent (global index of the next window)
@@ -226,6 +244,9 @@ class VideoXLStrategy(Strategy):
                 videoxl_driver.run_window(view, cache, layout, raw[..., :hid], vst, ratio, pos,
                                           **kw)
             raw_done += raw.shape[1]
+            if budget is not None:  # the sink stays; summaries compete for the rest
+                cache.frozen_length = compact_per_layer(cache, budget, prefix=p,
+                                                        inv_freq=cache.inv_freq)
 
         buf = torch.empty((1, min(window, n_stream), fs), dtype=vlm.dtype, device=vlm.device)
         vbuf = None if fs == hid else \

@@ -46,7 +46,8 @@ tokens through the same budgeted cache with :func:`budgeted_prefill` (one place,
 per-strategy copy). Their tokens are not whole frames of one grid, so TaR's patch index is
 undefined there: they use VaN only, no protected recent rows, and windows of the wrapper's
 ``prefill_chunk_tokens`` (the chunk it already prefills in, so the activation peak is
-unchanged).
+unchanged). ``videoxl`` takes ``kv_budget`` as well: it drives its own windows, and
+after each one compacts its sink + summaries (:func:`lvlm_fast.stream_cache.compact_per_layer`).
 
 Families: 1-D RoPE decoders (LLaVA-OneVision). M-RoPE families (Qwen2.5-VL, Qwen3-VL,
 Qwen3.5) raise ``NotImplementedError``: their positions come from the family's

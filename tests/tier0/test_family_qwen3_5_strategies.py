@@ -145,8 +145,9 @@ def test_full(vlm, prompt, full):
 
 @pytest.mark.parametrize("name", ["vilamp", "vilamp-seed"])
 def test_vilamp(vlm, prompt, full, name):
-    """Keyframes over temporal units keep their grid and timestamp; every other unit is ONE
-    DFM token framed with that unit's timestamp."""
+    """Keyframes over temporal units keep their grid and timestamp; each run of consecutive
+    other units is ONE frame of their DFM tokens with the run's first unit's timestamp
+    (the Qwen3-VL family's ViLAMP framing)."""
     k = 2
     x = full.reshape(UNITS, G * G, D)
     emb = x.mean(dim=1).float()
@@ -156,7 +157,10 @@ def test_vilamp(vlm, prompt, full, name):
     rows, runs = [], []
     for u in range(UNITS):
         rows.append(x[u] if u in kf else tok[u : u + 1])
-        runs.append((u, [(G, G)] if u in kf else [(1, 1)]))
+        if u not in kf and runs and runs[-1][0] not in kf:  # continue a run of DFM tokens
+            runs[-1][1].append((1, 1))
+        else:
+            runs.append((u, [(G, G)] if u in kf else [(1, 1)]))
     check(vlm, prompt, name, {"num_keyframes": k}, torch.cat(rows).unsqueeze(0), runs)
 
 

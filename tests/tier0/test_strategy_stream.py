@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, LlavaOnevisionForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config, get_strategy
+from lvlm_fast.models._compat import cache_kwargs
 from lvlm_fast.models.strategies.base import VideoPrompt
 from lvlm_fast.models.strategies.stream import StreamConfig
 from lvlm_fast.reference.kv_compact import kv_compact as ref_compact
@@ -249,3 +250,56 @@ def test_lvlm_fast_run_accepts_stream(tmp_path, capsys):
     assert code == 0, out.err
     assert "'kv_budget': 40, 'window_frames': 2, 'recent_frames': 1" in out.out
     assert "(41 visual)" in out.out  # 10 frames x 4 tokens + the newline, all read
+
+
+@pytest.mark.parametrize("which", ["toy_model", "fused_model"])
+def test_attention_mass_score_equals_reference(which, request):
+    """attention_mass=True: every selectable row by the attention mass from the window's
+    queries == transformers' eager attention probabilities (output_attentions), summed over
+    the window's query rows and each KV head's query heads, given to the reference
+    kv_compact as scores, window by window."""
+    model = request.getfixturevalue(which)
+    pr = _prompt(seed=7)
+    cfg = StreamConfig(kv_budget=15, window_frames=2, recent_frames=1, attention_mass=True)
+    vlm = LongVideoVLM(model, get_strategy("stream", cfg), prefill_chunk_tokens=5)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    logits = vlm.first_token(pr)
+    assert ALL_ATTENTION_FUNCTIONS._local_mapping == before  # the wrap is undone
+    cache = vlm.strategy.cache
+    assert cache.compactions > 0
+    lm = vlm.language_model
+    visual = get_strategy("full").visual_embeds(vlm, pr)[0]
+    p, n = pr.prefix_ids.shape[1], visual.shape[1]
+    win, rec = 2 * P_TOK, P_TOK
+    inv_freq = lm.rotary_emb.inv_freq
+    old = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        dyn = DynamicCache()
+        lm(inputs_embeds=vlm.embed_tokens(pr.prefix_ids), **cache_kwargs(lm, dyn), use_cache=True)
+        for lo in range(0, n, win):
+            out = lm(inputs_embeds=visual[:, lo : lo + win], **cache_kwargs(lm, dyn),
+                     use_cache=True, output_attentions=True)
+            length = dyn.get_seq_length()
+            if length <= 15:
+                continue
+            key = torch.stack([la.keys for la in dyn.layers]).clone()
+            value = torch.stack([la.values for la in dyn.layers]).clone()
+            hkv = key.shape[2]
+            mass = torch.stack([a.float().reshape(1, hkv, -1, a.shape[2], a.shape[3])
+                                .sum((2, 3)) for a in out.attentions])
+            new, _, _ = ref_compact(key, value, length, inv_freq, budget=15, prefix=p,
+                                    recent=rec, scores=mass, primary_slots=15 - p - rec)
+            dyn = DynamicCache()
+            for li in range(key.shape[0]):
+                dyn.update(key[li, :, :, :new].clone(), value[li, :, :, :new].clone(), li)
+        h = lm(inputs_embeds=vlm.embed_tokens(pr.question_ids), **cache_kwargs(lm, dyn),
+               use_cache=True).last_hidden_state[:, -1:]
+    finally:
+        lm.set_attn_implementation(old)
+    m = cache.get_seq_length()
+    ref_k = torch.stack([la.keys for la in dyn.layers])
+    torch.testing.assert_close(cache.key[:, :, :, :m], ref_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, model.lm_head(h[:, -1]).float(), rtol=1e-5, atol=1e-5)

@@ -58,8 +58,9 @@ after the spatial extent) is not built and tested yet.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -102,6 +103,9 @@ class StreamConfig(StrategyConfig):
     window_frames: int = DEFAULT_WINDOW_FRAMES  # frames appended between compactions
     recent_frames: int = DEFAULT_RECENT_FRAMES  # newest frames always kept
     tar_ratio: float = DEFAULT_TAR_RATIO  # TaR's share of the selectable slots (rest: VaN)
+    # score every selectable row by the attention mass it got from the window's queries
+    # instead (not in the method; an explicit softmax pass per layer, see KeyMass)
+    attention_mass: bool = False
 
     def __post_init__(self) -> None:
         _check_int("kv_budget", self.kv_budget, 1)
@@ -123,16 +127,95 @@ def _check_family(vlm: LongVideoVLM, what: str) -> None:
             "RoPE decoders (LLaVA-OneVision) only")
 
 
+class KeyMass:
+    """Context manager: while active, the decoder's attention function (looked up by its
+    registered name, so its mask function is unchanged) is wrapped to also add up, per layer,
+    the attention mass every cached key receives from the queries of the current call:
+    ``sum over query rows and the query heads of one KV head of softmax(Q K^T * scale)``
+    under the bottom-right causal mask (batch 1, no padding, as the wrapper runs), fp32,
+    query rows in blocks of 256 (bounded transient). :meth:`take` returns the (L, B, Hkv, C)
+    scores (0 beyond the keys seen) and resets them (one window's queries per compaction)."""
+
+    def __init__(self, lm: torch.nn.Module, cache: BudgetedKVCache) -> None:
+        self.lm, self.cache = lm, cache
+        self.mass: dict[int, torch.Tensor] = {}
+        # the decoder's attention modules only: the vision tower (encoded on demand inside
+        # the window) shares the registered function name
+        self.mods = {id(m) for m in lm.modules() if hasattr(m, "layer_idx")}
+
+    def _wrap(self, inner_of: Any) -> Any:
+        def attn(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+            out = inner_of(module)(module, query, key, value, attention_mask, *args, **kwargs)
+            if id(module) not in self.mods:
+                return out
+            b, hq, q, d = query.shape
+            hkv, s = key.shape[1], key.shape[2]
+            scale = kwargs.get("scaling") or module.scaling
+            qq = query.reshape(b, hkv, hq // hkv, q, d).float()
+            kf = key.float()
+            cols = torch.arange(s, device=key.device)
+            acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=key.device)
+            for lo in range(0, q, 256):
+                hi = min(lo + 256, q)
+                logits = torch.einsum("bhgqd,bhsd->bhgqs", qq[:, :, :, lo:hi], kf) * scale
+                rows = torch.arange(lo, hi, device=key.device) + (s - q)
+                logits.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+                acc += logits.softmax(-1).sum((2, 3))
+            li = module.layer_idx
+            prev = self.mass.get(li)
+            if prev is not None:
+                acc[..., : prev.shape[-1]] += prev
+            self.mass[li] = acc
+            return out
+        return attn
+
+    def __enter__(self) -> KeyMass:
+        import sys
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.name = name = self.lm.config._attn_implementation
+        self.saved = ALL_ATTENTION_FUNCTIONS._local_mapping.get(name)
+
+        def inner_of(module: Any) -> Any:
+            eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward",
+                            None)
+            return (self.saved if self.saved is not None else
+                    ALL_ATTENTION_FUNCTIONS._global_mapping.get(name, eager))
+
+        ALL_ATTENTION_FUNCTIONS._local_mapping[name] = self._wrap(inner_of)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self.saved is None:
+            ALL_ATTENTION_FUNCTIONS._local_mapping.pop(self.name, None)
+        else:
+            ALL_ATTENTION_FUNCTIONS._local_mapping[self.name] = self.saved
+
+    def take(self) -> torch.Tensor:
+        key = self.cache.key
+        out = torch.zeros(key.shape[:4], dtype=torch.float32, device=key.device)
+        for li, m in self.mass.items():
+            out[li, :, :, : m.shape[-1]] = m
+        self.mass = {}
+        return out
+
+
 @torch.no_grad()
 def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
                      visual: torch.Tensor | VisualStream, frames_encoded: int, *,
                      kv_budget: int, window: int, recent: int = 0, tokens_per_frame: int = 0,
-                     tar_ratio: float = 0.0, what: str = "kv_budget") -> PrefillResult:
+                     tar_ratio: float = 0.0, attention_mass: bool = False,
+                     what: str = "kv_budget") -> PrefillResult:
     """Prefix, then ``visual`` (1, N, hidden) (a tensor or a :class:`VisualStream`) in
     windows of ``window`` tokens, each followed by an in-place compaction to ``kv_budget``
     rows, then the question (module doc). ``recent`` / ``tokens_per_frame`` /
     ``tar_ratio``: as :func:`lvlm_fast.ops.kv_compact` (``tokens_per_frame = 0``: VaN only).
-    ``what`` names the knob in errors."""
+    ``attention_mass``: score the selectable rows by :class:`KeyMass` (window queries)
+    instead of TaR/VaN. ``what`` names the knob in errors."""
     _check_family(vlm, what)
     _check_int("kv_budget", kv_budget, 1)
     _check_int("window", window, 1)
@@ -154,13 +237,18 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
         vlm.run_llm(vlm.embed_tokens(prompt.prefix_ids), cache)
         for lo in range(0, n, window):
             hi = min(lo + window, n)
-            for a in range(lo, hi, step):
-                b = min(a + step, hi)
-                rows = visual.take(a, b) if stream else visual[:, a:b]
-                vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache)
-                del rows
-            cache.compact(prefix=p, recent=recent, tokens_per_frame=tokens_per_frame,
-                          tar_ratio=tar_ratio)
+            mass = KeyMass(lm, cache) if attention_mass else contextlib.nullcontext()
+            with mass:
+                for a in range(lo, hi, step):
+                    b = min(a + step, hi)
+                    rows = visual.take(a, b) if stream else visual[:, a:b]
+                    vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache)
+                    del rows
+            if attention_mass:
+                cache.compact(prefix=p, recent=recent, scores=mass.take())
+            else:
+                cache.compact(prefix=p, recent=recent, tokens_per_frame=tokens_per_frame,
+                              tar_ratio=tar_ratio)
         last = vlm.run_llm(vlm.embed_tokens(prompt.question_ids), cache)[:, -1:].clone()
     return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n + q, visual_tokens=n,
                          frames_encoded=frames_encoded)
@@ -197,7 +285,7 @@ class StreamStrategy(Strategy):
         res = budgeted_prefill(vlm, prompt, out[0], out[1], kv_budget=cfg.kv_budget,
                                window=cfg.window_frames * per, recent=cfg.recent_frames * per,
                                tokens_per_frame=per, tar_ratio=cfg.tar_ratio,
-                               what="stream")
+                               attention_mass=cfg.attention_mass, what="stream")
         self.cache = res.cache
         return res
 

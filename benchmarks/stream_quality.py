@@ -5,13 +5,14 @@ On a tiny RANDOM LLaVA-OneVision (``tiny-llava-onevision``, 4 tokens per frame, 
 relative error of the first answer token's logits, ``||l_stream - l_full|| / ||l_full||``,
 against ``full`` (every token kept), as the budget shrinks to 1/2, 1/4, 1/8 and 1/16 of the
 visual tokens (``kv_budget = prefix + N / c``), for each score: ``tar`` (``tar_ratio = 1``),
-``van`` (0) and their combination ``tar+van`` (0.5, the default). Windows of 4 frames, the
-newest frame protected. Mean and max over ``--seeds`` prompts (model fixed).
+``van`` (0), their combination ``tar+van`` (0.5, the default) and ``attention``
+(``attention_mass=True``: the mass each key got from the window's queries, not a score of
+the method). Windows of 4 frames, the newest frame protected. Mean and max over
+``--seeds`` prompts (model fixed).
 
 What this does NOT show: accuracy. A random model's logits say how much the answer moves
 when rows are dropped, not whether the right rows are dropped; real benchmarks need real
-weights. The attention-mass score is not in the strategy yet (it needs the window queries'
-key mass per layer from inside the decoder), so it is not in this table.
+weights.
 
 Writes ``benchmarks/results/stream_quality.{csv,png}``. Run:
 ``python -m benchmarks.stream_quality``.
@@ -30,7 +31,8 @@ from lvlm_fast.models import LongVideoVLM, get_config
 from lvlm_fast.models.strategies.base import VideoPrompt
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-SCORES = {"tar": 1.0, "van": 0.0, "tar+van": 0.5}
+SCORES = {"tar": dict(tar_ratio=1.0), "van": dict(tar_ratio=0.0),
+          "tar+van": dict(tar_ratio=0.5), "attention": dict(attention_mass=True)}
 COMPRESSION = (2, 4, 8, 16)
 PREFIX, QUESTION = 3, 5
 
@@ -59,9 +61,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ref = full.first_token(pr)
         n_vis = full.last_prefill.visual_tokens
         for c in COMPRESSION:
-            for name, ratio in SCORES.items():
+            for name, knobs in SCORES.items():
                 stream.set_strategy("stream", kv_budget=PREFIX + n_vis // c, window_frames=4,
-                                    recent_frames=1, tar_ratio=ratio)
+                                    recent_frames=1, **knobs)
                 out = stream.first_token(pr)
                 err = float((out - ref).norm() / ref.norm())
                 errs.setdefault((name, c), []).append(err)

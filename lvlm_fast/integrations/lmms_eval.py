@@ -20,7 +20,8 @@ install of ``lvlm-fast`` next to lmms-eval is all it takes (no patch of lmms-eva
   (``strategy=vilamp,keyframes=8``, ``strategy=videoxl,ratio=16``); an unknown knob is a
   TypeError naming it;
 - ``frames`` (N uniformly spaced frames) or ``fps`` (one frame every 1/F s); neither: 32
-  uniform frames, or every frame of a shorter video;
+  uniform frames, or every frame of a shorter video; the Qwen families sample as their
+  transformers video processor does (:meth:`ModelFamily.sample_indices`);
 - ``memory_budget`` (bytes or ``2GiB``), ``vision_chunk``, ``prefill_chunk``,
   ``max_new_tokens`` (default 64; a task's ``generation_kwargs.max_new_tokens`` wins),
   ``dtype`` (auto, float32, bfloat16, float16), ``device`` (default: accelerate's device of

@@ -4,9 +4,12 @@
                   [--set KEY=VALUE ...] [--max-new-tokens N] [--budget BYTES] ...
 
 Pipeline (:class:`lvlm_fast.models.pipeline.VideoQA`, shared with ``lvlm-fast batch`` and
-the lmms-eval model): probe the video, pick frame numbers (``--frames N``: N uniformly
-spaced frames; ``--fps F``: one frame every 1/F s; neither: 32 uniform frames, or every
-frame of a shorter video), decode them in chunks (:func:`lvlm_fast.video.iter_frames`, never
+the lmms-eval model): probe the video, pick frame numbers by the checkpoint's family
+(:meth:`ModelFamily.sample_indices`: the Qwen families sample as their transformers video
+processor does, e.g. Qwen2.5-VL rounds ``--frames`` to a multiple of 2 and clamps ``--fps``
+to its min/max frames; LLaVA-OneVision: ``--frames N``: N uniformly spaced frames;
+``--fps F``: one frame every 1/F s; neither: 32 uniform frames, or every frame of a shorter
+video), decode them in chunks (:func:`lvlm_fast.video.iter_frames`, never
 the whole video at once), preprocess each chunk straight into one preallocated
 (T, 3, H, W) tensor, build the prompt with the checkpoint's tokenizer, run the strategy and
 greedy decoding (:class:`lvlm_fast.models.LongVideoVLM`), print the answer and a short
@@ -114,9 +117,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="strategy knob override, repeatable (e.g. --set ratio=8)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--frames", type=int, metavar="N",
-                   help="read N uniformly spaced frames (error if the video has fewer)")
+                   help="read N uniformly spaced frames (error if the video has fewer); "
+                   "Qwen families: as their video processor samples N")
     g.add_argument("--fps", type=float, metavar="F",
-                   help="read one frame every 1/F seconds")
+                   help="read one frame every 1/F seconds; Qwen families: as their video "
+                   "processor samples F fps (clamped to its min/max frames)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="answer length limit (default 64; greedy, stops at EOS)")
     p.add_argument("--budget", type=parse_bytes, default=None, metavar="BYTES",
@@ -225,6 +230,20 @@ def _dtype(name: str, device) -> Any:
     return getattr(torch, name)
 
 
+def _sampling_rule(path: str) -> tuple[Any, dict[str, Any] | None]:
+    """The checkpoint's family class and raw preprocessing config, to sample frames by its
+    processor's rule before the weights load; (None, None) = the package's rule where
+    ``config.json`` is unreadable or its model type unsupported (the load says why)."""
+    from lvlm_fast.models.families.base import family_for_model_type, read_preprocessing
+
+    try:
+        with open(os.path.join(os.fspath(path), "config.json")) as fh:
+            model_type = json.load(fh).get("model_type")
+        return family_for_model_type(model_type), read_preprocessing(path)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None, None
+
+
 # --------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Do the work; returns the answer and the report (raises RunError on bad input).
@@ -262,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:  # a bad video or too many frames fails before the weights load
         info = lv.probe(args.video)
-        sample_frames(info, args.frames, args.fps)
+        sample_frames(info, args.frames, args.fps, *_sampling_rule(args.model))
     except ValueError as exc:  # VideoReadError is a ValueError
         raise RunError(str(exc)) from exc
     stages["probe"] = time.perf_counter() - t0

@@ -4,11 +4,13 @@ batch`` and the lmms-eval plugin (:mod:`lvlm_fast.integrations.lmms_eval`).
 :class:`VideoQA` holds one loaded model (a :class:`~lvlm_fast.models.LongVideoVLM`) with its
 tokenizer, the family's preprocessing config and its EOS id. Per video:
 
-1. :meth:`VideoQA.read` probes the file, picks frame numbers (``frames=N``: N uniformly
-   spaced frames; ``fps=F``: one every 1/F s; neither: 32 uniform frames, or every frame of
-   a shorter video: ``lvlm-fast run``'s rule), decodes them in chunks with
-   :func:`lvlm_fast.video.iter_frames` and preprocesses each chunk straight into one host
-   buffer at the family's frame size (:meth:`ModelFamily.frame_size`), with
+1. :meth:`VideoQA.read` probes the file, picks frame numbers by the family's rule
+   (:meth:`ModelFamily.sample_indices`: its video processor's sampling for ``frames=N`` /
+   ``fps=F``, e.g. Qwen2.5-VL rounds N to a multiple of 2 and clamps fps to its
+   min/max frames; the package's rule by default: N uniformly spaced frames, one every
+   1/F s; neither: 32 uniform frames, or every frame of a shorter video), decodes them
+   in chunks with :func:`lvlm_fast.video.iter_frames` and preprocesses each chunk
+   straight into one host buffer at the family's frame size (:meth:`ModelFamily.frame_size`), with
    :func:`lvlm_fast.models.command.preprocess` (the same resize/normalise as ``lvlm-fast
    run``). A video is decoded once and can answer many questions.
 2. :meth:`VideoQA.answer` splits the family's chat template around the video
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_FRAMES = 32
+from lvlm_fast.models.families.base import DEFAULT_FRAMES  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -66,22 +68,21 @@ def check_sampling(frames: int | None, fps: float | None) -> None:
         raise ValueError(f"fps must be a number > 0, got {fps!r}")
 
 
-def sample_frames(info: Any, frames: int | None = None, fps: float | None = None
+def sample_frames(info: Any, frames: int | None = None, fps: float | None = None,
+                  family: Any = None, preprocessing: dict[str, Any] | None = None
                   ) -> tuple[list[int], float | None]:
     """Frame numbers to read from a probed video (:class:`lvlm_fast.video.VideoInfo`) and the
-    rate they are taken at: ``frames`` uniform (ValueError if the video has fewer),
-    ``fps`` one every 1/F s, neither: :data:`DEFAULT_FRAMES` uniform or every frame of a
-    shorter video."""
-    from lvlm_fast import video as lv
+    rate they are taken at, by ``family``'s rule (a :class:`ModelFamily` class or instance:
+    :meth:`ModelFamily.sample_indices`, its video processor's sampling, reading its bounds
+    from the checkpoint's ``preprocessing`` config). ``family`` None: the package's rule
+    (``frames`` uniform, ValueError if the video has fewer; ``fps`` one every 1/F s;
+    neither: :data:`DEFAULT_FRAMES` uniform or every frame of a shorter video)."""
+    from lvlm_fast.models.families.base import ModelFamily
 
     check_sampling(frames, fps)
-    if fps is not None:
-        return (lv.sample_indices(info.num_frames, "fps", fps=float(fps),
-                                  source_fps=info.fps), float(fps))
-    indices = lv.sample_indices(info.num_frames, "uniform", count=frames or DEFAULT_FRAMES,
-                                on_short="error" if frames else "all")
-    dur = info.duration_s
-    return indices, (len(indices) / dur if dur > 0 else None)
+    rule = family if family is not None else ModelFamily
+    return rule.sample_indices(info.num_frames, info.fps, frames=frames, fps=fps,
+                               pre=preprocessing)
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -209,7 +210,7 @@ class VideoQA:
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         info = lv.probe(video)
-        indices, sample_fps = sample_frames(info, frames, fps)
+        indices, sample_fps = sample_frames(info, frames, fps, self.family, self.preprocessing)
         seconds["probe"] = time.perf_counter() - t0
         h, w = self.family.frame_size(info.height, info.width, self.preprocessing)
         # frames stay on the host; page-locked on CUDA so uploads are asynchronous

@@ -339,8 +339,13 @@ def test_run_qwen2_5_vl_equals_transformers_generate(qwen_files, capsys, samplin
     normalised with the family's (CLIP) mean/std, prompt = the folder's chat template split
     at the video (prefix ends with <|vision_start|>, question starts with <|vision_end|>),
     M-RoPE temporal step from the sampling rate; the answer equals transformers' generate
-    on the processor's layout of the same frames, token for token. --frames 5: an odd
-    count (the last temporal patch repeats the last frame)."""
+    on the processor's layout of the same frames, token for token. The frames are the ones
+    transformers' Qwen2VLVideoProcessor.sample_frames picks (run from the installed source,
+    see test_family_sampling.py) on the same metadata: --frames 5 is rounded to 4 frames
+    (a multiple of temporal_patch_size), --fps 5 gives 6; the temporal step is
+    temporal_patch_size / the processor's sampled_fps."""
+    from test_family_sampling import QWEN2, processor_sampler, ref_fps
+
     from lvlm_fast.models.families.qwen2_5_vl import smart_resize
 
     ckpt, video = qwen_files / "ckpt", qwen_files / "v.mp4"
@@ -354,10 +359,11 @@ def test_run_qwen2_5_vl_equals_transformers_generate(qwen_files, capsys, samplin
     assert tuple(r["frame_size"]) == hw == (56, 84)
     assert r["family"] == "qwen2_5_vl" and r["preprocess"] == "preprocessor_config.json"
     assert r["prompt_template"] == "chat template"
-    if flag == "--frames":
-        idx, sample_fps = sample_indices(N_FRAMES, "uniform", count=5), 5 / (N_FRAMES / 10)
-    else:
-        idx, sample_fps = sample_indices(N_FRAMES, "fps", fps=5, source_fps=10), 5.0
+    # the reference: the processor's own sample_frames on (12 frames, 10 fps)
+    idx = processor_sampler(QWEN2)(N_FRAMES, 10.0, **{flag[2:].replace("frames", "num_frames"):
+                                                       value})
+    assert idx == ([0, 3, 6, 9] if flag == "--frames" else [0, 2, 4, 6, 8, 10])
+    sample_fps = ref_fps(idx, N_FRAMES, 10.0)
     assert r["frames_read"] == len(idx)
     # the same frames, preprocessed the documented way (bicubic to 56 x 84, CLIP mean/std)
     px = torch.empty(len(idx), 3, *hw)
@@ -373,6 +379,20 @@ def test_run_qwen2_5_vl_equals_transformers_generate(qwen_files, capsys, samplin
     assert r["llm_tokens"] == len(pre) + n_vis + len(post)
     assert r["answer_ids"] == ids and len(ids) > 0
     assert out.partition("\n--\n")[0].strip() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_run_qwen2_5_vl_samples_by_its_processor_rule_before_loading(qwen_files, capsys):
+    """The pre-load check samples by the checkpoint's family: --frames 13 on a 12-frame
+    video is 12 frames for Qwen2.5-VL's processor (round(13 / 2) * 2; the package's rule
+    would refuse 13 > 12); --frames 1 rounds to 0 frames: exit 2 naming frames=1."""
+    ckpt, video = qwen_files / "ckpt", qwen_files / "v.mp4"
+    code, out, err = _run(capsys, video, "--model", ckpt, "--question", "w5", "--frames", 13,
+                          "--max-new-tokens", 1)
+    assert code == 0, err
+    assert f"frames read      {N_FRAMES} of {N_FRAMES}" in out
+    code, out, err = _run(capsys, video, "--model", ckpt, "--question", "w5", "--frames", 1,
+                          "--max-new-tokens", 1)
+    assert code == 2 and out == "" and "frames=1" in err
 
 
 def test_run_refuses_an_unsupported_model_class(tmp_path, capsys):

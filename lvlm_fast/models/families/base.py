@@ -27,7 +27,9 @@ questions for a wrapped model:
 (d) **Preprocessing.** :meth:`ModelFamily.frame_size` (the resize rule of the family's
     video processor), :meth:`ModelFamily.normalization` (mean/std from a checkpoint folder)
     and :meth:`ModelFamily.split_prompt` (the chat template rendered around a video
-    placeholder, split into prefix and question ids).
+    placeholder, split into prefix and question ids); :meth:`ModelFamily.sample_indices`
+    (which frames ``frames=N`` / ``fps=F`` read: the package's rule by default, the video
+    processor's own where a family's differs, e.g. Qwen2.5-VL's and Qwen3-VL's).
 
 Adding a family = one new module here that subclasses :class:`ModelFamily` and calls
 :func:`register_family`, plus its shipped configs in :mod:`lvlm_fast.models.configs`.
@@ -336,14 +338,7 @@ class ModelFamily(abc.ABC):
         ``video_preprocessor_config.json``, ``preprocessor_config.json``,
         ``processor_config.json``), with ``image_mean``/``image_std``/``rescale_factor``
         always present (family defaults where missing)."""
-        cfg: dict[str, Any] = {}
-        for name in _PREPROCESSOR_FILES:
-            f = os.path.join(os.fspath(path), name)
-            if os.path.isfile(f):
-                with open(f) as fh:
-                    cfg = json.load(fh)
-                cfg = cfg.get("video_processor", cfg) if isinstance(cfg, dict) else {}
-                break
+        cfg = read_preprocessing(path)
         mean, std = self.default_normalization()
         cfg.setdefault("image_mean", list(mean))
         cfg.setdefault("image_std", list(std))
@@ -373,6 +368,74 @@ class ModelFamily(abc.ABC):
     def fallback_template(self, user_text: str) -> str:
         """ChatML (every shipped family's LLM is a Qwen2)."""
         return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+
+    # ------------------------------------------------------------------ frame sampling
+    @classmethod
+    def sample_indices(cls, total_frames: int, video_fps: float | None,
+                       frames: int | None = None, fps: float | None = None,
+                       pre: dict[str, Any] | None = None) -> tuple[list[int], float | None]:
+        """Frame numbers to read from a ``total_frames``-frame video recorded at
+        ``video_fps`` (None or 0 = unknown), and the rate they are taken at (the
+        :attr:`VideoPrompt.fps` of the prompt; None = unknown), for ``frames=N`` or
+        ``fps=F`` (exclusive; neither = the package default). ``pre``: the checkpoint's
+        preprocessing config (:meth:`preprocessing`), for families whose video processor
+        reads its sampling bounds there.
+
+        This default is the package's rule (:func:`lvlm_fast.video.sample_indices`):
+        ``frames``: N frames at ``round(linspace(0, total - 1, N))`` (ValueError if the
+        video has fewer), rate ``N / duration``; ``fps``: one frame every ``1 / F`` s from
+        t = 0, rate F; neither: :data:`DEFAULT_FRAMES` uniform frames, or every frame of a
+        shorter video. Families whose processor samples otherwise override it."""
+        from lvlm_fast import video as lv
+
+        total = _check_sampling_args(total_frames, video_fps, frames, fps)
+        if fps is not None:
+            return (lv.sample_indices(total, "fps", fps=float(fps), source_fps=video_fps),
+                    float(fps))
+        indices = lv.sample_indices(total, "uniform", count=frames or DEFAULT_FRAMES,
+                                    on_short="error" if frames else "all")
+        return indices, sampled_fps(indices, total, video_fps)
+
+
+DEFAULT_FRAMES = 32  # frames read when neither frames nor fps is given
+
+
+def sampled_fps(indices: list[int], total_frames: int, video_fps: float | None
+                ) -> float | None:
+    """The rate ``indices`` of a ``total_frames``-frame video at ``video_fps`` are
+    taken at: ``len(indices) / duration`` (transformers' ``VideoMetadata.sampled_fps``);
+    None when the video's rate is unknown."""
+    if not video_fps or video_fps <= 0:
+        return None
+    return len(indices) / total_frames * float(video_fps)
+
+
+def read_preprocessing(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw video preprocessing config of a checkpoint folder: the first of
+    ``video_preprocessor_config.json``, ``preprocessor_config.json``,
+    ``processor_config.json`` (its ``video_processor`` part), {} if none."""
+    cfg: dict[str, Any] = {}
+    for name in _PREPROCESSOR_FILES:
+        f = os.path.join(os.fspath(path), name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                cfg = json.load(fh)
+            cfg = cfg.get("video_processor", cfg) if isinstance(cfg, dict) else {}
+            break
+    return cfg
+
+
+def _check_sampling_args(total_frames: Any, video_fps: Any, frames: Any, fps: Any) -> int:
+    """ValueError naming the bad argument; returns ``total_frames``."""
+    from lvlm_fast.models.pipeline import check_sampling
+
+    if isinstance(total_frames, bool) or not isinstance(total_frames, int) or total_frames < 1:
+        raise ValueError(f"total_frames must be an int >= 1, got {total_frames!r}")
+    if video_fps is not None and (isinstance(video_fps, bool)
+                                  or not isinstance(video_fps, (int, float))):
+        raise ValueError(f"video_fps must be a number or None, got {video_fps!r}")
+    check_sampling(frames, fps)
+    return total_frames
 
 
 # --------------------------------------------------------------------------- registry

@@ -44,10 +44,13 @@ from typing import Any
 import torch
 
 from lvlm_fast.models.families.base import (
+    DEFAULT_FRAMES,
     ModelFamily,
     PositionPlan,
     TokenBlocks,
+    _check_sampling_args,
     register_family,
+    sampled_fps,
 )
 
 # Qwen2.5-VL video processor defaults (transformers Qwen2VLVideoProcessor).
@@ -297,3 +300,54 @@ class Qwen25VLFamily(ModelFamily):
 
     def video_text(self) -> str:
         return "<|vision_start|>{video}<|vision_end|>"
+
+    @classmethod
+    def sample_indices(cls, total_frames: int, video_fps: float | None,
+                       frames: int | None = None, fps: float | None = None,
+                       pre: dict[str, Any] | None = None) -> tuple[list[int], float | None]:
+        """transformers' ``Qwen2VLVideoProcessor.sample_frames`` (Qwen2.5-VL's processor),
+        with ``temporal_patch_size`` (2), ``min_frames`` (4) and ``max_frames`` (768) from
+        the checkpoint's preprocessing config ``pre`` where it has them:
+
+        * ``frames=N``: ``n = round(N / tps) * tps`` (Python's round: 5 -> 4, 7 -> 8);
+        * ``fps=F``: ``n = total / video_fps * F`` clamped to ``[min_frames, min(max_frames,
+          total) floored to a multiple of tps]`` and to ``total``, then floored to a
+          multiple of tps (a video shorter than min_frames gives all its frames, floored);
+        * indices ``torch.arange(0, total, total / n).int()`` (floor of evenly spaced
+          positions from frame 0), rate ``len(indices) / duration`` (the processor's
+          ``VideoMetadata.sampled_fps``, whose ``tps / rate`` is ``second_per_grid_ts``);
+        * neither: every frame of a video of at most :data:`DEFAULT_FRAMES` frames (the
+          processor without sampling), else ``n = DEFAULT_FRAMES`` as above.
+
+        ValueError (naming the argument) where the processor fails: n = 0 (``frames=1``,
+        or a video shorter than one temporal patch with ``fps``), n > total frames, or
+        ``fps`` without the video's rate."""
+        total = _check_sampling_args(total_frames, video_fps, frames, fps)
+        pre = pre or {}
+        tps = int(pre.get("temporal_patch_size") or 2)
+        min_frames = pre.get("min_frames", 4)
+        max_frames = pre.get("max_frames", 768)
+        if frames is not None:
+            n = round(frames / tps) * tps
+            if n < 1:
+                raise ValueError(f"frames={frames} rounds to 0 frames (the processor rounds "
+                                 f"frames to a multiple of temporal_patch_size={tps})")
+        elif fps is not None:
+            if not video_fps or video_fps <= 0:
+                raise ValueError(f"fps={fps} needs the video's frame rate, which is unknown")
+            cap = math.floor(min(max_frames, total) / tps) * tps
+            n = min(max(total / video_fps * fps, min_frames), cap, total)
+            n = math.floor(n / tps) * tps
+            if n < 1:
+                raise ValueError(f"fps={fps}: the video has {total} frames, fewer than one "
+                                 f"temporal patch ({tps} frames)")
+        elif total <= DEFAULT_FRAMES:
+            indices = list(range(total))
+            return indices, sampled_fps(indices, total, video_fps)
+        else:
+            n = DEFAULT_FRAMES
+        if n > total:
+            raise ValueError(f"frames={frames}: the processor samples {n} frames (a multiple "
+                             f"of temporal_patch_size={tps}) but the video has {total}")
+        indices = torch.arange(0, total, total / n).int().tolist()
+        return indices, sampled_fps(indices, total, video_fps)

@@ -340,5 +340,38 @@ class Qwen3VLFamily(Qwen25VLFamily):
     def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return _MEAN, _STD
 
+    @classmethod
+    def sample_indices(cls, total_frames: int, video_fps: float | None,
+                       frames: int | None = None, fps: float | None = None,
+                       pre: dict[str, Any] | None = None) -> tuple[list[int], float | None]:
+        """transformers' ``Qwen3VLVideoProcessor.sample_frames`` (also Qwen3.5's), which
+        differs from Qwen2.5-VL's: no rounding to the temporal patch (an odd count pads its
+        last temporal patch, as :meth:`units` says), ``min_frames`` (4) / ``max_frames``
+        (768) from the preprocessing config ``pre`` where it has them:
+
+        * ``frames=N``: N frames, also more than the video has (frames repeat);
+        * ``fps=F``: ``n = int(total / video_fps * F)`` (video_fps unknown: 24, the
+          processor's default) clamped to ``[min_frames, max_frames]`` and to ``total``;
+        * indices ``round(linspace(0, total - 1, n))``, rate ``len(indices) / duration``
+          (the frames' timestamps are ``index / video_fps``: :attr:`VideoPrompt.frame_times`);
+        * neither: the package default (:data:`DEFAULT_FRAMES` uniform frames, or every
+          frame of a shorter video), through the same index rule."""
+        import numpy as np
+
+        from lvlm_fast.models.families import base
+
+        total = base._check_sampling_args(total_frames, video_fps, frames, fps)
+        pre = pre or {}
+        rate = float(video_fps) if video_fps and video_fps > 0 else DEFAULT_FPS
+        if frames is not None:
+            n = frames
+        elif fps is not None:
+            n = int(total / rate * fps)
+            n = min(max(n, pre.get("min_frames", 4)), pre.get("max_frames", 768), total)
+        else:
+            n = min(base.DEFAULT_FRAMES, total)
+        indices = np.linspace(0, total - 1, n).round().astype(int).tolist()
+        return indices, base.sampled_fps(indices, total, rate)
+
 
 __all__ = ["DEFAULT_FPS", "Qwen3VLFamily", "SequentialPlan", "unit_seconds"]

@@ -230,6 +230,21 @@ def tiny_qwen3_vl():
                      tie_word_embeddings=False)
 
 
+def video_llama_7b():
+    """Video-LLaMA-7B (EVA ViT-g + BLIP-2 image Q-Former + Video/Audio Q-Formers + Vicuna-7B;
+    :func:`lvlm_fast.models.video_llama_model.video_llama_7b`)."""
+    from lvlm_fast.models import video_llama_model
+
+    return video_llama_model.video_llama_7b()
+
+
+def tiny_video_llama():
+    """Toy Video-LLaMA (:func:`lvlm_fast.models.video_llama_model.tiny_video_llama`)."""
+    from lvlm_fast.models import video_llama_model
+
+    return video_llama_model.tiny_video_llama()
+
+
 MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "llava-onevision-qwen2-7b": llava_onevision_qwen2_7b,
     "videoxl-qwen2-7b": videoxl_qwen2_7b,
@@ -239,6 +254,8 @@ MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
     "qwen3.5-9b": qwen3_5_9b,
     "tiny-qwen3.5": tiny_qwen3_5,
+    "video-llama-7b": video_llama_7b,
+    "tiny-video-llama": tiny_video_llama,
 }
 
 

@@ -596,7 +596,7 @@ class LongVideoVLM:
         self._check_prompt(prompt)
         strat = self.strategy if strategy is None and not overrides else \
             get_strategy(strategy if strategy is not None else self.strategy.name, **overrides)
-        res = strat.prefill(self, prompt)
+        res = self.family.run_strategy(strat, self, prompt)
         if res.positions is None and self.family.needs_blocks():
             # decoding would silently fall back to 1-D positions on an M-RoPE decoder
             raise ValueError(f"strategy {strat.name!r} returned PrefillResult.positions=None "

@@ -292,6 +292,13 @@ class ModelFamily(abc.ABC):
     def vision_bytes_per_frame(self) -> int:
         """Estimated working bytes to encode one frame (sizes the vision chunk)."""
 
+    def run_strategy(self, strategy: Any, vlm: Any, prompt: Any) -> Any:
+        """Run ``strategy``'s prefill for this family (the wrapper calls this). Default:
+        ``strategy.prefill(vlm, prompt)``. A family whose LLM does not read per-frame tokens
+        (Video-LLaMA: a Video Q-Former over all frames) builds its tokens here for the
+        strategies that apply to it and raises NotImplementedError for the rest."""
+        return strategy.prefill(vlm, prompt)
+
     # ------------------------------------------------------------------ (b) layout
     @abc.abstractmethod
     def end_tokens(self) -> torch.Tensor:

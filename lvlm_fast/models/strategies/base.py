@@ -48,7 +48,9 @@ class VideoPrompt:
     that put text inside the video (Qwen3-VL's per-frame timestamps); others ignore it.
     ``frame_times``: each frame's time in seconds in the source video (the processor's
     ``frames_indices / video fps``); None = frame ``i`` at ``i / fps``. Qwen3-VL's
-    timestamps use it (exact for non-uniform sampling strides).
+    timestamps use it (exact for non-uniform sampling strides). ``audio_embeds``: per-clip
+    audio embeddings for a family with an audio branch (Video-LLaMA's AL branch: (1, clips,
+    1024) ImageBind clip embeddings; others ignore it).
     """
 
     pixel_values: torch.Tensor
@@ -57,6 +59,7 @@ class VideoPrompt:
     fps: float | None = None
     text_ids: Callable[[str], list[int]] | None = None
     frame_times: list[float] | None = None
+    audio_embeds: torch.Tensor | None = None  # (1, clips, E) audio clip embeddings (Video-LLaMA)
 
 
 @dataclass

@@ -15,6 +15,11 @@ Positions: after :meth:`compact` the kept rows sit at slots ``0 .. budget-1`` wi
 keys re-rotated by the slot delta (1-D RoPE), so a row's RoPE position is its slot. The
 decoder's default positions (``get_seq_length() + arange``) are then exactly right for
 the next window, the question and the answer; every position stays below ``C``.
+M-RoPE (``mrope_section = (t, h, w)``, blocked layout as Qwen2.5-VL): only the temporal
+id is a slot (the temporal frequency pairs are re-rotated by the slot delta), height and
+width ids never move (the family's ``PositionPlan.stream_chunk`` gives them). Interleaved
+M-RoPE (Qwen3-VL, Qwen3.5: temporal pairs are every third frequency, not a prefix) is
+refused: ``kv_compact`` shifts a prefix of the pairs only.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ class BudgetedKVCache(PreallocatedKVCache):
                  inv_freq: torch.Tensor, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, batch: int = 1,
                  value_dim: int | None = None,
-                 layer_types: Sequence[str] | None = None) -> None:
+                 layer_types: Sequence[str] | None = None,
+                 mrope_section: Sequence[int] | None = None) -> None:
         super().__init__(num_layers, capacity, layer_types)
         _pos_int("budget", budget, 1)
         if budget > capacity:
@@ -69,6 +75,8 @@ class BudgetedKVCache(PreallocatedKVCache):
         self.budget = budget
         self.inv_freq = inv_freq.to(device=self.key.device, dtype=torch.float32)
         self.compactions = 0
+        # M-RoPE (t, h, w) sections: only the temporal pairs are re-rotated (None: 1-D)
+        self.mrope_section = None if mrope_section is None else list(mrope_section)
         # set ``record = True`` to keep the last KVCompactResult (keep mask, scores): tests,
         # the quality proxy; off by default (the score tensor is (2, L, B, H, C) fp32)
         self.record = False
@@ -79,18 +87,26 @@ class BudgetedKVCache(PreallocatedKVCache):
                         inv_freq: torch.Tensor, dtype: torch.dtype,
                         device: torch.device | str, batch: int = 1) -> BudgetedKVCache:
         """A cache for the decoder described by ``config`` (its layer count, KV heads, head
-        dim and ``layer_types``). Rejects RoPE variants a slot re-rotation cannot express."""
+        dim, ``layer_types`` and M-RoPE ``mrope_section``). Rejects RoPE variants a slot
+        re-rotation cannot express."""
         tc = getattr(config, "text_config", None) or config
         rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") != "default" or "mrope_section" in rope:
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if rope.get("mrope_interleaved"):
             raise NotImplementedError(
-                f"BudgetedKVCache re-rotates kept keys with plain 1-D RoPE; this decoder's "
-                f"rope ({rope.get('rope_type', 'default')!r}"
-                f"{', mrope_section' if 'mrope_section' in rope else ''}) is not supported")
+                "BudgetedKVCache: this decoder uses interleaved M-RoPE (mrope_interleaved: "
+                "Qwen3-VL / Qwen3.5, temporal frequency pairs are every third pair), but "
+                "kv_compact re-rotates a prefix of the pairs only (blocked M-RoPE as "
+                "Qwen2.5-VL, or 1-D RoPE)")
+        if kind not in ("default", "mrope"):
+            raise NotImplementedError(
+                f"BudgetedKVCache re-rotates kept keys with plain RoPE; this decoder's rope "
+                f"type {kind!r} is not supported")
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         return cls(tc.num_hidden_layers, capacity, budget=budget, inv_freq=inv_freq,
                    num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, dtype=dtype,
-                   device=device, batch=batch, layer_types=getattr(tc, "layer_types", None))
+                   device=device, batch=batch, layer_types=getattr(tc, "layer_types", None),
+                   mrope_section=rope.get("mrope_section"))
 
     def compact(self, *, prefix: int = 0, recent: int = 0, tokens_per_frame: int = 0,
                 tar_ratio: float | None = None, scores: torch.Tensor | None = None) -> int:
@@ -102,7 +118,7 @@ class BudgetedKVCache(PreallocatedKVCache):
             return n
         res = kv_compact(self.key, self.value, n, budget=self.budget, inv_freq=self.inv_freq,
                          prefix=prefix, recent=recent, tokens_per_frame=tokens_per_frame,
-                         tar_ratio=tar_ratio, scores=scores)
+                         tar_ratio=tar_ratio, scores=scores, mrope_section=self.mrope_section)
         new = self.budget  # == res.new_length on device (min(n, budget), n > budget)
         for layer in self.kv_layers:
             layer.length = new

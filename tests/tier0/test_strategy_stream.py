@@ -1,7 +1,7 @@
 """`stream` strategy (issue 12.3): budget >= stream == `full` (tokens, logits 1e-5); a
 smaller budget == a plain-PyTorch whole-stream reference (transformers decoder + the
 reference kv_compact on a DynamicCache, window by window); stale rows poisoned with NaN are
-never seen; knobs, errors, M-RoPE families refused."""
+never seen; knobs, errors. M-RoPE families: test_strategy_stream_mrope.py."""
 
 from __future__ import annotations
 
@@ -206,20 +206,6 @@ def test_budget_smaller_than_protected_rows_raises(toy_model):
     vlm = LongVideoVLM(toy_model, "stream", kv_budget=6, window_frames=1, recent_frames=1)
     with pytest.raises(ValueError, match="kv_budget must be >= prefix"):
         vlm.first_token(_prompt())
-
-
-def test_mrope_family_is_refused():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(get_config("tiny-qwen2.5-vl")).eval()
-    vlm = LongVideoVLM(model, "stream", kv_budget=64)
-    g = torch.Generator().manual_seed(0)
-    pr = VideoPrompt(torch.randn(4, 3, 56, 56, generator=g),
-                     torch.randint(0, 250, (1, 3), generator=g),
-                     torch.randint(0, 250, (1, 5), generator=g), fps=2.0)
-    with pytest.raises(NotImplementedError, match="M-RoPE"):
-        vlm.first_token(pr)
 
 
 def test_lvlm_fast_run_accepts_stream(tmp_path, capsys):

@@ -189,6 +189,39 @@ class PositionPlan(abc.ABC):
         """Position ids of the ``step``-th generated token fed back (step 0 = the first
         token after the prompt)."""
 
+    # the ``stream`` strategy's bounded rule (``lvlm_fast.models.strategies.stream``)
+    def stream_chunk(self, lo: int, hi: int, slot: int) -> torch.Tensor:
+        """Position ids of prompt tokens ``lo .. hi-1`` (prefix or visual) appended to a
+        budgeted KV cache at slots ``slot .. slot + hi - lo - 1``: the temporal id is the
+        slot (what ``kv_compact``'s temporal re-rotation keeps true), the other axes are
+        :meth:`chunk`'s. NotImplementedError where the family has no such rule."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no bounded stream position rule (a budgeted KV cache "
+            "needs one; see lvlm_fast.models.strategies.stream)")
+
+    def stream_tail(self, length: int) -> PositionPlan:
+        """The question and answer after a budgeted cache holding ``length`` rows: a plan
+        whose :meth:`chunk` (0 .. question) and :meth:`decode` continue from the bounded
+        maximum (see :meth:`stream_chunk`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no bounded stream position rule")
+
+
+class TextRunPlan(PositionPlan):
+    """``question`` text tokens at ``start + i`` on all three M-RoPE axes, then generated
+    tokens at ``start + question + step`` (a :meth:`PositionPlan.stream_tail`)."""
+
+    def __init__(self, start: int, question: int, device: torch.device) -> None:
+        self.start, self.total, self.device = start, question, device
+
+    def chunk(self, lo: int, hi: int) -> torch.Tensor:
+        idx = torch.arange(self.start + lo, self.start + hi, device=self.device)
+        return idx.view(1, 1, -1).expand(3, 1, -1)
+
+    def decode(self, step: int) -> torch.Tensor:
+        return torch.full((3, 1, 1), self.start + self.total + step, dtype=torch.int64,
+                          device=self.device)
+
 
 # --------------------------------------------------------------------------- family
 class ModelFamily(abc.ABC):

@@ -47,6 +47,7 @@ from lvlm_fast.models.families.base import (
     DEFAULT_FRAMES,
     ModelFamily,
     PositionPlan,
+    TextRunPlan,
     TokenBlocks,
     _check_sampling_args,
     register_family,
@@ -122,6 +123,22 @@ class MRopePlan(PositionPlan):
 
     def decode(self, step: int) -> torch.Tensor:
         return (self.next_pos + step).view(1, 1, 1).expand(3, 1, 1)
+
+    def stream_chunk(self, lo: int, hi: int, slot: int) -> torch.Tensor:
+        """The ``stream`` rule (bounded): temporal id = cache slot, height/width =
+        :meth:`chunk`'s (``P + y``, ``P + x`` of the token's block; text: its index)."""
+        if not 0 <= lo <= hi <= self.p + self.n:
+            raise ValueError(f"stream_chunk covers the prefix and visual tokens "
+                             f"[0, {self.p + self.n}), got [{lo}, {hi})")
+        pos = self.chunk(lo, hi).clone()
+        pos[0, 0] = torch.arange(slot, slot + hi - lo, device=self.device)
+        return pos
+
+    def stream_tail(self, length: int) -> PositionPlan:
+        """Question at ``max(length, P + max(h, w))`` on all axes: after every cached row's
+        temporal id (< ``length``) and every spatial id (< ``P + max(h, w)``), as
+        :meth:`chunk` puts text after the video."""
+        return TextRunPlan(max(length, self.text_start), self.q, self.device)
 
 
 @register_family

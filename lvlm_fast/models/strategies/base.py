@@ -173,7 +173,8 @@ class EmbeddingStrategy(Strategy):
         if budget is not None:  # reduction + hard KV cap (issue 12): one generic path
             from lvlm_fast.models.strategies.stream import composed_prefill
 
-            return composed_prefill(vlm, prompt, visual, frames, budget, self.name)
+            return composed_prefill(vlm, prompt, visual, frames, budget, self.name,
+                                    blocks=getattr(out, "blocks", None))
         return vlm.prefill_embeds(prompt.prefix_ids, visual, prompt.question_ids,
                                   frames_encoded=frames, blocks=getattr(out, "blocks", None),
                                   text_ids=prompt.text_ids)

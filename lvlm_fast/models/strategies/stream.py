@@ -49,11 +49,29 @@ undefined there: they use VaN only, no protected recent rows, and windows of the
 unchanged). ``videoxl`` takes ``kv_budget`` as well: it drives its own windows, and
 after each one compacts its sink + summaries (:func:`lvlm_fast.stream_cache.compact_per_layer`).
 
-Families: 1-D RoPE decoders (LLaVA-OneVision). M-RoPE families (Qwen2.5-VL, Qwen3-VL,
-Qwen3.5) raise ``NotImplementedError``: their positions come from the family's
-``PositionPlan`` (logical (t, h, w) grid positions, text after ``max(h, w)``), and a slot
-rule consistent with that plan (temporal section = slot, spatial sections kept, question
-after the spatial extent) is not built and tested yet.
+Families: 1-D RoPE decoders (LLaVA-OneVision, rule above) and blocked M-RoPE
+(Qwen2.5-VL). M-RoPE rule, one for every window, the question and the answer (the
+family's :meth:`PositionPlan.stream_chunk` / :meth:`PositionPlan.stream_tail`; nothing
+here tests which family it is):
+
+- a cached row's temporal id is its slot (the prefix: slots ``0 .. P-1``; a window's rows:
+  ``cache length + arange``); ``kv_compact(mrope_section=(t, h, w))`` re-rotates only the
+  temporal frequency pairs of a kept key, by its slot delta, so this stays true after
+  every compaction;
+- height/width ids are the family's plan's (``P + y``, ``P + x`` of the token inside its
+  :class:`TokenBlocks` block; prefix text: its index) and never move;
+- the question starts at ``max(cached rows, P + max(h, w))`` on all three axes (after every
+  cached temporal and spatial id, as the plan puts text after the video) and the answer
+  continues from there.
+
+So every id stays below ``max(kv_budget + max(window, question + answer), P + max(h, w) +
+question + answer)``, independent of the frame count. With nothing evicted this is not
+``full``'s positions (``full`` gives every token of a unit one temporal id, here each row
+has its slot). The ``kv_budget`` compositions use the same rule with the strategy's own
+``TokenBlocks``. Interleaved M-RoPE (Qwen3-VL, Qwen3.5: the temporal pairs are every
+third frequency, not a prefix ``kv_compact`` can re-rotate; Qwen3-VL also frames units
+with timestamp text) raises ``NotImplementedError`` from
+:meth:`BudgetedKVCache.for_text_config`.
 """
 
 from __future__ import annotations
@@ -64,6 +82,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lvlm_fast.models.families.base import TokenBlocks
 from lvlm_fast.models.strategies.base import (
     PrefillResult,
     Strategy,
@@ -117,14 +136,6 @@ class StreamConfig(StrategyConfig):
         if r > 0 and self.recent_frames < 1:
             raise ValueError("recent_frames must be >= 1 when tar_ratio > 0 (TaR compares "
                              "each token with the recent frames); use tar_ratio=0 for VaN")
-
-
-def _check_family(vlm: LongVideoVLM, what: str) -> None:
-    if vlm.family.needs_blocks():
-        raise NotImplementedError(
-            f"{what}: the {vlm.family.name} family uses M-RoPE positions from its "
-            "PositionPlan; the budgeted KV cache's slot-position rule is implemented for 1-D "
-            "RoPE decoders (LLaVA-OneVision) only")
 
 
 class KeyMass:
@@ -209,32 +220,45 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
                      visual: torch.Tensor | VisualStream, frames_encoded: int, *,
                      kv_budget: int, window: int, recent: int = 0, tokens_per_frame: int = 0,
                      tar_ratio: float = 0.0, attention_mass: bool = False,
-                     what: str = "kv_budget") -> PrefillResult:
+                     what: str = "kv_budget", blocks: TokenBlocks | None = None
+                     ) -> PrefillResult:
     """Prefix, then ``visual`` (1, N, hidden) (a tensor or a :class:`VisualStream`) in
     windows of ``window`` tokens, each followed by an in-place compaction to ``kv_budget``
     rows, then the question (module doc). ``recent`` / ``tokens_per_frame`` /
     ``tar_ratio``: as :func:`lvlm_fast.ops.kv_compact` (``tokens_per_frame = 0``: VaN only).
     ``attention_mass``: score the selectable rows by :class:`KeyMass` (window queries)
-    instead of TaR/VaN. ``what`` names the knob in errors."""
-    _check_family(vlm, what)
+    instead of TaR/VaN. ``what`` names the knob in errors. ``blocks``: the visual tokens'
+    :class:`TokenBlocks`, required on a family with grid positions (M-RoPE: module doc's
+    position rule)."""
     _check_int("kv_budget", kv_budget, 1)
     _check_int("window", window, 1)
     p, n, q = prompt.prefix_ids.shape[1], visual.shape[1], prompt.question_ids.shape[1]
     if kv_budget < p + recent:
         raise ValueError(f"kv_budget must be >= prefix tokens + protected recent tokens = "
                          f"{p} + {recent} = {p + recent}, got {kv_budget}")
+    tail = q + vlm.decode_reserve
+    lm = vlm.language_model
+    fam = vlm.family
+    try:  # refuses RoPE layouts kv_compact cannot re-rotate (interleaved M-RoPE)
+        cache = BudgetedKVCache.for_text_config(
+            vlm.config.text_config, kv_budget + max(window, tail), budget=kv_budget,
+            inv_freq=lm.rotary_emb.inv_freq, dtype=vlm.dtype, device=vlm.device)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{what} on the {fam.name} family: {e}") from None
     hid = vlm.hidden_size
     if visual.shape[2] != hid:
         raise ValueError(f"visual must be (1, N, hidden={hid}), got {tuple(visual.shape)}")
-    tail = q + vlm.decode_reserve
-    lm = vlm.language_model
-    cache = BudgetedKVCache.for_text_config(
-        vlm.config.text_config, kv_budget + max(window, tail), budget=kv_budget,
-        inv_freq=lm.rotary_emb.inv_freq, dtype=vlm.dtype, device=vlm.device)
+    plan = None
+    if fam.needs_blocks():  # grid (M-RoPE) positions: the family's bounded stream rule
+        if n and blocks is None:
+            raise ValueError(f"{what}: the {fam.name} family's M-RoPE positions need the "
+                             "visual tokens' TokenBlocks (blocks=)")
+        plan = fam.position_plan(p, blocks, n, q)
     stream = isinstance(visual, VisualStream)
     step = vlm.prefill_chunk_tokens
     with vlm._stage("prefill"), vlm.llm_attention():
-        vlm.run_llm(vlm.embed_tokens(prompt.prefix_ids), cache)
+        vlm.run_llm(vlm.embed_tokens(prompt.prefix_ids), cache,
+                    None if plan is None else plan.stream_chunk(0, p, 0))
         for lo in range(0, n, window):
             hi = min(lo + window, n)
             mass = KeyMass(lm, cache) if attention_mass else contextlib.nullcontext()
@@ -242,24 +266,31 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
                 for a in range(lo, hi, step):
                     b = min(a + step, hi)
                     rows = visual.take(a, b) if stream else visual[:, a:b]
-                    vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache)
+                    pos = None if plan is None else \
+                        plan.stream_chunk(p + a, p + b, cache.get_seq_length())
+                    vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache, pos)
                     del rows
             if attention_mass:
                 cache.compact(prefix=p, recent=recent, scores=mass.take())
             else:
                 cache.compact(prefix=p, recent=recent, tokens_per_frame=tokens_per_frame,
                               tar_ratio=tar_ratio)
-        last = vlm.run_llm(vlm.embed_tokens(prompt.question_ids), cache)[:, -1:].clone()
+        after = None if plan is None else plan.stream_tail(cache.get_seq_length())
+        last = vlm.run_llm(vlm.embed_tokens(prompt.question_ids), cache,
+                           None if after is None else after.chunk(0, q))[:, -1:].clone()
     return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n + q, visual_tokens=n,
-                         frames_encoded=frames_encoded)
+                         frames_encoded=frames_encoded, positions=after)
 
 
 def composed_prefill(vlm: LongVideoVLM, prompt: VideoPrompt, visual: torch.Tensor,
-                     frames_encoded: int, kv_budget: int, name: str) -> PrefillResult:
+                     frames_encoded: int, kv_budget: int, name: str,
+                     blocks: TokenBlocks | None = None) -> PrefillResult:
     """A reduction strategy's visual tokens under a ``kv_budget`` (module doc: VaN only,
-    no protected recent rows, windows of ``prefill_chunk_tokens``)."""
+    no protected recent rows, windows of ``prefill_chunk_tokens``); ``blocks``: its
+    :class:`TokenBlocks` (M-RoPE families)."""
     return budgeted_prefill(vlm, prompt, visual, frames_encoded, kv_budget=kv_budget,
-                            window=vlm.prefill_chunk_tokens, what=f"{name} with kv_budget")
+                            window=vlm.prefill_chunk_tokens, what=f"{name} with kv_budget",
+                            blocks=blocks)
 
 
 @register
@@ -277,7 +308,6 @@ class StreamStrategy(Strategy):
     @torch.no_grad()
     def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
         cfg: StreamConfig = self.config
-        _check_family(vlm, "stream")
         pv = prompt.pixel_values
         gh, gw = vlm.family.token_grid((pv.shape[-2], pv.shape[-1]))
         per = gh * gw  # tokens per temporal unit (frame): TaR's patch index
@@ -285,7 +315,8 @@ class StreamStrategy(Strategy):
         res = budgeted_prefill(vlm, prompt, out[0], out[1], kv_budget=cfg.kv_budget,
                                window=cfg.window_frames * per, recent=cfg.recent_frames * per,
                                tokens_per_frame=per, tar_ratio=cfg.tar_ratio,
-                               attention_mass=cfg.attention_mass, what="stream")
+                               attention_mass=cfg.attention_mass, what="stream",
+                               blocks=out.blocks)
         self.cache = res.cache
         return res
 

@@ -31,10 +31,34 @@ import torch
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from lvlm_fast.models import LongVideoVLM
+from lvlm_fast.nn.qformer import VideoQFormer, released_to_blip2_qformer
 from lvlm_fast.profile.memory import SimulationTracker, make_prompt, model_static_bytes
 
 GIB = 2**30
 FRAMES = (8, 32, 128, 512, 2048, 10240)
+
+
+def hf_video_qformer(vq: VideoQFormer) -> Blip2QFormerModel:
+    """transformers' ``Blip2QFormerModel`` as the released Video Q-Former (method facts,
+    section 4: cross-attention every layer, eager attention), holding ``vq``'s weights
+    under the renamed released keys (``assign``: works on meta tensors too)."""
+    layer = vq.layers[0]
+    cfg = Blip2QFormerConfig(hidden_size=vq.query_tokens.shape[-1],
+                             num_hidden_layers=len(vq.layers),
+                             num_attention_heads=vq.num_heads,
+                             intermediate_size=layer.intermediate_query.out_features,
+                             hidden_act="gelu", layer_norm_eps=layer.output_query_LayerNorm.eps,
+                             cross_attention_frequency=1, encoder_hidden_size=vq.encoder_width,
+                             use_qformer_text_input=False)
+    cfg._attn_implementation = "eager"
+    ours = dict(vq.named_parameters())
+    released = {theirs: ours[name] for name, theirs in
+                vq.released_key_map(len(vq.layers), with_proj=False).items()}
+    with torch.device("meta"):
+        hf = Blip2QFormerModel(cfg)
+    hf.load_state_dict(released_to_blip2_qformer(released, vq.RELEASED_PREFIX), strict=True,
+                       assign=True)
+    return hf.eval()
 
 
 def released_first_token(vlm: LongVideoVLM, hf_vq: Blip2QFormerModel, prompt) -> torch.Tensor:
@@ -62,13 +86,7 @@ def main() -> None:
                                    dtype=torch.bfloat16)
     vq = vlm.model.model.video_qformer
     vq.position = "interpolate"
-    cfg = Blip2QFormerConfig(hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
-                             intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
-                             cross_attention_frequency=1, encoder_hidden_size=768,
-                             use_qformer_text_input=False)
-    cfg._attn_implementation = "eager"
-    with torch.device("meta"):
-        hf_vq = Blip2QFormerModel(cfg).to(torch.bfloat16).eval()
+    hf_vq = hf_video_qformer(vq)
     weights = model_static_bytes(vlm.model)
     print(f"video-llama-7b, bf16, simulated; weights {weights / GIB:.2f} GiB; frames 224x224 "
           f"in host memory; vision_chunk_frames {vlm.vision_chunk_frames}")

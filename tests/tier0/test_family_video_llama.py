@@ -209,3 +209,18 @@ def test_7b_config_runs_on_meta() -> None:
     logits = vlm.first_token(prompt(frames))
     assert logits.shape == (1, 32000)
     assert vlm.last_prefill.visual_tokens == 32
+
+
+def test_memory_benchmark_paths_agree() -> None:
+    """benchmarks/video_llama_memory.py's two paths compute the same first token: the
+    released-style composition (all frames at once, transformers' Q-Former with K/V and
+    scores materialised) = the fused stream (``uniform``, chunked), beyond 32 frames."""
+    from benchmarks.video_llama_memory import hf_video_qformer, released_first_token
+
+    vlm = make_vlm("interpolate", vision_chunk_frames=6)
+    torch.manual_seed(4)
+    p = prompt(torch.randn(45, 3, 28, 28))
+    hf = hf_video_qformer(vlm.model.model.video_qformer)
+    want = released_first_token(vlm, hf, p)
+    got = vlm.first_token(p, "uniform", num_frames=45)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -23,8 +23,23 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import (  # tests/tier0 is on sys.path (rootdir-relative conftest)
+    FPS,
+    FRAMES,
+    UNITS,
+    VIDEO,
+    D,
+    G,
+    H,
+    P,
+    Q,
+    W,
+    check_strategy,
+    make_prompt,
+    reference_prompt,
+    text_ids,
+)
 from transformers import Qwen3VLForConditionalGeneration
-from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from lvlm_fast.models import LongVideoVLM, get_config
 from lvlm_fast.models.strategies import VideoPrompt, get_strategy
@@ -34,20 +49,7 @@ from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as ref_dwp
 from lvlm_fast.reference.keyframe_select import keyframe_select as ref_kfs
 from lvlm_fast.reference.slowfast_pool import slowfast_pool as ref_sfp
 
-VIDEO, START, END = 251, 252, 253
-FRAMES = 13  # 7 temporal units, the last padded with a repeat of frame 12
-UNITS = 7
-H = W = 128  # merged grid 4 x 4
-G = 4
-D = 128
-P, Q = 3, 5
-FPS = 2.0
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
-
-
-def text_ids(s: str) -> list[int]:
-    return [3 + ord(c) % 190 for c in s]
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +61,7 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def prompt():
-    g = torch.Generator().manual_seed(1)
-    pv = torch.randn(FRAMES, 3, H, W, generator=g)
-    pv[6:8] = pv[4:6] + 0.01 * torch.randn(2, 3, H, W, generator=g)  # a repeated unit
-    return VideoPrompt(pv, torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 7, 9]]),
-                       fps=FPS, text_ids=text_ids)
+    return make_prompt()
 
 
 @pytest.fixture(scope="module")
@@ -74,33 +72,6 @@ def full(vlm, prompt):
 
 
 # --------------------------------------------------------------------------- references
-def reference_prompt(prompt, runs, num_frames=FRAMES, fps=FPS):
-    """The processor's prompt for ``runs`` = [(unit, [(h, w), ...]), ...] in order: ids
-    with ``<t seconds><vs> pads <ve>`` per run (t from transformers' own timestamp rule)
-    and the positions of the documented rule: text +1 each, a block at
-    (cur, cur + y, cur + x) then cur += max(h, w)."""
-    ts = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
-    ids = prompt.prefix_ids[0].tolist()
-    pos = [(i, i, i) for i in range(P)]
-    cur = P
-
-    def text(toks):
-        nonlocal cur
-        ids.extend(toks)
-        pos.extend((cur + i,) * 3 for i in range(len(toks)))
-        cur += len(toks)
-
-    for u, blocks in runs:
-        text([*text_ids(f"<{ts[u]:.1f} seconds>"), START])
-        for h, w in blocks:
-            ids.extend([VIDEO] * (h * w))
-            pos.extend((cur, cur + y, cur + x) for y in range(h) for x in range(w))
-            cur += max(h, w)
-        text([END])
-    text(prompt.question_ids[0].tolist())
-    return torch.tensor([ids]), torch.tensor(pos).T.reshape(3, 1, -1)
-
-
 def hf_first_logits(vlm, ids, visual, pos):
     """transformers' Qwen3-VL decoder, one forward: the placeholders replaced by the main
     rows, DeepStack levels added at the visual positions of the first layers."""
@@ -116,31 +87,8 @@ def hf_first_logits(vlm, ids, visual, pos):
 
 
 def check(vlm, prompt, name, kw, want_visual, runs):
-    s = get_strategy(name, **kw)
-    out = s.visual_embeds(vlm, prompt)
-    got, _ = out
-    assert got.shape[-1] == 3 * D
-    torch.testing.assert_close(got, want_visual, rtol=1e-5, atol=1e-5)
-    ids, pos = reference_prompt(prompt, runs)
-    fam = vlm.family
-    layout = fam.visual_layout(out.blocks, got.shape[1], text_ids=text_ids)
-    seq = []
-    for piece in layout.pieces:
-        seq += [VIDEO] * (piece[1] - piece[0]) if isinstance(piece, tuple) else piece.tolist()
-    assert prompt.prefix_ids[0].tolist() + seq + prompt.question_ids[0].tolist() \
-        == ids[0].tolist()  # timestamps aligned with the kept units
-    plan = fam.position_plan(P, out.blocks, got.shape[1], Q, layout=layout)
-    assert torch.equal(plan.chunk(0, plan.total), pos)
-    if all(len(b) == 1 for _, b in runs):  # every unit one grid: transformers' own ids
-        thw = torch.tensor([[1, 2 * b[0][0], 2 * b[0][1]] for _, b in runs])
-        want_pos, _ = vlm.model.model.get_rope_index(ids, (ids == VIDEO).int() * 2,
-                                                     video_grid_thw=thw)
-        assert torch.equal(pos, want_pos)
-    logits = vlm.first_token(prompt, s)
-    torch.testing.assert_close(logits, hf_first_logits(vlm, ids, want_visual, pos),
-                               rtol=0, atol=1e-5)
-    assert vlm.last_prefill.llm_tokens == ids.shape[1]
-    return plan
+    return check_strategy(vlm, prompt, name, kw, want_visual, runs, width=3 * D,
+                          hf_first_logits=hf_first_logits)
 
 
 def split_levels(x):

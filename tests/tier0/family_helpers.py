@@ -1,0 +1,96 @@
+"""Shared builders and checks for the tier-0 Qwen3-VL / Qwen3.5 strategy tests
+(``test_family_qwen3_vl_strategies.py``, ``test_family_qwen3_5_strategies.py``): the tiny
+video prompt, the processor's reference prompt and the strategy check against it.
+Imported as ``from family_helpers import ...`` (tests/tier0 is on sys.path, like
+``tiny_assets``)."""
+
+from __future__ import annotations
+
+import torch
+
+from lvlm_fast.models.strategies import VideoPrompt, get_strategy
+
+VIDEO, START, END = 251, 252, 253
+FRAMES = 13  # 7 temporal units, the last padded with a repeat of frame 12
+UNITS = 7
+H = W = 128  # merged grid 4 x 4
+G = 4
+D = 128
+P, Q = 3, 5
+FPS = 2.0
+
+
+def text_ids(s: str) -> list[int]:
+    return [3 + ord(c) % 190 for c in s]
+
+
+def make_prompt() -> VideoPrompt:
+    """13 frames (a repeated unit at frames 6-7), prefix ``7 8 <vs>``, question ``<ve> ...``."""
+    g = torch.Generator().manual_seed(1)
+    pv = torch.randn(FRAMES, 3, H, W, generator=g)
+    pv[6:8] = pv[4:6] + 0.01 * torch.randn(2, 3, H, W, generator=g)  # a repeated unit
+    return VideoPrompt(pv, torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 7, 9]]),
+                       fps=FPS, text_ids=text_ids)
+
+
+def reference_prompt(prompt, runs, num_frames=FRAMES, fps=FPS):
+    """The processor's prompt for ``runs`` = [(unit, [(h, w), ...]), ...] in order: ids
+    with ``<t seconds><vs> pads <ve>`` per run (t from transformers' own timestamp rule,
+    ``Qwen3VLProcessor``, also the processor of ``qwen3_5``) and the positions of the
+    documented rule: text +1 each, a block at (cur, cur + y, cur + x) then
+    cur += max(h, w)."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    ts = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
+    ids = prompt.prefix_ids[0].tolist()
+    pos = [(i, i, i) for i in range(P)]
+    cur = P
+
+    def text(toks):
+        nonlocal cur
+        ids.extend(toks)
+        pos.extend((cur + i,) * 3 for i in range(len(toks)))
+        cur += len(toks)
+
+    for u, blocks in runs:
+        text([*text_ids(f"<{ts[u]:.1f} seconds>"), START])
+        for h, w in blocks:
+            ids.extend([VIDEO] * (h * w))
+            pos.extend((cur, cur + y, cur + x) for y in range(h) for x in range(w))
+            cur += max(h, w)
+        text([END])
+    text(prompt.question_ids[0].tolist())
+    return torch.tensor([ids]), torch.tensor(pos).T.reshape(3, 1, -1)
+
+
+def check_strategy(vlm, prompt, name, kw, want_visual, runs, *, width, hf_first_logits):
+    """Strategy ``name`` on ``vlm``: visual rows (``width`` channels) == ``want_visual``,
+    the prompt (timestamps aligned with the kept units) and positions == the reference
+    prompt of ``runs`` (== transformers' ``get_rope_index`` where every unit is one grid),
+    first-token logits == ``hf_first_logits(vlm, ids, want_visual, pos)``. Returns the
+    position plan."""
+    s = get_strategy(name, **kw)
+    out = s.visual_embeds(vlm, prompt)
+    got, _ = out
+    assert got.shape[-1] == width
+    torch.testing.assert_close(got, want_visual, rtol=1e-5, atol=1e-5)
+    ids, pos = reference_prompt(prompt, runs)
+    fam = vlm.family
+    layout = fam.visual_layout(out.blocks, got.shape[1], text_ids=text_ids)
+    seq = []
+    for piece in layout.pieces:
+        seq += [VIDEO] * (piece[1] - piece[0]) if isinstance(piece, tuple) else piece.tolist()
+    assert prompt.prefix_ids[0].tolist() + seq + prompt.question_ids[0].tolist() \
+        == ids[0].tolist()  # timestamps aligned with the kept units
+    plan = fam.position_plan(P, out.blocks, got.shape[1], Q, layout=layout)
+    assert torch.equal(plan.chunk(0, plan.total), pos)
+    if all(len(b) == 1 for _, b in runs):  # every unit one grid: transformers' own ids
+        thw = torch.tensor([[1, 2 * b[0][0], 2 * b[0][1]] for _, b in runs])
+        want_pos, _ = vlm.model.model.get_rope_index(ids, (ids == VIDEO).int() * 2,
+                                                     video_grid_thw=thw)
+        assert torch.equal(pos, want_pos)
+    logits = vlm.first_token(prompt, s)
+    torch.testing.assert_close(logits, hf_first_logits(vlm, ids, want_visual, pos),
+                               rtol=0, atol=1e-5)
+    assert vlm.last_prefill.llm_tokens == ids.shape[1]
+    return plan

@@ -124,6 +124,50 @@ def tiny_qwen2_5_vl():
                        vision_start_token_id=252, vision_end_token_id=253)
 
 
+def _qwen3_vl(vision: dict[str, Any], text: dict[str, Any], **kw: Any):
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(vision_config=vision, text_config=text, **kw)
+
+
+def qwen3_vl_8b():
+    """Qwen3-VL-8B-Instruct (ViT 27 blocks, DeepStack from blocks 8/16/24, + Qwen3-8B with
+    interleaved M-RoPE 24/20/20)."""
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                  in_channels=3, out_hidden_size=4096, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh",
+                  initializer_range=0.02)
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, hidden_act="silu", max_position_embeddings=262144,
+                rms_norm_eps=1e-6, attention_bias=False, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                                 "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                bos_token_id=151643, eos_token_id=151645)
+    return _qwen3_vl(vision, text, image_token_id=151655, video_token_id=151656,
+                     vision_start_token_id=151652, vision_end_token_id=151653,
+                     tie_word_embeddings=False)
+
+
+def tiny_qwen3_vl():
+    """Toy Qwen3-VL: 4-block ViT (patch 16, DeepStack from blocks 1 and 2), 3-layer decoder
+    with head dim 64 (interleaved M-RoPE sections 12/10/10), vocab 256."""
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                  out_hidden_size=128, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[1, 2], hidden_act="gelu_pytorch_tanh")
+    text = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                max_position_embeddings=65536, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
+                                 "mrope_section": [12, 10, 10], "mrope_interleaved": True},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _qwen3_vl(vision, text, image_token_id=250, video_token_id=251,
+                     vision_start_token_id=252, vision_end_token_id=253,
+                     tie_word_embeddings=False)
+
+
 def _qwen3_5(vision: dict[str, Any], text: dict[str, Any], **kw: Any):
     from transformers import Qwen3_5Config
 
@@ -186,50 +230,6 @@ def tiny_qwen3_5():
                     tie_word_embeddings=False)
 
 
-def _qwen3_vl(vision: dict[str, Any], text: dict[str, Any], **kw: Any):
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(vision_config=vision, text_config=text, **kw)
-
-
-def qwen3_vl_8b():
-    """Qwen3-VL-8B-Instruct (ViT 27 blocks, DeepStack from blocks 8/16/24, + Qwen3-8B with
-    interleaved M-RoPE 24/20/20)."""
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                  in_channels=3, out_hidden_size=4096, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh",
-                  initializer_range=0.02)
-    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, hidden_act="silu", max_position_embeddings=262144,
-                rms_norm_eps=1e-6, attention_bias=False, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                 "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-                bos_token_id=151643, eos_token_id=151645)
-    return _qwen3_vl(vision, text, image_token_id=151655, video_token_id=151656,
-                     vision_start_token_id=151652, vision_end_token_id=151653,
-                     tie_word_embeddings=False)
-
-
-def tiny_qwen3_vl():
-    """Toy Qwen3-VL: 4-block ViT (patch 16, DeepStack from blocks 1 and 2), 3-layer decoder
-    with head dim 64 (interleaved M-RoPE sections 12/10/10), vocab 256."""
-    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
-                  out_hidden_size=128, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[1, 2], hidden_act="gelu_pytorch_tanh")
-    text = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                max_position_embeddings=65536, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10_000.0,
-                                 "mrope_section": [12, 10, 10], "mrope_interleaved": True},
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return _qwen3_vl(vision, text, image_token_id=250, video_token_id=251,
-                     vision_start_token_id=252, vision_end_token_id=253,
-                     tie_word_embeddings=False)
-
-
 def video_llama_7b():
     """Video-LLaMA-7B (EVA ViT-g + BLIP-2 image Q-Former + Video/Audio Q-Formers + Vicuna-7B;
     :func:`lvlm_fast.models.video_llama_model.video_llama_7b`)."""
@@ -252,6 +252,8 @@ MODEL_CONFIGS: dict[str, Callable[[], Any]] = {
     "tiny-videoxl": tiny_videoxl,
     "qwen2.5-vl-7b": qwen2_5_vl_7b,
     "tiny-qwen2.5-vl": tiny_qwen2_5_vl,
+    "qwen3-vl-8b": qwen3_vl_8b,
+    "tiny-qwen3-vl": tiny_qwen3_vl,
     "qwen3.5-9b": qwen3_5_9b,
     "tiny-qwen3.5": tiny_qwen3_5,
     "video-llama-7b": video_llama_7b,

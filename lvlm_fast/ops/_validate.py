@@ -65,3 +65,26 @@ def value_checks_allowed(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return t.device.type == "cpu" and not is_meta_or_fake(t)
+
+
+def check_int(name: str, x: object, lo: int | None = None) -> int:
+    """``x`` is a Python int (not a bool), ``>= lo`` when ``lo`` is given."""
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
+def check_rope_kv(key: torch.Tensor, value: torch.Tensor, inv_freq: object) -> int:
+    """In-place RoPE edits of a K/V cache: an even head dim (key's last dim), unit-stride
+    last dims of key and value, ``inv_freq`` a 1-D float (D/2,). Returns the head dim D."""
+    d = key.shape[-1]
+    if d % 2:
+        raise ValueError(f"key.shape[{key.dim() - 1}] (head dim) must be even for RoPE, got {d}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value must have a unit-stride last dim (edited in place)")
+    check_tensor("inv_freq", inv_freq, 1)
+    if inv_freq.shape[0] != d // 2:
+        raise ValueError(f"inv_freq must be (D/2 = {d // 2},), got {tuple(inv_freq.shape)}")
+    return d

@@ -90,14 +90,6 @@ def reference_impl(key, value, inv_freq, src, first, stride, count, dst, pos_del
 CPU_FALLBACKS = {"evict_summaries": reference_impl}
 
 
-def _check_int(name: str, x: object, lo: int | None = None) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if lo is not None and x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-    return x
-
-
 def evict_summaries(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -182,20 +174,14 @@ def _check(key, value, *, window_start, ratio, carry, count, dst, inv_freq, pos_
         )
     v.check_same("device", "key", key, value=value, inv_freq=inv_freq)
     v.check_same("dtype", "key", key, value=value)
-    d, cap = key.shape[3], key.shape[2]
-    if d % 2:
-        raise ValueError(f"key.shape[3] (head dim) must be even for RoPE, got {d}")
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("key and value must have a unit-stride last dim (edited in place)")
-    v.check_tensor("inv_freq", inv_freq, 1)
-    if inv_freq.shape[0] != d // 2:
-        raise ValueError(f"inv_freq must be (D/2 = {d // 2},), got {tuple(inv_freq.shape)}")
-    _check_int("window_start", window_start, 0)
-    _check_int("ratio", ratio, 1)
-    _check_int("carry", carry, 0)
-    _check_int("count", count, 0)
-    _check_int("dst", dst, 0)
-    _check_int("pos_delta", pos_delta)
+    cap = key.shape[2]
+    v.check_rope_kv(key, value, inv_freq)
+    v.check_int("window_start", window_start, 0)
+    v.check_int("ratio", ratio, 1)
+    v.check_int("carry", carry, 0)
+    v.check_int("count", count, 0)
+    v.check_int("dst", dst, 0)
+    v.check_int("pos_delta", pos_delta)
     if carry >= ratio:
         raise ValueError(f"carry must be in [0, ratio = {ratio}), got {carry}")
     first, stride = ratio - carry, ratio + 1

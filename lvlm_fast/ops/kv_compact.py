@@ -120,14 +120,6 @@ class KVCompactResult:
     score: torch.Tensor
 
 
-def _check_int(name: str, x: object, lo: int | None = None) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if lo is not None and x < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {x}")
-    return x
-
-
 def stacked_layer_view(buffers: torch.Tensor | Sequence[torch.Tensor], name: str
                        ) -> torch.Tensor:
     """(L, B, H, C, D) view of per-layer buffers without a copy.
@@ -214,17 +206,11 @@ def kv_compact(
         if t is not None and t.requires_grad:
             raise ValueError(f"{name} requires grad: kv_compact is an in-place inference "
                              "cache edit and is not differentiable")
-    if d % 2:
-        raise ValueError(f"key.shape[4] (head dim) must be even for RoPE, got {d}")
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("key and value must have a unit-stride last dim (edited in place)")
-    v.check_tensor("inv_freq", inv_freq, 1)
-    if inv_freq.shape[0] != d // 2:
-        raise ValueError(f"inv_freq must be (D/2 = {d // 2},), got {tuple(inv_freq.shape)}")
-    _check_int("budget", budget, 1)
-    _check_int("prefix", prefix, 0)
-    _check_int("recent", recent, 0)
-    _check_int("tokens_per_frame", tokens_per_frame, 0)
+    v.check_rope_kv(key, value, inv_freq)
+    v.check_int("budget", budget, 1)
+    v.check_int("prefix", prefix, 0)
+    v.check_int("recent", recent, 0)
+    v.check_int("tokens_per_frame", tokens_per_frame, 0)
     if prefix + recent > budget:
         raise ValueError(f"budget must be >= prefix + recent = {prefix + recent} (both are "
                          f"always kept), got {budget}")
@@ -270,7 +256,7 @@ def kv_compact(
         v.check_same("device", "key", key, length=length)
         length_t = length.reshape(())
     else:
-        _check_int("length", length, 0)
+        v.check_int("length", length, 0)
         if length > c:
             raise ValueError(f"length must be <= the buffer capacity key.shape[3] = {c}, "
                              f"got {length}")

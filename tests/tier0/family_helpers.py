@@ -94,3 +94,17 @@ def check_strategy(vlm, prompt, name, kw, want_visual, runs, *, width, hf_first_
                                rtol=0, atol=1e-5)
     assert vlm.last_prefill.llm_tokens == ids.shape[1]
     return plan
+
+
+def random_prompt(t: int, hw: tuple[int, int], p: int = 3, q: int = 4, seed: int = 0,
+                  fps: float | None = None, text_ids=None) -> VideoPrompt:
+    """A ``t``-frame random video of ``hw`` pixels, a random ``p``-id prefix ending in
+    ``<vs>`` and a ``q``-id question starting with ``<ve>`` (ids in [3, 250))."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.cat([torch.randint(3, 250, (1, p - 1), generator=g),
+                        torch.tensor([[START]])], dim=1)
+    question = torch.cat([torch.tensor([[END]]), torch.randint(3, 250, (1, q - 1),
+                                                                generator=g)], dim=1)
+    return VideoPrompt(torch.randn(t, 3, *hw, generator=g), prefix, question, fps=fps,
+                       text_ids=text_ids)
+

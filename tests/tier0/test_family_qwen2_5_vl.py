@@ -8,6 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import random_prompt  # tests/tier0 is on sys.path
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config
@@ -27,12 +28,7 @@ def qwen():
 
 def _prompt(t: int, p: int = 3, q: int = 4, seed: int = 0, fps: float | None = None,
             hw: tuple[int, int] = (H, W)) -> VideoPrompt:
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.cat([torch.randint(3, 250, (1, p - 1), generator=g),
-                        torch.tensor([[START]])], dim=1)
-    question = torch.cat([torch.tensor([[END]]), torch.randint(3, 250, (1, q - 1),
-                                                                generator=g)], dim=1)
-    return VideoPrompt(torch.randn(t, 3, *hw, generator=g), prefix, question, fps=fps)
+    return random_prompt(t, hw, p, q, seed, fps)
 
 
 def _hf_inputs(vlm: LongVideoVLM, pr: VideoPrompt) -> dict:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import random_prompt, text_ids  # tests/tier0 is on sys.path
 from transformers import Qwen3_5ForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -26,11 +27,6 @@ H, W = 128, 96  # 8 x 6 patches of 16 -> 4 x 3 merged tokens per frame
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
-def text_ids(s: str) -> list[int]:
-    """A toy tokenizer (one id per character, never a special id)."""
-    return [3 + ord(c) % 190 for c in s]
-
-
 @pytest.fixture(scope="module")
 def qwen35():
     torch.manual_seed(0)
@@ -39,13 +35,7 @@ def qwen35():
 
 def _prompt(t: int, p: int = 3, q: int = 4, seed: int = 0, fps: float | None = None,
             hw: tuple[int, int] = (H, W)) -> VideoPrompt:
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.cat([torch.randint(3, 250, (1, p - 1), generator=g),
-                        torch.tensor([[START]])], dim=1)
-    question = torch.cat([torch.tensor([[END]]), torch.randint(3, 250, (1, q - 1),
-                                                                generator=g)], dim=1)
-    return VideoPrompt(torch.randn(t, 3, *hw, generator=g), prefix, question, fps=fps,
-                       text_ids=text_ids)
+    return random_prompt(t, hw, p, q, seed, fps, text_ids=text_ids)
 
 
 def hf_inputs(vlm: LongVideoVLM, pr: VideoPrompt) -> dict:

@@ -108,3 +108,26 @@ def random_prompt(t: int, hw: tuple[int, int], p: int = 3, q: int = 4, seed: int
     return VideoPrompt(torch.randn(t, 3, *hw, generator=g), prefix, question, fps=fps,
                        text_ids=text_ids)
 
+
+def tiny_onevision(config: str, head_dim64: bool):
+    """A tiny random LLaVA-OneVision-architecture model of ``config`` (``tiny-videoxl``,
+    ``tiny-llava-onevision``); ``head_dim64``: 128 hidden, 2 heads, 1 KV head, a head dim
+    the fused summary attention supports (the toy default is 16)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lvlm_fast.models import get_config
+
+    cfg = get_config(config)
+    if head_dim64:
+        tc = cfg.text_config
+        tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads = 128, 2, 1
+    torch.manual_seed(0)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def small_video_prompt(t: int, seed: int = 0) -> VideoPrompt:
+    """``t`` random 56 x 56 frames, a random 3-id prefix and 5-id question."""
+    g = torch.Generator().manual_seed(seed)
+    return VideoPrompt(torch.randn(t, 3, 56, 56, generator=g),
+                       torch.randint(0, 250, (1, 3), generator=g),
+                       torch.randint(0, 250, (1, 5), generator=g))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import small_video_prompt, tiny_onevision  # tests/tier0 on sys.path
 from transformers import DynamicCache, LlavaOnevisionForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config, get_strategy
@@ -26,12 +27,7 @@ MAX_NEW = 5
 
 
 def _model(head_dim64: bool):
-    cfg = get_config("tiny-llava-onevision")
-    if head_dim64:  # a head dim the fused summary attention supports (toy default is 16)
-        tc = cfg.text_config
-        tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads = 128, 2, 1
-    torch.manual_seed(0)
-    return LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return tiny_onevision("tiny-llava-onevision", head_dim64)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +41,7 @@ def fused_model():
 
 
 def _prompt(t: int = T, seed: int = 0) -> VideoPrompt:
-    g = torch.Generator().manual_seed(seed)
-    return VideoPrompt(torch.randn(t, 3, 56, 56, generator=g),
-                       torch.randint(0, 250, (1, 3), generator=g),
-                       torch.randint(0, 250, (1, 5), generator=g))
+    return small_video_prompt(t, seed)
 
 
 @pytest.mark.parametrize("which", ["toy_model", "fused_model"])

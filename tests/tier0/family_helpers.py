@@ -131,3 +131,18 @@ def small_video_prompt(t: int, seed: int = 0) -> VideoPrompt:
     return VideoPrompt(torch.randn(t, 3, 56, 56, generator=g),
                        torch.randint(0, 250, (1, 3), generator=g),
                        torch.randint(0, 250, (1, 5), generator=g))
+
+
+def videoxl_mask(kind: list[int], win: list[int], evict: bool) -> torch.Tensor:
+    """(n, n) boolean attention mask of the Video-XL reference: causal; with ``evict`` a
+    row sees the prefix (window -1), its own window and the summaries (kind 2) of earlier
+    windows only."""
+    n = len(kind)
+    kd, wd = torch.tensor(kind), torch.tensor(win)
+    causal = torch.ones(n, n).tril().bool()
+    if not evict:
+        return causal
+    pre = (wd == -1).view(1, n)
+    same = wd.view(n, 1) == wd.view(1, n)
+    summ = (kd == 2).view(1, n) & (wd.view(1, n) < wd.view(n, 1))
+    return causal & (pre | same | summ)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import videoxl_mask  # tests/tier0 is on sys.path
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config
@@ -78,15 +79,7 @@ def reference(vlm: LongVideoVLM, pr: VideoPrompt, ratio: int, window: int, evict
     next_pos = max(max(r) for r in pos) + 1
     for s in range(steps):
         n = len(toks)
-        kd, wd = torch.tensor(kind), torch.tensor(win)
-        causal = torch.ones(n, n).tril().bool()
-        if evict:
-            pre = (wd == -1).view(1, n)
-            same = wd.view(n, 1) == wd.view(1, n)
-            summ = (kd == 2).view(1, n) & (wd.view(1, n) < wd.view(n, 1))
-            mask = causal & (pre | same | summ)
-        else:
-            mask = causal
+        mask = videoxl_mask(kind, win, evict)
         x = torch.stack(toks).unsqueeze(0)
         ids = torch.tensor(pos, dtype=torch.int64).T.reshape(3, 1, n)
         with torch.no_grad():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import videoxl_mask  # tests/tier0 is on sys.path
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -104,15 +105,7 @@ def reference(vlm: LongVideoVLM, pr: VideoPrompt, ratio: int, window: int, evict
     generated: list[int] = []
     for s in range(steps):
         n = len(toks)
-        kd, wd = torch.tensor(kind), torch.tensor(win)
-        causal = torch.ones(n, n).tril().bool()
-        if evict:
-            pre = (wd == -1).view(1, n)
-            same = wd.view(n, 1) == wd.view(1, n)
-            summ = (kd == 2).view(1, n) & (wd.view(1, n) < wd.view(n, 1))
-            mask = causal & (pre | same | summ)
-        else:
-            mask = causal
+        mask = videoxl_mask(kind, win, evict)
         x = torch.stack(toks).unsqueeze(0)
         ids = torch.tensor(pos, dtype=torch.int64).T.reshape(3, 1, n)
         vis = torch.tensor([d is not None for d in ds]).view(1, n)

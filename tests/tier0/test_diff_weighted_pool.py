@@ -120,6 +120,10 @@ def check_against_reference(inp: dict, tau: float, dtype: torch.dtype) -> None:
     # result: d cos/dq is exactly 0 when D = 1, and with a one-hot softmax ds = w (g.X - g.out)
     # is a difference of two O(|g||X|) numbers, scaled by 1/tau (1/tau^2 for tau's own grad).
     # So errors are measured against the largest gradient entry of any input, times 1/tau.
+    # The gradient of cos(q, a) with respect to a is (q^ - cos a^) / |a|: its rounding noise
+    # grows as 1/|a| for a short vector a (with D = 1 the true value is exactly 0 and a tiny
+    # |a| leaves eps/|a| behind), so each row's allowance is scaled by how much shorter it
+    # is than a typical row of its tensor.
     floor = max(max(g.abs().max().item() for g in exp_grads.values()), 1e-3)
     amp = 1.0 / min(tau, 1.0)
     for name, got in grads.items():
@@ -127,7 +131,21 @@ def check_against_reference(inp: dict, tau: float, dtype: torch.dtype) -> None:
         assert got.shape == want.shape, name
         assert got.dtype == (torch.float32 if name == "tau" else dtype), name
         scale = max(want.abs().max().item(), floor) * (amp * amp if name == "tau" else amp)
-        torch.testing.assert_close(got.double(), want, atol=gtol * scale, rtol=gtol, msg=name)
+        cond = _shortness(inp[name]) if name != "tau" else torch.ones(())
+        err = (got.double() - want).abs()
+        allowed = gtol * scale * cond + gtol * want.abs()
+        bad = err > allowed
+        assert not bad.any(), (
+            f"{name}: {int(bad.sum())} entries off, worst {float((err - allowed).max()):.3g} "
+            f"past the allowance"
+        )
+
+
+def _shortness(t: torch.Tensor) -> torch.Tensor:
+    """Per-entry factor max(1, median row norm / row norm) over the last dim (see above)."""
+    norms = t.detach().double().norm(dim=-1, keepdim=True)
+    typical = norms.flatten().median().clamp_min(1e-12)
+    return (typical / norms.clamp_min(1e-12)).clamp_min(1.0).expand_as(t)
 
 
 CONFIGS = {

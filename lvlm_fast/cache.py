@@ -251,12 +251,7 @@ class PreallocatedLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` rows (transformers' convention: a negative
         count; 0 is a no-op). Nothing is freed or copied: the rows are overwritten later."""
-        if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool):
-            raise TypeError(f"tokens_to_remove must be an int, got "
-                            f"{type(tokens_to_remove).__name__}")
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove (as "
-                             f"DynamicCache), got {tokens_to_remove}")
+        _check_crop_count(tokens_to_remove)
         self.length = max(0, self.length + tokens_to_remove)
         if self.is_initialized:
             self._refresh()
@@ -292,6 +287,16 @@ class PreallocatedLayer(CacheLayerMixin):
             return
         idx = _batch_index(indices, self.key_buffer.shape[0], "indices", self.key_buffer.device)
         self._rebatch(self.keys.index_select(0, idx), self.values.index_select(0, idx))
+
+
+def _check_crop_count(tokens_to_remove: object) -> None:
+    """``crop``'s argument: an int <= 0 (transformers' convention: minus the rows to drop)."""
+    if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool):
+        raise TypeError(f"tokens_to_remove must be an int, got "
+                        f"{type(tokens_to_remove).__name__}")
+    if tokens_to_remove > 0:
+        raise ValueError(f"crop takes a negative number of tokens to remove (as "
+                         f"DynamicCache), got {tokens_to_remove}")
 
 
 def _batch_index(indices: Any, batch: int, name: str, device: torch.device) -> torch.Tensor:
@@ -482,12 +487,7 @@ class PreallocatedStateLayer(LinearAttentionCacheLayerMixin):
         """Refused once the layer holds state (``ValueError``): the recurrent state has
         absorbed every token and cannot be rewound. ``crop(0)`` and crops of an empty
         layer are no-ops."""
-        if not isinstance(tokens_to_remove, int) or isinstance(tokens_to_remove, bool):
-            raise TypeError(f"tokens_to_remove must be an int, got "
-                            f"{type(tokens_to_remove).__name__}")
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove (as "
-                             f"DynamicCache), got {tokens_to_remove}")
+        _check_crop_count(tokens_to_remove)
         if tokens_to_remove and self.has_state:
             raise ValueError(
                 f"cannot crop {-tokens_to_remove} token(s) from a linear-attention layer: its "

@@ -17,12 +17,11 @@ import torch
 pytest.importorskip("transformers")
 
 import test_family_qwen3_5_strategies as base  # same directory (pytest's rootdir import)
+from family_helpers import UNITS, VIDEO, D, G, P, Q, reference_prompt  # tests/tier0 on sys.path
 
 from lvlm_fast.models.strategies import get_strategy
 from lvlm_fast.models.strategies.videoxl import DecoderView, _summary_vector
 
-P, Q, D, G, UNITS, VIDEO = base.P, base.Q, base.D, base.G, base.UNITS, base.VIDEO
-reference_prompt = base.reference_prompt
 # the same module-scoped fixtures (tiny Qwen3.5 wrapper, 13-frame prompt, all-frames features)
 vlm, prompt, full = base.vlm, base.prompt, base.full
 

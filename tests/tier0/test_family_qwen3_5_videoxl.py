@@ -15,9 +15,17 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-
 import test_family_qwen3_5_strategies as base  # same directory (pytest's rootdir import)
-from family_helpers import UNITS, VIDEO, D, G, P, Q, reference_prompt  # tests/tier0 on sys.path
+from family_helpers import (  # tests/tier0 is on sys.path
+    UNITS,
+    VIDEO,
+    D,
+    G,
+    P,
+    Q,
+    reference_prompt,
+    videoxl_mask,
+)
 
 from lvlm_fast.models.strategies import get_strategy
 from lvlm_fast.models.strategies.videoxl import DecoderView, _summary_vector
@@ -64,11 +72,7 @@ def videoxl_reference(vlm, prompt, full, ratio, window, evict, steps):
     tokens = []
     for s in range(steps):
         m = len(toks)
-        kd, wd = torch.tensor(kind), torch.tensor(win)
-        mask = torch.ones(m, m).tril().bool()
-        if evict:
-            mask &= (wd == -1).view(1, m) | (wd.view(m, 1) == wd.view(1, m)) \
-                | ((kd == 2).view(1, m) & (wd.view(1, m) < wd.view(m, 1)))
+        mask = videoxl_mask(kind, win, evict)
         with torch.no_grad():
             h = model.model.language_model(
                 inputs_embeds=torch.stack(toks).unsqueeze(0),

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from family_helpers import videoxl_mask  # tests/tier0 is on sys.path
 from transformers import Qwen3_5ForConditionalGeneration
 
 from lvlm_fast.cache import (
@@ -353,14 +354,7 @@ def _videoxl_reference(model, prefix, raw, question, ratio, window, evict, steps
     tokens = []
     for s in range(steps):
         m = len(toks)
-        kd, wd = torch.tensor(kind), torch.tensor(win)
-        causal = torch.ones(m, m).tril().bool()
-        if evict:
-            keep = (wd == -1).view(1, m) | (wd.view(m, 1) == wd.view(1, m)) \
-                | ((kd == 2).view(1, m) & (wd.view(1, m) < wd.view(m, 1)))
-            mask = causal & keep
-        else:
-            mask = causal
+        mask = videoxl_mask(kind, win, evict)
         with torch.no_grad():
             h = lm(inputs_embeds=torch.stack(toks).unsqueeze(0),
                    position_ids=torch.tensor(pos).view(1, 1, m).expand(3, 1, m),

@@ -146,3 +146,37 @@ def videoxl_mask(kind: list[int], win: list[int], evict: bool) -> torch.Tensor:
     same = wd.view(n, 1) == wd.view(1, n)
     summ = (kd == 2).view(1, n) & (wd.view(1, n) < wd.view(n, 1))
     return causal & (pre | same | summ)
+
+
+def check_stale_rows_never_seen(vlm, pr: VideoPrompt, max_new: int) -> None:
+    """``vlm`` (a ``stream`` wrapper) gives the same first-token logits and greedy tokens
+    (exactly) when every cache row beyond the valid length is NaN from the start and the
+    compacted-away tail of every compaction is poisoned with NaN: stale rows are never
+    read."""
+    from lvlm_fast.stream_cache import BudgetedKVCache
+
+    clean_logits, clean_tokens = vlm.first_token(pr), vlm.generate(pr, max_new)
+    orig_init, orig_compact = BudgetedKVCache.__init__, BudgetedKVCache.compact
+    poisoned = []
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        self.key.fill_(float("nan"))  # every row beyond the valid length, from the start
+        self.value.fill_(float("nan"))
+
+    def compact(self, **k):
+        new = orig_compact(self, **k)
+        self.key[:, :, :, new:] = float("nan")  # the compacted-away tail: stale rows
+        self.value[:, :, :, new:] = float("nan")
+        poisoned.append(new)
+        return new
+
+    BudgetedKVCache.__init__, BudgetedKVCache.compact = init, compact
+    try:
+        logits, tokens = vlm.first_token(pr), vlm.generate(pr, max_new)
+    finally:
+        BudgetedKVCache.__init__, BudgetedKVCache.compact = orig_init, orig_compact
+    assert poisoned and vlm.strategy.cache.compactions > 0
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
+    assert torch.equal(tokens, clean_tokens)

@@ -11,7 +11,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import small_video_prompt, tiny_onevision  # tests/tier0 on sys.path
+from family_helpers import (  # tests/tier0 on sys.path
+    check_stale_rows_never_seen,
+    small_video_prompt,
+    tiny_onevision,
+)
 from transformers import DynamicCache, LlavaOnevisionForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config, get_strategy
@@ -139,31 +143,7 @@ def test_stale_rows_poisoned_with_nan_are_never_seen(which, request):
     pr = _prompt(seed=3)
     kw = dict(kv_budget=15, window_frames=2, recent_frames=1)
     vlm = LongVideoVLM(model, "stream", **kw)
-    clean_logits, clean_tokens = vlm.first_token(pr), vlm.generate(pr, MAX_NEW)
-    orig_init, orig_compact = BudgetedKVCache.__init__, BudgetedKVCache.compact
-    poisoned = []
-
-    def init(self, *a, **k):
-        orig_init(self, *a, **k)
-        self.key.fill_(float("nan"))  # every row beyond the valid length, from the start
-        self.value.fill_(float("nan"))
-
-    def compact(self, **k):
-        new = orig_compact(self, **k)
-        self.key[:, :, :, new:] = float("nan")  # the compacted-away tail: stale rows
-        self.value[:, :, :, new:] = float("nan")
-        poisoned.append(new)
-        return new
-
-    BudgetedKVCache.__init__, BudgetedKVCache.compact = init, compact
-    try:
-        logits, tokens = vlm.first_token(pr), vlm.generate(pr, MAX_NEW)
-    finally:
-        BudgetedKVCache.__init__, BudgetedKVCache.compact = orig_init, orig_compact
-    assert poisoned and vlm.strategy.cache.compactions > 0
-    assert torch.isfinite(logits).all()
-    torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
-    assert torch.equal(tokens, clean_tokens)
+    check_stale_rows_never_seen(vlm, pr, MAX_NEW)
 
 
 def test_cache_stays_bounded(toy_model):

@@ -146,6 +146,9 @@ class Qwen25VLFamily(ModelFamily):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    # the video processor's defaults (a subclass family sets its processor's)
+    mean_std = (_MEAN, _STD)
+    min_max_pixels = (_MIN_PIXELS, _MAX_PIXELS)
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -308,12 +311,13 @@ class Qwen25VLFamily(ModelFamily):
     def frame_size(self, height: int, width: int, preprocessing: dict[str, Any]
                    ) -> tuple[int, int]:
         size = preprocessing.get("size") or {}
-        lo = preprocessing.get("min_pixels") or size.get("shortest_edge") or _MIN_PIXELS
-        hi = preprocessing.get("max_pixels") or size.get("longest_edge") or _MAX_PIXELS
+        lo0, hi0 = self.min_max_pixels
+        lo = preprocessing.get("min_pixels") or size.get("shortest_edge") or lo0
+        hi = preprocessing.get("max_pixels") or size.get("longest_edge") or hi0
         return smart_resize(height, width, self.factor, lo, hi)
 
     def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return _MEAN, _STD
+        return self.mean_std
 
     def video_text(self) -> str:
         return "<|vision_start|>{video}<|vision_end|>"

@@ -67,7 +67,7 @@ from lvlm_fast.models.families.base import (
     VisualLayout,
     register_family,
 )
-from lvlm_fast.models.families.qwen2_5_vl import Qwen25VLFamily, smart_resize
+from lvlm_fast.models.families.qwen2_5_vl import Qwen25VLFamily
 
 # Qwen3-VL video processor defaults (transformers Qwen3VLVideoProcessor).
 _MEAN = (0.5, 0.5, 0.5)
@@ -159,6 +159,8 @@ class Qwen3VLFamily(Qwen25VLFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     class_names = ("Qwen3VLForConditionalGeneration",)
+    mean_std = (_MEAN, _STD)
+    min_max_pixels = (_MIN_PIXELS, _MAX_PIXELS)
 
     @classmethod
     def model_class(cls) -> type:
@@ -330,15 +332,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
         return SequentialPlan([it for it in items if it[0]], self.model.lm_head.weight.device)
 
     # ------------------------------------------------------------------ preprocessing
-    def frame_size(self, height: int, width: int, preprocessing: dict[str, Any]
-                   ) -> tuple[int, int]:
-        size = preprocessing.get("size") or {}
-        lo = preprocessing.get("min_pixels") or size.get("shortest_edge") or _MIN_PIXELS
-        hi = preprocessing.get("max_pixels") or size.get("longest_edge") or _MAX_PIXELS
-        return smart_resize(height, width, self.factor, lo, hi)
-
-    def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return _MEAN, _STD
+    # frame_size / default_normalization: inherited, with this processor's defaults
 
     @classmethod
     def sample_indices(cls, total_frames: int, video_fps: float | None,

@@ -180,3 +180,33 @@ def check_stale_rows_never_seen(vlm, pr: VideoPrompt, max_new: int) -> None:
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
     assert torch.equal(tokens, clean_tokens)
+
+
+def hf_generate(model, kw: dict, n: int):
+    """transformers' greedy ``generate`` of ``n`` tokens on processor inputs ``kw``:
+    (new tokens (1, n), first-token logits (V,) fp32)."""
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[:, kw["input_ids"].shape[1]:], out.logits[0][0].float()
+
+
+def check_full_equals_generate(vlm, model, pr: VideoPrompt, kw: dict, n: int = 6):
+    """``vlm`` on ``pr`` == transformers' ``generate`` on the processor's inputs ``kw``:
+    first-token logits within 1e-5, the ``n`` greedy tokens equal. Returns the prefill."""
+    want_tokens, want_logits = hf_generate(model, kw, n)
+    torch.testing.assert_close(vlm.first_token(pr)[0], want_logits, rtol=0, atol=1e-5)
+    assert torch.equal(vlm.generate(pr, max_new_tokens=n), want_tokens)
+    return vlm.last_prefill
+
+
+def check_from_pretrained(model, tmp_path, family: str, pr: VideoPrompt) -> None:
+    """``save_pretrained`` + ``LongVideoVLM.from_pretrained`` finds ``family`` and gives
+    the in-memory model's first-token logits."""
+    from lvlm_fast.models import LongVideoVLM
+
+    model.save_pretrained(tmp_path)
+    loaded = LongVideoVLM.from_pretrained(tmp_path, "full", prefill_chunk_tokens=5)
+    assert loaded.family.name == family
+    torch.testing.assert_close(loaded.first_token(pr), LongVideoVLM(model).first_token(pr),
+                               rtol=0, atol=1e-6)

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import random_prompt  # tests/tier0 is on sys.path
+from family_helpers import (  # tests/tier0 is on sys.path
+    check_full_equals_generate,
+    hf_generate,
+    random_prompt,
+)
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config
@@ -111,13 +115,6 @@ def test_positions_temporal_axis_past_the_text(qwen):
     assert int(plan.decode(0)[0, 0, 0]) == plan.total + int(delta) == 3 + 4 * 16 + 1
 
 
-def _hf_generate(qwen, kw, n):
-    with torch.no_grad():
-        out = qwen.generate(**kw, max_new_tokens=n, do_sample=False, output_logits=True,
-                            return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[:, kw["input_ids"].shape[1]:], out.logits[0][0].float()
-
-
 @pytest.mark.parametrize("frames", [2, 4, 6, 10])
 @pytest.mark.parametrize("attention,chunk", [("auto", 7), ("model", 11)])
 def test_full_equals_generate(qwen, frames, attention, chunk):
@@ -128,13 +125,7 @@ def test_full_equals_generate(qwen, frames, attention, chunk):
                        attention=attention)
     assert vlm.fused_attention == (attention == "auto")
     pr = _prompt(frames, seed=frames, fps=1.0 if frames == 10 else None)
-    kw = _hf_inputs(vlm, pr)
-    want_tokens, want_logits = _hf_generate(qwen, kw, 6)
-    logits = vlm.first_token(pr)
-    torch.testing.assert_close(logits[0], want_logits, rtol=0, atol=1e-5)
-    got = vlm.generate(pr, max_new_tokens=6)
-    assert torch.equal(got, want_tokens)
-    res = vlm.last_prefill
+    res = check_full_equals_generate(vlm, qwen, pr, _hf_inputs(vlm, pr))
     assert isinstance(res.positions, MRopePlan)
     assert res.visual_tokens == frames // 2 * 24 and res.frames_encoded == frames
 
@@ -145,7 +136,7 @@ def test_full_odd_frame_count_repeats_last_frame(qwen):
     pr = _prompt(5, seed=3)
     padded = VideoPrompt(torch.cat([pr.pixel_values, pr.pixel_values[-1:]]), pr.prefix_ids,
                          pr.question_ids)
-    want_tokens, _ = _hf_generate(qwen, _hf_inputs(vlm, padded), 4)
+    want_tokens, _ = hf_generate(qwen, _hf_inputs(vlm, padded), 4)
     assert torch.equal(vlm.generate(pr, max_new_tokens=4), want_tokens)
 
 
@@ -155,7 +146,7 @@ def test_uniform_equals_generate_on_sampled_frames(qwen):
     idx = torch.linspace(0, 8, 4, dtype=torch.float64).round().long()
     sampled = VideoPrompt(pr.pixel_values[idx], pr.prefix_ids, pr.question_ids,
                           fps=3.0 * 4 / 9)
-    want_tokens, _ = _hf_generate(qwen, _hf_inputs(vlm, sampled), 4)
+    want_tokens, _ = hf_generate(qwen, _hf_inputs(vlm, sampled), 4)
     assert torch.equal(vlm.generate(pr, max_new_tokens=4), want_tokens)
     assert vlm.last_prefill.frames_encoded == 4
 

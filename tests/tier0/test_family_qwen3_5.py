@@ -11,7 +11,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import random_prompt, text_ids  # tests/tier0 is on sys.path
+from family_helpers import (  # tests/tier0 is on sys.path
+    check_from_pretrained,
+    check_full_equals_generate,
+    random_prompt,
+    text_ids,
+)
 from transformers import Qwen3_5ForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -125,14 +130,7 @@ def test_full_equals_generate(qwen35, frames, attention, chunk):
                        attention=attention)
     pr = _prompt(frames, seed=frames, fps=1.0 if frames == 8 else None)
     kw = hf_inputs(vlm, pr)
-    with torch.no_grad():
-        out = qwen35.generate(**kw, max_new_tokens=6, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
-    want_tokens = out.sequences[:, kw["input_ids"].shape[1]:]
-    torch.testing.assert_close(vlm.first_token(pr)[0], out.logits[0][0].float(),
-                               rtol=0, atol=1e-5)
-    assert torch.equal(vlm.generate(pr, max_new_tokens=6), want_tokens)
-    res = vlm.last_prefill
+    res = check_full_equals_generate(vlm, qwen35, pr, kw)
     assert res.llm_tokens == kw["input_ids"].shape[1]
     kinds = [type(la) for la in res.cache.layers]
     assert kinds == [PreallocatedStateLayer, PreallocatedLayer] * 2
@@ -142,12 +140,7 @@ def test_full_equals_generate(qwen35, frames, attention, chunk):
 
 
 def test_from_pretrained(qwen35, tmp_path):
-    qwen35.save_pretrained(tmp_path)
-    loaded = LongVideoVLM.from_pretrained(tmp_path, "full", prefill_chunk_tokens=5)
-    assert loaded.family.name == "qwen3_5"
-    pr = _prompt(4, seed=1)
-    torch.testing.assert_close(loaded.first_token(pr), LongVideoVLM(qwen35).first_token(pr),
-                               rtol=0, atol=1e-6)
+    check_from_pretrained(qwen35, tmp_path, "qwen3_5", _prompt(4, seed=1))
 
 
 def test_bad_input(qwen35):

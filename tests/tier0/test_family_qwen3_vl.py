@@ -9,7 +9,12 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import random_prompt, text_ids  # tests/tier0 is on sys.path
+from family_helpers import (  # tests/tier0 is on sys.path
+    check_from_pretrained,
+    check_full_equals_generate,
+    random_prompt,
+    text_ids,
+)
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -120,13 +125,6 @@ def test_positions_equal_get_rope_index(qwen3, frames, fps):
     assert int(plan.decode(3)[2, 0, 0]) == plan.total + 3 + int(delta)
 
 
-def _hf_generate(model, kw, n):
-    with torch.no_grad():
-        out = model.generate(**kw, max_new_tokens=n, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[:, kw["input_ids"].shape[1]:], out.logits[0][0].float()
-
-
 @pytest.mark.parametrize("frames", [2, 5, 8])
 @pytest.mark.parametrize("attention,chunk", [("auto", 7), ("model", 11)])
 def test_full_equals_generate(qwen3, frames, attention, chunk):
@@ -139,12 +137,7 @@ def test_full_equals_generate(qwen3, frames, attention, chunk):
                        attention=attention)
     pr = _prompt(frames, seed=frames, fps=1.0 if frames == 8 else None)
     kw = hf_inputs(vlm, pr)
-    want_tokens, want_logits = _hf_generate(qwen3, kw, 6)
-    logits = vlm.first_token(pr)
-    torch.testing.assert_close(logits[0], want_logits, rtol=0, atol=1e-5)
-    got = vlm.generate(pr, max_new_tokens=6)
-    assert torch.equal(got, want_tokens)
-    res = vlm.last_prefill
+    res = check_full_equals_generate(vlm, qwen3, pr, kw)
     assert isinstance(res.positions, SequentialPlan)
     units = -(-frames // 2)
     assert res.visual_tokens == units * 12 and res.frames_encoded == frames
@@ -168,12 +161,7 @@ def test_deepstack_matters(qwen3):
 
 
 def test_from_pretrained(qwen3, tmp_path):
-    qwen3.save_pretrained(tmp_path)
-    loaded = LongVideoVLM.from_pretrained(tmp_path, "full", prefill_chunk_tokens=5)
-    assert loaded.family.name == "qwen3_vl"
-    pr = _prompt(4, seed=1)
-    torch.testing.assert_close(loaded.first_token(pr), LongVideoVLM(qwen3).first_token(pr),
-                               rtol=0, atol=1e-6)
+    check_from_pretrained(qwen3, tmp_path, "qwen3_vl", _prompt(4, seed=1))
 
 
 def test_bad_input(qwen3):

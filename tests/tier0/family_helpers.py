@@ -210,3 +210,13 @@ def check_from_pretrained(model, tmp_path, family: str, pr: VideoPrompt) -> None
     assert loaded.family.name == family
     torch.testing.assert_close(loaded.first_token(pr), LongVideoVLM(model).first_token(pr),
                                rtol=0, atol=1e-6)
+
+
+def fixed_text_prompt(frames: int, hw: tuple[int, int], fps: float | None,
+                      text_ids=None) -> VideoPrompt:
+    """A ``frames``-frame random video (seeded by ``frames``) of ``hw`` pixels, prefix
+    ``7 8 <vs>`` and question ``<ve> 5 6 9``."""
+    g = torch.Generator().manual_seed(frames)
+    return VideoPrompt(torch.randn(frames, 3, *hw, generator=g),
+                       torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 9]]),
+                       fps=fps, text_ids=text_ids)

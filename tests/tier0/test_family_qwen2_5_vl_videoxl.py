@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import videoxl_mask  # tests/tier0 is on sys.path
+from family_helpers import fixed_text_prompt, videoxl_mask  # tests/tier0 is on sys.path
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from lvlm_fast.models import LongVideoVLM, get_config
@@ -37,9 +37,7 @@ def model():
 
 
 def _prompt(frames: int, fps: float | None) -> VideoPrompt:
-    g = torch.Generator().manual_seed(frames)
-    return VideoPrompt(torch.randn(frames, 3, H, W, generator=g), torch.tensor([[7, 8, 252]]),
-                       torch.tensor([[253, 5, 6, 9]]), fps=fps)
+    return fixed_text_prompt(frames, (H, W), fps)
 
 
 def reference(vlm: LongVideoVLM, pr: VideoPrompt, ratio: int, window: int, evict: bool,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from family_helpers import videoxl_mask  # tests/tier0 is on sys.path
+from family_helpers import fixed_text_prompt, text_ids, videoxl_mask  # tests/tier0 is on sys.path
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -36,10 +36,6 @@ D = 128
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 
-def text_ids(s: str) -> list[int]:
-    return [3 + ord(c) % 190 for c in s]
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -47,10 +43,7 @@ def model():
 
 
 def _prompt(frames: int, fps: float | None) -> VideoPrompt:
-    g = torch.Generator().manual_seed(frames)
-    return VideoPrompt(torch.randn(frames, 3, H, W, generator=g),
-                       torch.tensor([[7, 8, START]]), torch.tensor([[END, 5, 6, 9]]),
-                       fps=fps, text_ids=text_ids)
+    return fixed_text_prompt(frames, (H, W), fps, text_ids=text_ids)
 
 
 def reference(vlm: LongVideoVLM, pr: VideoPrompt, ratio: int, window: int, evict: bool,

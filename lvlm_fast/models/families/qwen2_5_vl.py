@@ -232,6 +232,12 @@ class Qwen25VLFamily(ModelFamily):
                     max_seqlen=mx,
                     max_window_seqlen=get_max_seqlen(cuw, vc, kwarg_name="max_window_seqlen"))
 
+    def _merged_grid(self, feats: torch.Tensor, thw: torch.Tensor) -> torch.Tensor:
+        """(t * gh/m * gw/m, C) merged-token features -> (t, gh/m, gw/m, C) by the grid
+        ``thw`` (1, 3) of the patchified video."""
+        t, gh, gw = (int(v) for v in thw[0])
+        return feats.view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         w = self.model.lm_head.weight
         visual = self.model.model.visual
@@ -242,8 +248,7 @@ class Qwen25VLFamily(ModelFamily):
         else:
             out = visual(flat, grid_thw=thw.to(w.device))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        t, gh, gw = (int(v) for v in thw[0])
-        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+        return self._merged_grid(feats.to(w.dtype), thw)
 
     def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """transformers' path: the processor's patches of every frame, then
@@ -253,8 +258,7 @@ class Qwen25VLFamily(ModelFamily):
         kw = self._meta_vision_kwargs(thw) if w.device.type == "meta" else {}
         feats = self.model.model.get_video_features(
             flat, thw if kw else thw.to(w.device), **kw).pooler_output[0]
-        t, gh, gw = (int(v) for v in thw[0])
-        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+        return self._merged_grid(feats.to(w.dtype), thw)
 
     def pool(self, feats: torch.Tensor) -> torch.Tensor:
         return feats

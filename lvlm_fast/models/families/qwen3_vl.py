@@ -207,8 +207,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
         out = visual(flat.to(visual.dtype), grid_thw=thw if kw else thw.to(w.device),
                      return_dict=True, **kw)
         feats = self._stack(out.pooler_output, getattr(out, "deepstack_features", None))
-        t, gh, gw = (int(v) for v in thw[0])
-        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+        return self._merged_grid(feats.to(w.dtype), thw)
 
     def encode_all_at_once(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """transformers' path: the processor's patches of every frame, then
@@ -220,8 +219,7 @@ class Qwen3VLFamily(Qwen25VLFamily):
                                                   return_dict=True, **kw)
         ds = [lv[0] for lv in out.deepstack_features] if self.deepstack_levels() else None
         feats = self._stack(out.pooler_output[0], ds)
-        t, gh, gw = (int(v) for v in thw[0])
-        return feats.to(w.dtype).view(t, gh // self.merge, gw // self.merge, feats.shape[-1])
+        return self._merged_grid(feats.to(w.dtype), thw)
 
     def vision_bytes_per_frame(self) -> int:
         """At the nominal 448x448 frame: one block's activations (MLP included), the fp32

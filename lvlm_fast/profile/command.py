@@ -32,7 +32,21 @@ from lvlm_fast.profile.memory import DEFAULT_FRAMES, DEFAULT_MODEL, GIB, PROFILE
 DEFAULT_STRATEGY_OVERRIDES: dict[str, dict[str, Any]] = {"videoxl": {"ratio": 16}}
 # Preferred order in tables and plots; strategies registered later come after, sorted.
 STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl", "vilamp-seed",
-                  "stream")
+                  "video-llama-seed", "stream")
+# Per-family profile defaults (config ``model_type`` -> defaults), each stated in the output.
+# Video-LLaMA (issue 13.3): frames 8 ... 10,240; ``uniform`` takes every frame
+# (num_frames = the largest swept count: the fused stream) next to ``video-llama-seed``
+# (released-style); the Video Q-Former's frame-position rule beyond its 32-row table is
+# "interpolate" (the released model raises there; rows 8-31 untrained), settable with
+# --model-set video_qformer.position=...; no --stop-above cut (every run is cheap on meta);
+# only the strategies the family runs (the others raise NotImplementedError by design).
+FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "video_llama": {"frames": (8, 32, 128, 512, 2048, 4096, 8192, 10240),
+                    "strategies": ("full", "uniform", "video-llama-seed"),
+                    "model_set": {"video_qformer.position": "interpolate"},
+                    "uniform_every_frame": True, "stop_above": None},
+}
+DEFAULT_STOP_ABOVE_GIB = 120.0
 LINES_GIB = (24.0, 80.0)
 CSV_FIELDS = ("model", "strategy", "frames", "frame_size", "dtype", "simulated", "method",
               "peak_bytes", "peak_gib", "weight_bytes", "input_bytes", "inputs_counted",
@@ -70,6 +84,25 @@ def _positive_float(text: str) -> float:
     return v
 
 
+class _DefaultFrames(list):
+    """The --frames default (a list; tells a family default apart from an explicit list)."""
+
+
+def _parse_model_set(items: Sequence[str]) -> dict[str, Any]:
+    """``dotted.config.key=value`` (value parsed as JSON when it parses, else a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ValueError(f"--model-set expects KEY=VALUE (KEY a dotted config path), "
+                             f"got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _parse_set(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``strategy.knob=value`` (value parsed as JSON when it parses, else a string)."""
     out: dict[str, dict[str, Any]] = {}
@@ -94,9 +127,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{', '.join(MODEL_CONFIGS)})")
     p.add_argument("--strategies", default=None,
                    help="comma-separated strategy names (default: every registered one)")
-    p.add_argument("--frames", type=_int_list, default=list(DEFAULT_FRAMES),
+    p.add_argument("--frames", type=_int_list, default=_DefaultFrames(DEFAULT_FRAMES),
                    help="comma-separated frame counts (default "
-                        f"{','.join(map(str, DEFAULT_FRAMES))})")
+                        f"{','.join(map(str, DEFAULT_FRAMES))}; video-llama: "
+                        f"{','.join(map(str, FAMILY_PROFILE_DEFAULTS['video_llama']['frames']))})")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                    help="model and frame dtype (default bf16)")
     p.add_argument("--measure", action="store_true",
@@ -115,9 +149,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", default=None, metavar="OUT", help="CSV path (overrides --out-dir)")
     p.add_argument("--png", default=None, metavar="OUT", help="plot path (overrides --out-dir)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--stop-above", type=_positive_float, default=120.0, metavar="GIB",
+    p.add_argument("--stop-above", type=_positive_float, default=None, metavar="GIB",
                    help="stop sweeping a strategy at larger frame counts once its peak passes "
-                        "GIB (default 120, 1.5x an 80 GiB GPU; keeps the default run short)")
+                        f"GIB (default {DEFAULT_STOP_ABOVE_GIB:g}, 1.5x an 80 GiB GPU; keeps the "
+                        "default run short; video-llama: no stop)")
     p.add_argument("--crossings", default="80", metavar="GIB,...",
                    help="report the exact frame count where each strategy passes these "
                         "sizes, when the sweep brackets it (default 80; each costs a few "
@@ -138,6 +173,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per prefill chunk (default: sized by the wrapper)")
     p.add_argument("--set", action="append", default=[], metavar="STRATEGY.KNOB=VALUE",
                    help="override a strategy knob, e.g. --set videoxl.ratio=8 (repeatable)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config entry before the build, KEY a dotted path, "
+                        "e.g. --model-set video_qformer.position=clamp (Video-LLaMA's frame-"
+                        "position rule beyond 32 frames; the video-llama profile defaults it "
+                        "to interpolate) (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
 
 
@@ -231,21 +271,34 @@ def _check_measurable(model: str, dtype: Any, device: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lvlm_fast.models.configs import MODEL_CONFIGS
+    from lvlm_fast.models.configs import MODEL_CONFIGS, get_config
     from lvlm_fast.profile.memory import Profiler, parse_dtype
 
     t_start = time.perf_counter()
     if args.model not in MODEL_CONFIGS:
         raise ValueError(f"unknown model config {args.model!r}; shipped configs: "
                          f"{', '.join(sorted(MODEL_CONFIGS))}")
+    fam_defaults = FAMILY_PROFILE_DEFAULTS.get(getattr(get_config(args.model), "model_type",
+                                                       None), {})
+    if isinstance(args.frames, _DefaultFrames) and "frames" in fam_defaults:
+        args.frames = list(fam_defaults["frames"])
+    if args.stop_above is None:
+        args.stop_above = fam_defaults.get("stop_above", DEFAULT_STOP_ABOVE_GIB)
+    model_overrides = dict(fam_defaults.get("model_set", {}))
+    defaulted = set(model_overrides)
+    user_model_set = _parse_model_set(args.model_set)
+    model_overrides.update(user_model_set)
+    defaulted -= set(user_model_set)
     available = registered_strategies()
-    strategies = available if args.strategies is None else \
+    strategies = list(fam_defaults.get("strategies", available)) if args.strategies is None else \
         [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in available]
     if unknown or not strategies:
         raise ValueError(f"unknown strategy {', '.join(map(repr, unknown)) or '(none given)'}; "
                          f"available: {', '.join(available)}")
     overrides = {k: dict(v) for k, v in DEFAULT_STRATEGY_OVERRIDES.items() if k in strategies}
+    if fam_defaults.get("uniform_every_frame") and "uniform" in strategies:
+        overrides["uniform"] = {"num_frames": max(args.frames)}  # the fused stream, all frames
     for k, v in _parse_set(args.set).items():
         if k not in available:
             raise ValueError(f"--set names unknown strategy {k!r}; available: "
@@ -264,9 +317,10 @@ def run(args: argparse.Namespace) -> int:
         _check_measurable(args.model, dtype, args.device)
     prof = Profiler(args.model, dtype=dtype, simulate=simulate,
                     device=None if simulate else args.device, vlm_kwargs=vlm_kwargs,
-                    strategy_overrides=overrides, inputs_on_device=args.frames_on_device)
+                    strategy_overrides=overrides, inputs_on_device=args.frames_on_device,
+                    model_overrides=model_overrides)
     frames = list(args.frames)
-    stop = int(args.stop_above * GIB)
+    stop = None if args.stop_above is None else int(args.stop_above * GIB)
     mode = "simulated (meta tensors, no weights)" if simulate else \
         f"measured on {prof.device} (random weights)"
     fh, fw = prof.frame_hw
@@ -275,6 +329,11 @@ def run(args: argparse.Namespace) -> int:
           f"{PROFILE_VIDEO_HW[0]}x{PROFILE_VIDEO_HW[1]} video resized by the "
           f"{prof.family.name} family's video-processor rule)",
           flush=True)
+    if model_overrides:
+        print("model config: " + "; ".join(
+            f"{k}={v}" + (f" (the {prof.family.name} profile's default; --model-set {k}=... "
+                          "to change)" if k in defaulted else "")
+            for k, v in model_overrides.items()))
     if overrides:
         print("strategy knobs: " + "; ".join(
             f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in overrides.items()))
@@ -385,6 +444,7 @@ def run(args: argparse.Namespace) -> int:
                 "family": prof.family.name,
                 "weight_bytes": prof.weight_bytes, "strategies": strategies, "frames": frames,
                 "strategy_overrides": overrides, "vlm_kwargs": vlm_kwargs,
+                "model_overrides": model_overrides,
                 "inputs_counted": args.frames_on_device, "stop_above_gib": args.stop_above,
                 "stopped": stopped, "unsupported": dict(prof.unsupported),
                 "wall_seconds": round(wall, 1),

@@ -147,6 +147,38 @@ def resolve_config(config: Any):
     return config
 
 
+def apply_config_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
+    """A deep copy of ``config`` with ``{"a.b": value}`` set (``lvlm-fast profile
+    --model-set``): each dotted part is a config attribute or a dict key (a family's
+    sub-config dict such as Video-LLaMA's ``video_qformer`` may gain a key; any other
+    missing part is a ValueError naming it)."""
+    import copy
+
+    if not overrides:
+        return config
+    cfg = copy.deepcopy(config)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        obj: Any = cfg
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(obj, dict):
+                if last:
+                    obj[part] = value
+                elif part in obj:
+                    obj = obj[part]
+                else:
+                    raise ValueError(f"model config has no {'.'.join(parts[:i + 1])!r}")
+            elif part and hasattr(obj, part):
+                if last:
+                    setattr(obj, part, value)
+                else:
+                    obj = getattr(obj, part)
+            else:
+                raise ValueError(f"model config has no {'.'.join(parts[:i + 1])!r}")
+    return cfg
+
+
 def build_model(config: Any, *, dtype: torch.dtype = torch.bfloat16, simulate: bool = True,
                 device: str | torch.device | None = None, seed: int = 0) -> torch.nn.Module:
     """The family's transformers model (``LlavaOnevisionForConditionalGeneration``,
@@ -726,6 +758,8 @@ class Profiler:
     :func:`profile_frame_hw`: a 448 x 448 video resized by the family's rule).
     ``vlm_kwargs``: passed to ``LongVideoVLM`` (chunk sizes, budget...).
     ``strategy_overrides``: ``{strategy name: {knob: value}}``.
+    ``model_overrides``: ``{"dotted.config.key": value}`` applied to a config before the
+    build (:func:`apply_config_overrides`; e.g. ``{"video_qformer.position": "clamp"}``).
     """
 
     def __init__(self, model: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = torch.bfloat16,
@@ -733,9 +767,12 @@ class Profiler:
                  vlm_kwargs: dict[str, Any] | None = None,
                  strategy_overrides: dict[str, dict[str, Any]] | None = None,
                  inputs_on_device: bool = False, seed: int = 0,
-                 frame_hw: tuple[int, int] | None = None) -> None:
+                 frame_hw: tuple[int, int] | None = None,
+                 model_overrides: dict[str, Any] | None = None) -> None:
         self.dtype = parse_dtype(dtype)
         self._shared_model: torch.nn.Module | None = None
+        if model_overrides and isinstance(model, torch.nn.Module):
+            raise ValueError("model_overrides apply to a config, not to a built model")
         if isinstance(model, torch.nn.Module):
             # A user's instance is shared by every strategy (it cannot be rebuilt).
             self._shared_model = model
@@ -746,7 +783,7 @@ class Profiler:
             self.model = model
         else:
             self.model_name = model if isinstance(model, str) else type(model).__name__
-            self._model_spec = resolve_config(model)
+            self._model_spec = apply_config_overrides(resolve_config(model), model_overrides)
             self.model = build_model(self._model_spec, dtype=self.dtype, simulate=simulate,
                                      device=device, seed=seed)
         self.config = self.model.config

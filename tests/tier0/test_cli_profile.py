@@ -27,7 +27,7 @@ def test_help_lists_every_option(capsys) -> None:
     for opt in ("--model", "--strategies", "--frames", "--dtype", "--measure", "--device",
                 "--budget", "--json", "--out-dir", "--csv", "--png", "--no-plot",
                 "--stop-above", "--breakdown", "--frames-on-device", "--memory-budget",
-                "--vision-chunk-frames", "--prefill-chunk-tokens", "--set"):
+                "--vision-chunk-frames", "--prefill-chunk-tokens", "--set", "--model-set"):
         assert opt in out, opt
     assert "llava-onevision-qwen2-7b" in out and "24 GiB and 80 GiB" in out
     assert "qwen2.5-vl-7b" in out and "448 x 448" in out
@@ -60,7 +60,10 @@ def test_measure_end_to_end(tmp_path, capsys) -> None:
     assert rc == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    names = registered_strategies()
+    # video-llama-seed is the released Video-LLaMA pipeline: noted, not run, on LLaVA
+    assert list(data["metadata"]["unsupported"]) == ["video-llama-seed"]
+    assert "note: video-llama-seed: not supported on tiny-llava-onevision" in printed
+    names = [s for s in registered_strategies() if s != "video-llama-seed"]
     assert sorted((r["strategy"], r["frames"]) for r in rows) == \
         sorted((s, n) for s in names for n in (4, 8))
     for r in rows:
@@ -176,6 +179,8 @@ def test_unsupported_strategy_is_noted_not_fatal(tmp_path, capsys, monkeypatch) 
                              r"frame .* already needs \d+\.\d+ GiB"),
     (["--set", "full.x"], r"--set expects STRATEGY.KNOB=VALUE"),
     (["--set", "nope.ratio=3"], r"--set names unknown strategy 'nope'"),
+    (["--model-set", "position"], r"--model-set expects KEY=VALUE"),
+    (["--model-set", "nope=1"], r"model config has no 'nope'"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, match) -> None:
     base = ["profile", "--model", TINY, "--strategies", "full", "--frames", "2",
@@ -185,6 +190,50 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, match) -
     assert rc == 2
     assert err.startswith("lvlm-fast profile: error: ")
     assert re.search(match, err), err
+
+
+def test_video_llama_profile(tmp_path, capsys) -> None:
+    """Video-LLaMA: released-style (video-llama-seed) vs fused stream (uniform over every
+    frame) past the 32-row frame table, with the profile's position="interpolate" default
+    stated; --model-set overrides it (position="error" fails like the released model)."""
+    from lvlm_fast.profile import command
+
+    assert command.FAMILY_PROFILE_DEFAULTS["video_llama"]["frames"][::7] == (8, 10240)
+    model = "tiny-video-llama"
+    out = tmp_path / "v.json"
+    rc = cli.main(["profile", "--model", model, "--frames", "8,40", "--json", str(out),
+                   "--out-dir", str(tmp_path), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "model config: video_qformer.position=interpolate (the video_llama profile's " \
+           "default; --model-set video_qformer.position=... to change)" in printed
+    assert "strategy knobs: uniform: num_frames=40" in printed
+    header = next(ln for ln in printed.splitlines() if ln.strip().startswith("peak"))
+    assert header.split()[2:] == ["full", "uniform", "video-llama-seed"]
+    assert "not supported" not in printed  # only the family's strategies by default
+    data = json.loads(out.read_text())
+    assert data["metadata"]["model_overrides"] == {"video_qformer.position": "interpolate"}
+    assert data["metadata"]["stop_above_gib"] is None
+    rows = {(r["strategy"], r["frames"]): r for r in data["rows"]}
+    assert set(rows) == {(s, n) for s in ("full", "uniform", "video-llama-seed") for n in (8, 40)}
+    assert rows[("full", 40)]["frames_encoded"] == 8  # the released 8 frames
+    assert rows[("uniform", 40)]["frames_encoded"] == rows[("video-llama-seed", 40)][
+        "frames_encoded"] == 40
+    with open(tmp_path / f"profile_{model}.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    with open(tmp_path / f"profile_{model}.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the position rule from the CLI: "error" is the released behaviour past 32 frames
+    rc = cli.main(["profile", "--model", model, "--frames", "40", "--strategies",
+                   "video-llama-seed", "--model-set", "video_qformer.position=error",
+                   "--out-dir", str(tmp_path), "--no-plot", "--quiet"])
+    assert rc == 2
+    assert "40 frames exceed the 32-row frame-position table" in capsys.readouterr().err
+    rc = cli.main(["profile", "--model", model, "--frames", "40", "--strategies", "uniform",
+                   "--model-set", "video_qformer.position=clamp", "--out-dir", str(tmp_path),
+                   "--no-plot", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "model config: video_qformer.position=clamp\n" in printed
 
 
 def test_measure_refuses_a_model_that_cannot_fit(capsys) -> None:

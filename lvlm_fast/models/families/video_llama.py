@@ -33,6 +33,10 @@ Strategies (the family runs them: :meth:`run_strategy`):
   (``"error"`` default, ``"clamp"``, ``"interpolate"``; config ``video_qformer``) decides;
   only rows 0-7 were trained. The per-frame image-Q-Former tokens (T x 32 x 768) are held
   for the two passes.
+- ``video-llama-seed`` (:mod:`lvlm_fast.models.strategies.video_llama_seed`) = the released
+  code's memory behaviour at any frame count: every frame encoded in one call, the Video
+  Q-Former as transformers' eager ``Blip2QFormerModel`` (K/V and scores materialised); same
+  tokens as ``uniform`` with ``num_frames = T`` (tested). The profiler's baseline.
 - Every other strategy raises ``NotImplementedError``: they reduce, merge or score the
   per-frame LLM tokens the decoder reads (pooling, DFM, summaries, KV eviction), and this
   family's decoder never reads per-frame tokens, only the Video Q-Former's 32.
@@ -52,7 +56,7 @@ if TYPE_CHECKING:
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SUPPORTED_STRATEGIES = ("full", "uniform")
+SUPPORTED_STRATEGIES = ("full", "uniform", "video-llama-seed")
 
 
 def released_frame_indices(total: int, count: int = 8) -> list[int]:
@@ -160,12 +164,15 @@ class VideoLlamaFamily(ModelFamily):
 
     def run_strategy(self, strategy: Strategy, vlm: LongVideoVLM, prompt: VideoPrompt
                      ) -> PrefillResult:
-        """``full`` (released 8 frames) and ``uniform`` (any frame count, streaming);
+        """``full`` (released 8 frames), ``uniform`` (any frame count, streaming) and
+        ``video-llama-seed`` (released-style, any frame count);
         NotImplementedError for the rest (see the module doc)."""
         from lvlm_fast.models.strategies.uniform import uniform_index
 
         px = prompt.pixel_values
         t = px.shape[0]
+        if strategy.name == "video-llama-seed":
+            return strategy.run_video_llama(vlm, prompt)
         if strategy.name == "full":
             n = self.config.num_frames
             idx = torch.tensor(released_frame_indices(t, n), dtype=torch.int64,

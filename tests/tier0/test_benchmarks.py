@@ -137,8 +137,8 @@ def test_rows_fields_speedups_and_files(toy_dir, tmp_path, capsys):
         assert f["speedup_vs_seed"] == pytest.approx(seed["median_ms"] / f["median_ms"])
         assert ref["speedup_vs_reference"] is None and seed["speedup_vs_seed"] is None
         assert ref["speedup_vs_seed"] == pytest.approx(seed["median_ms"] / ref["median_ms"])
-        # the Python-loop seed really is slower than torch's sum
-        assert f["speedup_vs_seed"] > 1.0
+        # (no assertion on which impl is faster: wall times on a shared 2-core CI machine
+        # are preemptible, and the ratio definitions above are what the harness owns)
         c = next(r for r in csv_rows if r["shape"] == shape and r["impl"] == "reference")
         assert c["speedup_vs_reference"] == ""  # empty, not "None"
         assert float(c["median_ms"]) == pytest.approx(ref["median_ms"])

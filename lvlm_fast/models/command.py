@@ -66,8 +66,6 @@ from typing import Any
 
 VIDEO_SENTINEL = "<lvlm_fast_video>"
 DEFAULT_FRAMES = 32
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json",
                        "processor_config.json")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -164,8 +162,10 @@ def preprocess_config(path: str, vision_config: Any) -> dict[str, Any]:
                 return {"rescale_factor": float(d.get("rescale_factor", 1 / 255)),
                         "image_mean": tuple(d["image_mean"]), "image_std": tuple(d["image_std"]),
                         "source": name}
+    from lvlm_fast.models.families.base import CLIP_MEAN, CLIP_STD  # lazy: a light CLI import
+
     clip = str(getattr(vision_config, "model_type", "")).startswith("clip")
-    mean, std = (_CLIP_MEAN, _CLIP_STD) if clip else ((0.5,) * 3, (0.5,) * 3)
+    mean, std = (CLIP_MEAN, CLIP_STD) if clip else ((0.5,) * 3, (0.5,) * 3)
     return {"rescale_factor": 1 / 255, "image_mean": mean, "image_std": std,
             "source": f"{'CLIP' if clip else 'SigLIP'} defaults"}
 
@@ -350,8 +350,10 @@ def _preprocess_source(path: str, family: Any) -> str:
     for name in _PREPROCESSOR_FILES:
         if os.path.isfile(os.path.join(path, name)):
             return name
+    from lvlm_fast.models.families.base import CLIP_MEAN
+
     mean, _ = family.default_normalization()
-    return {_CLIP_MEAN: "CLIP defaults", (0.5, 0.5, 0.5): "SigLIP defaults"}.get(
+    return {CLIP_MEAN: "CLIP defaults", (0.5, 0.5, 0.5): "SigLIP defaults"}.get(
         tuple(mean), f"{family.name} defaults")
 
 

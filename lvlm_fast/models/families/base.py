@@ -45,6 +45,11 @@ from typing import Any, ClassVar
 
 import torch
 
+# OpenAI CLIP image normalisation: the default of CLIP-tower processors (LLaVA-OneVision
+# checkpoints without a preprocessor file, Qwen2.5-VL, BLIP-2/Video-LLaMA, ViLAMP's selector).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 VIDEO_SENTINEL = "<lvlm_fast_video>"
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json",
                        "processor_config.json")

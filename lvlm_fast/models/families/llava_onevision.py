@@ -23,10 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lvlm_fast.models.families.base import ModelFamily, register_family
-
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from lvlm_fast.models.families.base import CLIP_MEAN, CLIP_STD, ModelFamily, register_family
 
 
 @register_family
@@ -182,7 +179,7 @@ class LlavaOneVisionFamily(ModelFamily):
 
     def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.config.vision_config.model_type.startswith("clip"):
-            return _CLIP_MEAN, _CLIP_STD
+            return CLIP_MEAN, CLIP_STD
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
     def video_text(self) -> str:

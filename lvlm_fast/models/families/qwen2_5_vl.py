@@ -44,6 +44,8 @@ from typing import Any
 import torch
 
 from lvlm_fast.models.families.base import (
+    CLIP_MEAN,
+    CLIP_STD,
     DEFAULT_FRAMES,
     ModelFamily,
     PositionPlan,
@@ -55,8 +57,6 @@ from lvlm_fast.models.families.base import (
 )
 
 # Qwen2.5-VL video processor defaults (transformers Qwen2VLVideoProcessor).
-_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_STD = (0.26862954, 0.26130258, 0.27577711)
 _MIN_PIXELS = 128 * 28 * 28
 _MAX_PIXELS = 768 * 28 * 28
 # Nominal frame size used to size vision chunks before any video is seen (the profile's
@@ -147,7 +147,7 @@ class Qwen25VLFamily(ModelFamily):
     model_types = ("qwen2_5_vl",)
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
     # the video processor's defaults (a subclass family sets its processor's)
-    mean_std = (_MEAN, _STD)
+    mean_std = (CLIP_MEAN, CLIP_STD)
     min_max_pixels = (_MIN_PIXELS, _MAX_PIXELS)
 
     def __init__(self, model: torch.nn.Module) -> None:

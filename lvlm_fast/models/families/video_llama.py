@@ -48,14 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lvlm_fast.models.families.base import ModelFamily, register_family
+from lvlm_fast.models.families.base import CLIP_MEAN, CLIP_STD, ModelFamily, register_family
 
 if TYPE_CHECKING:
     from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt
     from lvlm_fast.models.wrapper import LongVideoVLM
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED_STRATEGIES = ("full", "uniform", "video-llama-seed")
 
 
@@ -201,7 +199,7 @@ class VideoLlamaFamily(ModelFamily):
         return self.image_size, self.image_size
 
     def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return _CLIP_MEAN, _CLIP_STD
+        return CLIP_MEAN, CLIP_STD
 
     def video_text(self) -> str:
         return "<Video>{video}</Video> "

@@ -98,6 +98,7 @@ import torch
 import torch.nn.functional as F
 
 from lvlm_fast.models.families import TokenBlocks
+from lvlm_fast.models.families.base import CLIP_MEAN, CLIP_STD
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
     StrategyConfig,
@@ -113,8 +114,6 @@ from lvlm_fast.ops import diff_weighted_pool, keyframe_select
 if TYPE_CHECKING:
     from lvlm_fast.models.wrapper import LongVideoVLM
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 KEYFRAME_TOKENS = ("pooled", "full")

@@ -15,11 +15,24 @@ Positions: after :meth:`compact` the kept rows sit at slots ``0 .. budget-1`` wi
 keys re-rotated by the slot delta (1-D RoPE), so a row's RoPE position is its slot. The
 decoder's default positions (``get_seq_length() + arange``) are then exactly right for
 the next window, the question and the answer; every position stays below ``C``.
-M-RoPE (``mrope_section = (t, h, w)``, blocked layout as Qwen2.5-VL): only the temporal
-id is a slot (the temporal frequency pairs are re-rotated by the slot delta), height and
-width ids never move (the family's ``PositionPlan.stream_chunk`` gives them). Interleaved
-M-RoPE (Qwen3-VL, Qwen3.5: temporal pairs are every third frequency, not a prefix) is
-refused: ``kv_compact`` shifts a prefix of the pairs only.
+M-RoPE (``mrope_section = (t, h, w)``): only the temporal id is a slot (the temporal
+frequency pairs are re-rotated by the slot delta), height and width ids never move (the
+family's ``PositionPlan.stream_chunk`` gives them). Both layouts of the sections are
+handled by :func:`lvlm_fast.ops.kv_compact` without a kernel change: blocked (Qwen2.5-VL:
+the temporal pairs are a prefix) and interleaved (``mrope_interleaved``: Qwen3-VL,
+Qwen3.5; the spatial pairs get frequency 0, which is the identity exactly). Partial rotary
+(Qwen3.5: ``partial_rotary_factor`` < 1, ``inv_freq`` is ``(rotary_dim/2,)``) re-rotates the
+temporal pairs of the first ``rotary_dim`` dims only.
+
+Hybrid decoders (Qwen3.5, ``layer_types``): the stacked buffers hold the full-attention
+layers only (:attr:`kv_layers`); the linear-attention layers keep their fixed-size conv
+and recurrent states (:class:`~lvlm_fast.cache.PreallocatedStateLayer`), which every
+window updates in place and which a compaction never touches: the recurrent state has
+already absorbed every token, evicted ones included, so only the attention rows are cut.
+
+Logical positions (``videoxl`` with ``kv_budget`` on M-RoPE families):
+:func:`compact_per_layer` with ``inv_freq=None`` moves the kept rows without any
+re-rotation, so every kept row keeps the position it was computed at.
 """
 
 from __future__ import annotations
@@ -50,7 +63,9 @@ class BudgetedKVCache(PreallocatedKVCache):
                  dtype: torch.dtype, device: torch.device | str, batch: int = 1,
                  value_dim: int | None = None,
                  layer_types: Sequence[str] | None = None,
-                 mrope_section: Sequence[int] | None = None) -> None:
+                 mrope_section: Sequence[int] | None = None,
+                 mrope_interleaved: bool = False,
+                 rotary_dim: int | None = None) -> None:
         super().__init__(num_layers, capacity, layer_types)
         _pos_int("budget", budget, 1)
         if budget > capacity:
@@ -58,9 +73,14 @@ class BudgetedKVCache(PreallocatedKVCache):
         _pos_int("num_kv_heads", num_kv_heads, 1)
         _pos_int("head_dim", head_dim, 2)
         _pos_int("batch", batch, 1)
-        if not isinstance(inv_freq, torch.Tensor) or inv_freq.shape != (head_dim // 2,):
-            raise ValueError(f"inv_freq must be a ({head_dim // 2},) tensor (the decoder's "
-                             "1-D RoPE inverse frequencies)")
+        rot = head_dim if rotary_dim is None else _pos_int("rotary_dim", rotary_dim, 0)
+        if rot > head_dim or rot % 2:
+            raise ValueError(f"rotary_dim must be even and <= head_dim = {head_dim}, got {rot}")
+        if not isinstance(inv_freq, torch.Tensor) or inv_freq.shape != (rot // 2,):
+            raise ValueError(f"inv_freq must be a ({rot // 2},) tensor (the decoder's RoPE "
+                             f"inverse frequencies over rotary_dim = {rot} dims)")
+        if mrope_interleaved and mrope_section is None:
+            raise ValueError("mrope_interleaved=True needs mrope_section")
         dv = head_dim if value_dim is None else _pos_int("value_dim", value_dim, 1)
         kv = self.kv_layers
         self.key = torch.empty(len(kv), batch, num_kv_heads, capacity, head_dim, dtype=dtype,
@@ -77,6 +97,8 @@ class BudgetedKVCache(PreallocatedKVCache):
         self.compactions = 0
         # M-RoPE (t, h, w) sections: only the temporal pairs are re-rotated (None: 1-D)
         self.mrope_section = None if mrope_section is None else list(mrope_section)
+        self.mrope_interleaved = bool(mrope_interleaved)
+        self.rotary_dim = rot  # dims a key rotates over (< head_dim: partial rotary)
         # set ``record = True`` to keep the last KVCompactResult (keep mask, scores): tests,
         # the quality proxy; off by default (the score tensor is (2, L, B, H, C) fp32)
         self.record = False
@@ -87,26 +109,25 @@ class BudgetedKVCache(PreallocatedKVCache):
                         inv_freq: torch.Tensor, dtype: torch.dtype,
                         device: torch.device | str, batch: int = 1) -> BudgetedKVCache:
         """A cache for the decoder described by ``config`` (its layer count, KV heads, head
-        dim, ``layer_types`` and M-RoPE ``mrope_section``). Rejects RoPE variants a slot
-        re-rotation cannot express."""
+        dim, ``layer_types``, M-RoPE ``mrope_section`` / ``mrope_interleaved`` and
+        ``partial_rotary_factor``). Rejects RoPE variants a slot re-rotation cannot express
+        (scaled RoPE types)."""
         tc = getattr(config, "text_config", None) or config
         rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if rope.get("mrope_interleaved"):
-            raise NotImplementedError(
-                "BudgetedKVCache: this decoder uses interleaved M-RoPE (mrope_interleaved: "
-                "Qwen3-VL / Qwen3.5, temporal frequency pairs are every third pair), but "
-                "kv_compact re-rotates a prefix of the pairs only (blocked M-RoPE as "
-                "Qwen2.5-VL, or 1-D RoPE)")
         if kind not in ("default", "mrope"):
             raise NotImplementedError(
                 f"BudgetedKVCache re-rotates kept keys with plain RoPE; this decoder's rope "
                 f"type {kind!r} is not supported")
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        factor = rope.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", None))
+        rot = head_dim if factor is None else int(head_dim * factor)  # transformers' rule
         return cls(tc.num_hidden_layers, capacity, budget=budget, inv_freq=inv_freq,
                    num_kv_heads=tc.num_key_value_heads, head_dim=head_dim, dtype=dtype,
                    device=device, batch=batch, layer_types=getattr(tc, "layer_types", None),
-                   mrope_section=rope.get("mrope_section"))
+                   mrope_section=rope.get("mrope_section"),
+                   mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
+                   rotary_dim=rot)
 
     def compact(self, *, prefix: int = 0, recent: int = 0, tokens_per_frame: int = 0,
                 tar_ratio: float | None = None, scores: torch.Tensor | None = None) -> int:
@@ -118,7 +139,8 @@ class BudgetedKVCache(PreallocatedKVCache):
             return n
         res = kv_compact(self.key, self.value, n, budget=self.budget, inv_freq=self.inv_freq,
                          prefix=prefix, recent=recent, tokens_per_frame=tokens_per_frame,
-                         tar_ratio=tar_ratio, scores=scores, mrope_section=self.mrope_section)
+                         tar_ratio=tar_ratio, scores=scores, mrope_section=self.mrope_section,
+                         mrope_interleaved=self.mrope_interleaved, rotary_dim=self.rotary_dim)
         new = self.budget  # == res.new_length on device (min(n, budget), n > budget)
         for layer in self.kv_layers:
             layer.length = new
@@ -137,19 +159,27 @@ class BudgetedKVCache(PreallocatedKVCache):
 
 
 def compact_per_layer(cache: PreallocatedKVCache, budget: int, *, prefix: int,
-                      inv_freq: torch.Tensor) -> int:
+                      inv_freq: torch.Tensor | None) -> int:
     """Compact a cache whose layers own separate buffers (e.g. ``SummaryKVCache``, whose
-    rows are a sink and Video-XL summaries) to ``budget`` rows per full-attention layer:
-    one ``kv_compact`` call per layer (the buffers are not one stacked tensor), VaN only
+    rows are a sink and Video-XL summaries) to ``budget`` rows per full-attention layer
+    (linear-attention layers of a hybrid decoder keep their states untouched): one
+    ``kv_compact`` call per layer (the buffers are not one stacked tensor), VaN only
     (summary rows are not frames of one grid, so TaR's patch index is undefined), the
-    ``prefix`` rows protected, keys re-rotated to their new slots (1-D RoPE ``inv_freq``).
-    Returns the new length; a no-op at or under the budget (host length: no sync)."""
+    ``prefix`` rows protected. Keys: re-rotated to their new slots with the 1-D RoPE
+    ``inv_freq`` (head_dim/2,), or, with ``inv_freq=None``, moved WITHOUT re-rotation
+    (every kept row keeps the position it was computed at: Video-XL's logical positions on
+    M-RoPE families, any section layout or partial rotary). Returns the new length; a no-op
+    at or under the budget (host length: no sync)."""
     n = cache.get_seq_length()
     if n <= budget:
         return n
     for layer in cache.kv_layers:
-        kv_compact(layer.key_buffer.unsqueeze(0), layer.value_buffer.unsqueeze(0), n,
-                   budget=budget, inv_freq=inv_freq, prefix=prefix, tar_ratio=0.0)
+        key = layer.key_buffer
+        freq, rot = (inv_freq, None) if inv_freq is not None else \
+            (key.new_zeros(0, dtype=torch.float32), 0)
+        kv_compact(key.unsqueeze(0), layer.value_buffer.unsqueeze(0), n,
+                   budget=budget, inv_freq=freq, prefix=prefix, tar_ratio=0.0,
+                   rotary_dim=rot)
         layer.length = budget
         layer._refresh()
     return budget

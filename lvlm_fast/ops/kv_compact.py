@@ -166,6 +166,8 @@ def kv_compact(
     tar_ratio: float | None = None,
     scores: torch.Tensor | None = None,
     mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+    rotary_dim: int | None = None,
 ) -> KVCompactResult:
     """Compact every layer's cache of a window to ``budget`` rows, in place (module doc).
 
@@ -177,7 +179,7 @@ def kv_compact(
             buffers' device, clamped to [0, C] in the kernel: no host sync).
         budget: rows kept in total (prefix + selected + recent) when n > budget; the new
             length is ``min(n, budget)``. Needs ``budget >= prefix + recent``.
-        inv_freq: (D/2,) RoPE inverse frequencies of the model.
+        inv_freq: (R/2,) RoPE inverse frequencies of the model (R = ``rotary_dim``).
         prefix: protected leading rows (system prompt, text before the video).
         recent: protected newest rows (whole frames: a multiple of ``tokens_per_frame``).
         tokens_per_frame: P, tokens per frame (TaR's patch index); 0 = no TaR (then
@@ -188,8 +190,14 @@ def kv_compact(
             share). Not allowed with ``scores``.
         scores: optional (L, B, H, C) caller-given score (higher = keep), e.g. attention
             mass; then every selectable slot goes to it.
-        mrope_section: None for 1-D RoPE, or M-RoPE's (t, h, w) with t + h + w = D/2: only
+        mrope_section: None for 1-D RoPE, or M-RoPE's (t, h, w) with t + h + w = R/2: only
             the temporal pairs are shifted by the slot delta.
+        mrope_interleaved: the sections are interleaved across the pairs (Qwen3-VL,
+            Qwen3.5: :func:`lvlm_fast.reference.kv_compact.temporal_pairs`) instead of
+            blocked (Qwen2.5-VL). Needs ``mrope_section``.
+        rotary_dim: R, the rotated dims of a key (None = D; partial rotary as Qwen3.5:
+            R < D, the first R dims rotate with pairs ``(i, i + R/2)``, the rest move
+            unrotated; 0 = no re-rotation at all). Even, 0 <= R <= D.
 
     Returns:
         :class:`KVCompactResult` (new_length tensor, keep mask, scores).
@@ -206,7 +214,18 @@ def kv_compact(
         if t is not None and t.requires_grad:
             raise ValueError(f"{name} requires grad: kv_compact is an in-place inference "
                              "cache edit and is not differentiable")
-    v.check_rope_kv(key, value, inv_freq)
+    v.check_tensor("inv_freq", inv_freq, 1)
+    # the kernels' rotation is rotate_half over the whole head dim: validate the layout
+    # (even head dim, unit-stride rows) with a (D/2,) stand-in, inv_freq against R below
+    v.check_rope_kv(key, value, inv_freq.new_zeros(d // 2))
+    rot = d if rotary_dim is None else rotary_dim
+    v.check_int("rotary_dim", rot, 0)
+    if rot > d or rot % 2:
+        raise ValueError(f"rotary_dim must be even and <= the head dim D = {d}, got {rot}")
+    half_name = "D/2" if rotary_dim is None else "rotary_dim/2"
+    if inv_freq.shape[0] != rot // 2:
+        raise ValueError(f"inv_freq must be ({half_name} = {rot // 2},), got "
+                         f"{tuple(inv_freq.shape)}")
     v.check_int("budget", budget, 1)
     v.check_int("prefix", prefix, 0)
     v.check_int("recent", recent, 0)
@@ -239,15 +258,19 @@ def kv_compact(
                 raise ValueError(f"recent must be a positive multiple of tokens_per_frame = "
                                  f"{tpf} (TaR compares against whole recent frames), got "
                                  f"{recent}")
-    if mrope_section is None:
-        rotary_pairs = d // 2
-    else:
+    if not isinstance(mrope_interleaved, bool):
+        raise TypeError(f"mrope_interleaved must be a bool, got {mrope_interleaved!r}")
+    sec = None
+    if mrope_section is not None:
         sec = list(mrope_section)
         if len(sec) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0
-                                for s in sec) or sum(sec) != d // 2:
-            raise ValueError(f"mrope_section must be 3 non-negative ints summing to D/2 = "
-                             f"{d // 2}, got {mrope_section!r}")
-        rotary_pairs = sec[0]
+                                for s in sec) or sum(sec) != rot // 2:
+            raise ValueError(f"mrope_section must be 3 non-negative ints summing to "
+                             f"{half_name} = {rot // 2}, got {mrope_section!r}")
+    elif mrope_interleaved:
+        raise ValueError("mrope_interleaved=True needs mrope_section")
+    kernel_freq, rotary_pairs, post = _kernel_rotation(inv_freq, d, rot, sec,
+                                                       mrope_interleaved)
     if isinstance(length, torch.Tensor):
         v.check_int_tensor("length", length, length.dim())
         if length.numel() != 1 or length.dtype != torch.int64:
@@ -262,9 +285,68 @@ def kv_compact(
                              f"got {length}")
         length_t = torch.full((), length, dtype=torch.int64, device=key.device)
     new_length, keep, score = torch.ops.lvlm_fast.kv_compact(
-        key, value, length_t, inv_freq, scores, budget, prefix, recent, tpf, primary_slots,
+        key, value, length_t, kernel_freq, scores, budget, prefix, recent, tpf, primary_slots,
         rotary_pairs)
+    if post is not None:
+        _rerotate_kept(key, keep, budget, *post)
     return KVCompactResult(new_length, keep, score)
+
+
+def _kernel_rotation(inv_freq: torch.Tensor, d: int, rot: int, sec: list[int] | None,
+                     interleaved: bool
+                     ) -> tuple[torch.Tensor, int, tuple[torch.Tensor, int] | None]:
+    """How the kernels (rotate_half over all D dims, the first ``rotary_pairs`` pairs) are
+    driven for a RoPE layout, without changing them: ``(inv_freq for the kernel,
+    rotary_pairs, post)``.
+
+    * full rotary, 1-D or blocked M-RoPE: the model's inv_freq, ``rotary_pairs`` = all
+      pairs or the temporal section ``t`` (the kernels' native layouts);
+    * full rotary, interleaved M-RoPE: inv_freq with the spatial pairs zeroed, all pairs
+      "rotated": angle 0 is the identity exactly (cos 0 = 1, sin 0 = 0 in fp32, and
+      ``x * 1 + y * 0`` rounds back to x), so only the temporal pairs move;
+    * partial rotary (R < D: pairs ``(i, i + R/2)``, which the kernels' ``(i, i + D/2)``
+      pairing cannot express): the kernel moves the rows unrotated (``rotary_pairs`` = 0)
+      and ``post = (freqs, R)`` re-rotates the kept rows' temporal pairs afterwards
+      (:func:`_rerotate_kept`: elementwise, over the temporal pairs of the first
+      ``budget`` rows only; R = 0 or no temporal pair: nothing to do)."""
+    from lvlm_fast.reference.kv_compact import temporal_pairs
+
+    pairs = rot // 2
+    if rot == d and not interleaved:
+        return inv_freq, (pairs if sec is None else sec[0]), None
+    mask = temporal_pairs(pairs, sec, interleaved)
+    if rot == d:
+        freq = inv_freq * mask.to(device=inv_freq.device, dtype=inv_freq.dtype)
+        return freq, d // 2, None
+    idx = torch.nonzero(mask).flatten()
+    post = None if idx.numel() == 0 else (
+        (idx.to(inv_freq.device), inv_freq.float()[idx.to(inv_freq.device)]), rot)
+    return inv_freq.new_zeros(d // 2), 0, post
+
+
+def _rerotate_kept(key: torch.Tensor, keep: torch.Tensor, budget: int,
+                   pair_freq: tuple[torch.Tensor, torch.Tensor], rot: int) -> None:
+    """Partial rotary, after the kernel moved the kept rows unrotated: rotate each kept
+    key's temporal pairs ``(i, i + R/2)`` by its slot delta (``new - old``), fp32 angles
+    ``delta * inv_freq[i]`` (HF rotate_half). The deltas come from ``keep`` on the device
+    (new slot = kept rows before it), so nothing syncs with the host; rows at or past the
+    number kept get delta 0 (identity). Only the first ``min(budget, C)`` rows can hold a
+    kept row."""
+    idx, freq = pair_freq
+    c = key.shape[3]
+    cap = min(budget, c)
+    dest = keep.to(torch.int64).cumsum(-1) - 1  # new slot of each kept old row
+    delta = dest - torch.arange(c, device=key.device)
+    by_dest = torch.zeros(*keep.shape[:3], cap + 1, dtype=torch.int64, device=key.device)
+    by_dest.scatter_(-1, torch.where(keep, dest, cap).clamp_(max=cap), delta)
+    ang = by_dest[..., :cap, None].float() * freq  # (L, B, H, cap, pairs)
+    cos, sin = ang.cos(), ang.sin()
+    half = rot // 2
+    rows = key[..., :cap, :]
+    x1 = rows[..., idx].float()
+    x2 = rows[..., idx + half].float()
+    rows[..., idx] = (x1 * cos - x2 * sin).to(key.dtype)
+    rows[..., idx + half] = (x2 * cos + x1 * sin).to(key.dtype)
 
 
 __all__ = ["KVCompactResult", "kv_compact", "stacked_layer_view"]

@@ -39,10 +39,19 @@ Position rule (one rule, bounded however long the stream): a row's RoPE position
 slot in the bounded buffer. A kept key moving from slot s to slot d is re-rotated by
 ``d - s`` positions (HF rotate_half convention, ``angle = delta * inv_freq`` in fp32), the
 re-rotation ``evict_summaries`` does, so every position stays < C <= max positions.
-M-RoPE (``mrope_section = (t, h, w)``, ``t + h + w = D/2``, HF's layout: frequency pair i
-belongs to the temporal section iff i < t): the temporal section is shifted by the slot
-delta and the spatial sections are left unrotated (spatial indices are bounded by the
-grid already). ``mrope_section=None`` is 1-D RoPE (every pair shifted).
+M-RoPE (``mrope_section = (t, h, w)``, ``t + h + w = R/2``): the temporal frequency pairs
+are shifted by the slot delta and the spatial pairs are left unrotated (the spatial ids are
+bounded by the grid already). Which pair is temporal (:func:`temporal_pairs`):
+  * blocked (Qwen2.5-VL, HF's ``apply_multimodal_rotary_pos_emb``): pair i iff ``i < t``;
+  * interleaved (``mrope_interleaved``: Qwen3-VL, Qwen3.5, HF's
+    ``apply_interleaved_mrope``): pair i is height iff ``i % 3 == 1 and i < 3h``, width
+    iff ``i % 3 == 2 and i < 3w``, temporal otherwise.
+``mrope_section=None`` is 1-D RoPE (every pair shifted).
+Partial rotary (Qwen3.5: ``R = head_dim * partial_rotary_factor < D``): the rotated part
+is the first R dims of the key, pairs ``(i, i + R/2)`` for ``i < R/2`` (HF's rotate_half on
+``k[..., :R]``), ``inv_freq`` is (R/2,), and dims ``R .. D-1`` move unrotated. ``R`` is
+``2 * len(inv_freq)``. A zero frequency is the identity exactly (cos 0 = 1, sin 0 = 0), so
+``inv_freq = 0`` moves rows without any re-rotation (Video-XL's logical positions).
 
 Not differentiable: an in-place inference-time cache edit.
 """
@@ -120,11 +129,26 @@ def select_rows(primary: torch.Tensor, secondary: torch.Tensor, n: int, budget: 
     return keep
 
 
-def rotation_freqs(inv_freq: torch.Tensor, mrope_section: list[int] | None) -> torch.Tensor:
-    """inv_freq with the pairs that must not rotate zeroed (M-RoPE spatial sections)."""
+def temporal_pairs(pairs: int, mrope_section: list[int] | None,
+                   interleaved: bool = False) -> torch.Tensor:
+    """(pairs,) bool: which rotary frequency pairs carry the temporal id (module doc);
+    all of them for 1-D RoPE (``mrope_section=None``)."""
+    i = torch.arange(pairs)
+    if mrope_section is None:
+        return torch.ones(pairs, dtype=torch.bool)
+    t, h, w = mrope_section
+    if not interleaved:
+        return i < t
+    hh = (i % 3 == 1) & (i < 3 * h)
+    ww = (i % 3 == 2) & (i < 3 * w)
+    return ~(hh | ww)
+
+
+def rotation_freqs(inv_freq: torch.Tensor, mrope_section: list[int] | None,
+                   interleaved: bool = False) -> torch.Tensor:
+    """inv_freq (R/2,) with the pairs that must not rotate zeroed (M-RoPE spatial pairs)."""
     f = inv_freq.float().cpu().clone()
-    if mrope_section is not None:
-        f[mrope_section[0]:] = 0.0
+    f[~temporal_pairs(f.shape[0], mrope_section, interleaved)] = 0.0
     return f
 
 
@@ -142,17 +166,19 @@ def kv_compact(
     primary_slots: int = 0,
     scores: torch.Tensor | None = None,
     mrope_section: list[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """In place on key (L, B, H, C, D) / value (L, B, H, C, Dv). Returns
     ``(new_length, keep, score)``: keep (L, B, H, C) bool over the OLD rows, score
     (2, L, B, H, C) fp32 = (primary, secondary) score of every old row (0 outside the
     middle). Primary/secondary are TaR/VaN (TaR = 0 when ``tokens_per_frame`` = 0), or
-    the external ``scores`` and 0 when given."""
+    the external ``scores`` and 0 when given. ``inv_freq`` (R/2,): R = the rotated dims
+    (R < D: partial rotary), ``mrope_section`` / ``mrope_interleaved``: module doc."""
     nl, b, h, c, _ = key.shape
     n = max(0, min(int(length), c))
     keep = torch.zeros(nl, b, h, c, dtype=torch.bool)
     score = torch.zeros(2, nl, b, h, c, dtype=torch.float32)
-    freqs = rotation_freqs(inv_freq, mrope_section)
+    freqs = rotation_freqs(inv_freq, mrope_section, mrope_interleaved)
     for li in range(nl):
         for bi in range(b):
             for hi in range(h):
@@ -181,15 +207,18 @@ def kv_compact(
 def move_kept(key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
               freqs: torch.Tensor) -> None:
     """In place on one head's (C, D)/(C, Dv): kept rows to slots 0, 1, ... in time order,
-    keys re-rotated by ``new slot - old slot`` with ``freqs`` (:func:`rotation_freqs`)."""
+    keys re-rotated by ``new slot - old slot`` with ``freqs`` (:func:`rotation_freqs`, R/2
+    entries: the first R = 2 * len(freqs) dims rotate, the rest move as they are)."""
     src = torch.nonzero(keep.cpu()).flatten().to(key.device)
     dst = torch.arange(src.numel(), device=key.device)
     cos, sin = rope_cos_sin(dst - src, freqs.to(key.device))
-    moved_k = apply_rope(key[src], cos, sin)  # fancy indexing gathers a copy first
+    rot = 2 * freqs.shape[0]
+    moved_k = key[src]  # fancy indexing gathers a copy first
+    moved_k[:, :rot] = apply_rope(moved_k[:, :rot], cos, sin)
     moved_v = value[src]
     key[dst] = moved_k
     value[dst] = moved_v
 
 
 __all__ = ["kv_compact", "move_kept", "rotation_freqs", "select_rows", "tar_scores",
-           "top_k_earliest", "van_scores"]
+           "temporal_pairs", "top_k_earliest", "van_scores"]

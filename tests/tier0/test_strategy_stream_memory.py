@@ -131,7 +131,7 @@ def test_kv_budget_knob_is_checked(model, name):
 def test_videoxl_kv_budget(model):
     """videoxl + kv_budget: a budget covering sink + every summary == videoxl without it;
     a smaller one caps the rows after the video and the cache's capacity (flat), and the
-    answer decodes; M-RoPE families refuse it."""
+    answer decodes (M-RoPE families: tests/tier0/test_strategy_stream_qwen3.py)."""
     pr = _prompt(t=12, seed=1)
     kw = dict(ratio=2, window=8)
     plain = LongVideoVLM(model, "videoxl", **kw)
@@ -148,17 +148,6 @@ def test_videoxl_kv_budget(model):
     assert small.generate(pr, 3).shape == (1, 3)
     with pytest.raises(ValueError, match="kv_budget"):
         LongVideoVLM(model, "videoxl", kv_budget=2, **kw).first_token(pr)
-
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    qwen = Qwen2_5_VLForConditionalGeneration(get_config("tiny-qwen2.5-vl")).eval()
-    g = torch.Generator().manual_seed(0)
-    qpr = VideoPrompt(torch.randn(4, 3, 56, 56, generator=g),
-                      torch.randint(0, 250, (1, 3), generator=g),
-                      torch.randint(0, 250, (1, 5), generator=g), fps=2.0)
-    with pytest.raises(NotImplementedError, match="M-RoPE"):
-        LongVideoVLM(qwen, "videoxl", kv_budget=64, **kw).first_token(qpr)
 
 
 def test_videoxl_kv_budget_equals_reference_compaction(model):

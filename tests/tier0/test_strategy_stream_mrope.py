@@ -244,18 +244,3 @@ def test_stale_rows_poisoned_with_nan_are_never_seen(qwen):
     kw = dict(kv_budget=15, window_frames=1, recent_frames=1)
     vlm = LongVideoVLM(qwen, "stream", **kw)
     check_stale_rows_never_seen(vlm, pr, MAX_NEW)
-
-
-def test_interleaved_mrope_family_is_refused():
-    from transformers import Qwen3VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(get_config("tiny-qwen3-vl")).eval()
-    vlm = LongVideoVLM(model, "stream", kv_budget=64)
-    g = torch.Generator().manual_seed(0)
-    pr = VideoPrompt(torch.randn(4, 3, 64, 64, generator=g),
-                     torch.randint(0, 250, (1, 3), generator=g),
-                     torch.randint(0, 250, (1, 5), generator=g), fps=2.0)
-    with pytest.raises(NotImplementedError,
-                       match=r"stream on the qwen3_vl family: .*interleaved"):
-        vlm.first_token(pr)

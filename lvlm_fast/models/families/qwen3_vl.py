@@ -63,6 +63,7 @@ import torch
 
 from lvlm_fast.models.families.base import (
     PositionPlan,
+    TextRunPlan,
     TokenBlocks,
     VisualLayout,
     register_family,
@@ -116,10 +117,15 @@ class SequentialPlan(PositionPlan):
     each a text run (``h = 0``: one position per token) or an ``h x w`` visual block at
     ``(cur, cur + y, cur + x)``. Item offsets and start positions are host ints."""
 
-    def __init__(self, items: list[tuple[int, int, int]], device: torch.device) -> None:
-        # items: (tokens, h, w); h = 0 marks a text run of `tokens` tokens
+    def __init__(self, items: list[tuple[int, int, int]], device: torch.device,
+                 prefix: int = 0, question: int = 0) -> None:
+        # items: (tokens, h, w); h = 0 marks a text run of `tokens` tokens. prefix /
+        # question: the leading / trailing text runs' lengths (the stream rule's base)
         self.items = items
         self.device = device
+        self.prefix, self.question = prefix, question
+        extent = max((max(h, w) for _, h, w in items if h), default=0)
+        self.stream_text_start = prefix + extent  # the stream rule's question start floor
         self.offsets: list[int] = []
         self.starts: list[int] = []
         off = cur = 0
@@ -152,6 +158,43 @@ class SequentialPlan(PositionPlan):
     def decode(self, step: int) -> torch.Tensor:
         return torch.full((3, 1, 1), self.next_pos + step, dtype=torch.int64,
                           device=self.device)
+
+    def stream_chunk(self, lo: int, hi: int, slot: int) -> torch.Tensor:
+        """The ``stream`` rule for this layout (bounded; one place:
+        :mod:`lvlm_fast.models.strategies.stream`), for prompt tokens ``lo .. hi-1`` of
+        ``[prefix ; layout]`` appended at cache slots ``slot ..``: a text row (prefix,
+        timestamp, ``<|vision_start|>`` / ``<|vision_end|>``) gets its slot on all three
+        axes; a visual row at ``(y, x)`` of its ``h x w`` block gets ``(slot, P + y,
+        P + x)``. The temporal id is re-rotated to the row's slot by every compaction,
+        the other two never move, so all ids stay below ``max(capacity, P + max(h, w))``."""
+        if not 0 <= lo <= hi <= self.total - self.question:
+            raise ValueError(f"stream_chunk covers the prefix and visual layout "
+                             f"[0, {self.total - self.question}), got [{lo}, {hi})")
+        parts = []
+        s = slot
+        i = max(bisect.bisect_right(self.offsets, lo) - 1, 0)
+        while i < len(self.items) and self.offsets[i] < hi:
+            n, h, w = self.items[i]
+            a, b = max(lo - self.offsets[i], 0), min(hi - self.offsets[i], n)
+            if a < b:
+                t = torch.arange(s, s + b - a, device=self.device)
+                if h == 0:
+                    parts.append(t.view(1, -1).expand(3, -1))
+                else:
+                    idx = torch.arange(a, b, device=self.device)
+                    parts.append(torch.stack([t, idx // w + self.prefix,
+                                              idx % w + self.prefix]))
+                s += b - a
+            i += 1
+        if not parts:
+            return torch.zeros(3, 1, 0, dtype=torch.int64, device=self.device)
+        pos = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return pos.reshape(3, 1, -1)
+
+    def stream_tail(self, length: int) -> PositionPlan:
+        """Question at ``max(length, P + max(h, w))`` on all axes (after every cached
+        temporal id and every spatial id), the answer after it."""
+        return TextRunPlan(max(length, self.stream_text_start), self.question, self.device)
 
 
 @register_family
@@ -223,13 +266,17 @@ class Qwen3VLFamily(Qwen25VLFamily):
 
     def vision_bytes_per_frame(self) -> int:
         """At the nominal 448x448 frame: one block's activations (MLP included), the fp32
-        scores of one temporal patch as a worst case, mergers (main + DeepStack) and
+        scores of one temporal patch as a worst case (none on CUDA with a flash /
+        memory-efficient SDPA kernel, as Qwen2.5-VL's), mergers (main + DeepStack) and
         pixels, per frame."""
         vc = self.config.vision_config
         item = self.model.lm_head.weight.dtype.itemsize
         n = (NOMINAL_FRAME // self.patch) ** 2
         acts = n * (6 * vc.hidden_size + 3 * vc.intermediate_size) * item
-        scores = vc.num_heads * n * n * 4
+        # CUDA with SDPA: a flash / memory-efficient kernel, no score matrix (issue 14.2.5)
+        flash = self.model.lm_head.weight.device.type == "cuda" \
+            and getattr(vc, "_attn_implementation", None) != "eager"
+        scores = 0 if flash else vc.num_heads * n * n * 4
         merged = n // self.merge ** 2 * vc.out_hidden_size * item * (1 + self.deepstack_levels())
         merger = n * 2 * vc.hidden_size * item + merged
         pixels = 3 * NOMINAL_FRAME ** 2 * item * self.tps
@@ -327,7 +374,8 @@ class Qwen3VLFamily(Qwen25VLFamily):
                              "VisualLayout (visual_layout)")
         items = [(prefix, 0, 0)] + (list(layout.items) if layout is not None else []) \
             + [(question, 0, 0)]
-        return SequentialPlan([it for it in items if it[0]], self.model.lm_head.weight.device)
+        return SequentialPlan([it for it in items if it[0]], self.model.lm_head.weight.device,
+                              prefix, question)
 
     # ------------------------------------------------------------------ preprocessing
     # frame_size / default_normalization: inherited, with this processor's defaults

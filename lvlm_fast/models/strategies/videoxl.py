@@ -66,6 +66,19 @@ visual tokens only (never at text or summary slots) in that window's forward, an
 with the window: only one window's DeepStack rows are alive. Tested against a plain-PyTorch
 masked whole-stream reference through transformers' Qwen3-VL decoder.
 
+``kv_budget`` (issue 12, a hard cap): after each window the sink + summaries are compacted
+to ``kv_budget`` rows per full-attention layer (:func:`lvlm_fast.stream_cache.
+compact_per_layer`: VaN only, the sink protected, kept rows in time order). 1-D RoPE
+families: the kept summaries are re-rotated to their new slots (the released scheme,
+positions = slots). M-RoPE families (Qwen2.5-VL, Qwen3-VL, Qwen3.5): the kept summary rows
+are moved WITHOUT re-rotation (all-zero rotation frequencies), so every kept row keeps its
+logical position, any section layout and partial rotary alike; the question and the answer
+keep ``full``'s logical positions too. So with a budget the result equals the same masked
+whole-stream reference with the evicted summaries also masked out (tested). Note the
+logical positions, unlike ``stream``'s slots, grow with the video: the cap bounds memory,
+not the largest position id. On Qwen3.5 the cap acts on the full-attention layers only (the
+recurrent states absorbed every token).
+
 ``PrefillResult.visual_tokens`` counts what the LLM read of the video: N raw tokens
 (timestamp text included on Qwen3-VL) plus the summary tokens; ``llm_tokens`` adds prefix
 and question.
@@ -108,7 +121,7 @@ class VideoXLConfig(StrategyConfig):
     evict: bool = True  # drop each window's raw KV rows after the window
     summary_embed: torch.Tensor | None = None  # learned summary-token embedding (hidden,)
     # hard KV cap (issue 12): after each window, sink + summaries are compacted to this
-    # many rows per layer (kv_compact, VaN; 1-D RoPE families only); None = off
+    # many rows per full-attention layer (kv_compact, VaN; module doc); None = off
     kv_budget: int | None = None
 
     def __post_init__(self) -> None:
@@ -209,11 +222,6 @@ class VideoXLStrategy(Strategy):
             torch.zeros_like(vlm.language_model.rotary_emb.inv_freq)
         budget, sized = cfg.kv_budget, n_stream
         if budget is not None:
-            if plan is not None:
-                raise NotImplementedError(
-                    f"videoxl with kv_budget: the {fam.name} family keeps logical M-RoPE "
-                    "positions; compacting its summaries to slots is implemented for 1-D "
-                    "RoPE decoders (LLaVA-OneVision) only")
             if budget < p:
                 raise ValueError(f"kv_budget must be >= the prefix tokens ({p}), got {budget}")
             # at most budget rows survive a window, plus one interleaved window (window
@@ -245,8 +253,11 @@ class VideoXLStrategy(Strategy):
                                           **kw)
             raw_done += raw.shape[1]
             if budget is not None:  # the sink stays; summaries compete for the rest
-                cache.frozen_length = compact_per_layer(cache, budget, prefix=p,
-                                                        inv_freq=cache.inv_freq)
+                # 1-D: kept summaries re-rotated to their new slots (the released scheme);
+                # M-RoPE: moved unrotated, logical positions kept (module doc)
+                cache.frozen_length = compact_per_layer(
+                    cache, budget, prefix=p, inv_freq=None if plan is not None else
+                    cache.inv_freq)
 
         buf = torch.empty((1, min(window, n_stream), fs), dtype=vlm.dtype, device=vlm.device)
         vbuf = None if fs == hid else \

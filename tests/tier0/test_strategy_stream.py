@@ -70,7 +70,8 @@ def _reference(vlm: LongVideoVLM, pr: VideoPrompt, cfg: StreamConfig):
     p, n = pr.prefix_ids.shape[1], visual.shape[1]
     win, rec = cfg.window_frames * P_TOK, cfg.recent_frames * P_TOK
     k_sel = cfg.kv_budget - p - rec
-    primary = math.floor(cfg.tar_ratio * k_sel + 0.5)
+    ratio = 0.5 if cfg.tar_ratio is None else cfg.tar_ratio  # None: the method's 0.5 here
+    primary = math.floor(ratio * k_sel + 0.5)
     inv_freq = vlm.language_model.rotary_emb.inv_freq
     cache = DynamicCache()
     vlm.run_llm(vlm.embed_tokens(pr.prefix_ids), cache)
@@ -162,8 +163,9 @@ def test_cache_stays_bounded(toy_model):
 
 def test_defaults_and_knob_errors():
     cfg = StreamConfig()
+    # tar_ratio None: the method's 0.5 on fixed-size frames, 0 (VaN) on timestamped units
     assert (cfg.kv_budget, cfg.window_frames, cfg.recent_frames, cfg.tar_ratio) == \
-        (6144, 8, 8, 0.5)
+        (6144, 8, 8, None)
     with pytest.raises(TypeError, match="kv_budget"):
         StreamConfig(kv_budget=1.5)
     with pytest.raises(ValueError, match="window_frames"):

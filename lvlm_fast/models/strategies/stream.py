@@ -76,6 +76,7 @@ with timestamp text) raises ``NotImplementedError`` from
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -121,7 +122,9 @@ class StreamConfig(StrategyConfig):
     kv_budget: int = DEFAULT_KV_BUDGET  # rows per layer after each compaction (incl. prefix)
     window_frames: int = DEFAULT_WINDOW_FRAMES  # frames appended between compactions
     recent_frames: int = DEFAULT_RECENT_FRAMES  # newest frames always kept
-    tar_ratio: float = DEFAULT_TAR_RATIO  # TaR's share of the selectable slots (rest: VaN)
+    # TaR's share of the selectable slots (rest: VaN); None = the method's 0.5 where frames
+    # are fixed-size rows, 0 (VaN) on families that frame units with timestamp text
+    tar_ratio: float | None = None
     # score every selectable row by the attention mass it got from the window's queries
     # instead (not in the method; an explicit softmax pass per layer, see KeyMass)
     attention_mass: bool = False
@@ -131,9 +134,10 @@ class StreamConfig(StrategyConfig):
         _check_int("window_frames", self.window_frames, 1)
         _check_int("recent_frames", self.recent_frames, 0)
         r = self.tar_ratio
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 1:
-            raise ValueError(f"tar_ratio must be a number in [0, 1], got {r!r}")
-        if r > 0 and self.recent_frames < 1:
+        if r is not None and (not isinstance(r, (int, float)) or isinstance(r, bool)
+                              or not 0 <= r <= 1):
+            raise ValueError(f"tar_ratio must be None or a number in [0, 1], got {r!r}")
+        if r is not None and r > 0 and self.recent_frames < 1:
             raise ValueError("recent_frames must be >= 1 when tar_ratio > 0 (TaR compares "
                              "each token with the recent frames); use tar_ratio=0 for VaN")
 
@@ -215,70 +219,176 @@ class KeyMass:
         return out
 
 
+def _segment(vlm: LongVideoVLM, prompt: VideoPrompt, n: int, blocks: TokenBlocks | None
+             ) -> tuple[list[Any], Any]:
+    """The video segment as the decoder reads it: pieces (``(lo, hi)`` visual row ranges
+    or (k,) CPU id tensors, as :meth:`ModelFamily.visual_layout`) and the layout (None when
+    the family puts no text between its units: then one piece, every visual row)."""
+    layout = vlm.family.visual_layout(blocks, n, text_ids=prompt.text_ids)
+    if layout is None:
+        return ([(0, n)] if n else []), None
+    return list(layout.pieces), layout
+
+
+def _frame_ends(pieces: list[Any], lengths: list[int], fam_name: str) -> list[int]:
+    """End offsets (in the segment) of the layout's frames: each frame is ``text, visual
+    rows, text`` (:meth:`Qwen3VLFamily.visual_layout`)."""
+    if len(pieces) % 3 or any(not isinstance(pc, tuple) for pc in pieces[1::3]):
+        raise ValueError(f"the {fam_name} family's visual layout is not a sequence of "
+                         "(text, visual rows, text) frames; stream windows need whole frames")
+    ends, off = [], 0
+    for i, length in enumerate(lengths):
+        off += length
+        if i % 3 == 2:
+            ends.append(off)
+    return ends
+
+
 @torch.no_grad()
 def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
                      visual: torch.Tensor | VisualStream, frames_encoded: int, *,
                      kv_budget: int, window: int, recent: int = 0, tokens_per_frame: int = 0,
-                     tar_ratio: float = 0.0, attention_mass: bool = False,
-                     what: str = "kv_budget", blocks: TokenBlocks | None = None
-                     ) -> PrefillResult:
-    """Prefix, then ``visual`` (1, N, hidden) (a tensor or a :class:`VisualStream`) in
-    windows of ``window`` tokens, each followed by an in-place compaction to ``kv_budget``
-    rows, then the question (module doc). ``recent`` / ``tokens_per_frame`` /
-    ``tar_ratio``: as :func:`lvlm_fast.ops.kv_compact` (``tokens_per_frame = 0``: VaN only).
+                     tar_ratio: float | None = 0.0, attention_mass: bool = False,
+                     what: str = "kv_budget", blocks: TokenBlocks | None = None,
+                     frames: tuple[int, int] | None = None) -> PrefillResult:
+    """Prefix, then the video segment (``visual`` (1, N, feature_size), a tensor or a
+    :class:`VisualStream`, with the family's text between units where it has a layout)
+    in windows, each followed by an in-place compaction to ``kv_budget`` rows, then the
+    question (module doc).
+
+    Windows: families without a layout: ``window`` tokens, ``recent`` protected rows,
+    TaR on ``tokens_per_frame`` rows per frame (``tar_ratio``; None = the method's 0.5).
+    Families with a layout (Qwen3-VL / Qwen3.5 timestamps): ``frames = (window_frames,
+    recent_frames)`` gives windows of whole layout frames and protects the newest
+    ``recent_frames`` frames' rows (timestamp text included); without ``frames``,
+    windows of ``window`` segment tokens and no protected rows. Their frames are not
+    fixed-size, so TaR is refused there (``tar_ratio`` None = 0: VaN).
     ``attention_mass``: score the selectable rows by :class:`KeyMass` (window queries)
     instead of TaR/VaN. ``what`` names the knob in errors. ``blocks``: the visual tokens'
-    :class:`TokenBlocks`, required on a family with grid positions (M-RoPE: module doc's
-    position rule)."""
+    :class:`TokenBlocks`, required on a family with grid positions (M-RoPE)."""
     _check_int("kv_budget", kv_budget, 1)
     _check_int("window", window, 1)
     p, n, q = prompt.prefix_ids.shape[1], visual.shape[1], prompt.question_ids.shape[1]
-    if kv_budget < p + recent:
-        raise ValueError(f"kv_budget must be >= prefix tokens + protected recent tokens = "
-                         f"{p} + {recent} = {p + recent}, got {kv_budget}")
-    tail = q + vlm.decode_reserve
+    fs, hid = vlm.feature_size, vlm.hidden_size
+    if visual.shape[2] != fs:
+        raise ValueError(f"visual must be (1, N, feature_size={fs}), got {tuple(visual.shape)}")
     lm = vlm.language_model
     fam = vlm.family
-    try:  # refuses RoPE layouts kv_compact cannot re-rotate (interleaved M-RoPE)
-        cache = BudgetedKVCache.for_text_config(
-            vlm.config.text_config, kv_budget + max(window, tail), budget=kv_budget,
-            inv_freq=lm.rotary_emb.inv_freq, dtype=vlm.dtype, device=vlm.device)
-    except NotImplementedError as e:
-        raise NotImplementedError(f"{what} on the {fam.name} family: {e}") from None
-    hid = vlm.hidden_size
-    if visual.shape[2] != hid:
-        raise ValueError(f"visual must be (1, N, hidden={hid}), got {tuple(visual.shape)}")
-    plan = None
+    plan, layout = None, None
+    pieces: list[Any] = [(0, n)] if n else []
     if fam.needs_blocks():  # grid (M-RoPE) positions: the family's bounded stream rule
         if n and blocks is None:
             raise ValueError(f"{what}: the {fam.name} family's M-RoPE positions need the "
                              "visual tokens' TokenBlocks (blocks=)")
-        plan = fam.position_plan(p, blocks, n, q)
+        pieces, layout = _segment(vlm, prompt, n, blocks)
+        plan = fam.position_plan(p, blocks, n, q) if layout is None else \
+            fam.position_plan(p, blocks, n, q, layout=layout)
+    lengths = [pc[1] - pc[0] if isinstance(pc, tuple) else pc.shape[0] for pc in pieces]
+    seg = sum(lengths)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    # window boundaries (segment offsets) and the protected recent rows of each
+    if layout is not None:
+        if tar_ratio is not None and tar_ratio > 0:
+            raise ValueError(
+                f"{what}: tar_ratio={tar_ratio} needs frames of a fixed number of rows, but "
+                f"the {fam.name} family frames every unit with timestamp text of varying "
+                "length, so TaR's patch index is undefined; use tar_ratio=0 (VaN, the "
+                "default on this family) or attention_mass=True")
+        tar_ratio, tokens_per_frame = 0.0, 0
+        if frames is not None:
+            edges = [0, *_frame_ends(pieces, lengths, fam.name)]  # frame k: edges[k:k+2]
+            wf, rf = frames
+            nf = len(edges) - 1
+            ks = list(range(wf - 1, nf, wf))
+            if nf and (not ks or ks[-1] != nf - 1):
+                ks.append(nf - 1)  # the last, partial window
+            # a window ends after frame k; the newest rf frames' rows are protected
+            bounds = [(edges[k + 1], edges[k + 1] - edges[max(k + 1 - rf, 0)]) for k in ks]
+        else:
+            bounds = [(min(a + window, seg), 0) for a in range(0, seg, window)]
+    else:
+        if tar_ratio is None:
+            tar_ratio = DEFAULT_TAR_RATIO
+        if tar_ratio > 0 and recent < 1:
+            raise ValueError("recent_frames must be >= 1 when tar_ratio > 0 (TaR compares "
+                             "each token with the recent frames); use tar_ratio=0 for VaN")
+        bounds = [(min(a + window, seg), recent) for a in range(0, seg, window)]
+    cuts = [c for c, _ in bounds]
+    widths = [b - a for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+    big = max(widths, default=0)
+    most_recent = max((r for _, r in bounds), default=0)
+    if kv_budget < p + most_recent:
+        raise ValueError(f"kv_budget must be >= prefix tokens + protected recent tokens = "
+                         f"{p} + {most_recent} = {p + most_recent}, got {kv_budget}")
+    tail = q + vlm.decode_reserve
+    capacity = kv_budget + max(big, tail)
+    try:  # refuses RoPE layouts kv_compact cannot re-rotate (scaled RoPE types)
+        cache = BudgetedKVCache.for_text_config(
+            vlm.config.text_config, capacity, budget=kv_budget,
+            inv_freq=lm.rotary_emb.inv_freq, dtype=vlm.dtype, device=vlm.device)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{what} on the {fam.name} family: {e}") from None
+    # every id stays below `top`, whatever the frame count (module doc): check it against
+    # the trained range once, before any work
+    top = capacity if plan is None else \
+        max(capacity, plan.stream_tail(0).start + tail)
+    limit = getattr(vlm.config.text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and top > limit:
+        raise ValueError(f"{what}: kv_budget={kv_budget} gives positions up to {top - 1}, past "
+                         f"the model's max_position_embeddings={limit}; use a smaller budget")
     stream = isinstance(visual, VisualStream)
     step = vlm.prefill_chunk_tokens
+
+    def feed(a: int, b: int) -> None:
+        """Segment tokens [a, b): embeddings (text embedded, visual rows taken in order),
+        the family's DeepStack rows at the visual positions, the rule's position ids."""
+        embs, marks, extra = [], [], []
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        while i < len(pieces) and starts[i] < b:
+            lo, hi = max(a - starts[i], 0), min(b - starts[i], lengths[i])
+            if lo < hi:
+                pc = pieces[i]
+                if isinstance(pc, tuple):
+                    rows = visual.take(pc[0] + lo, pc[0] + hi) if stream else \
+                        visual[:, pc[0] + lo : pc[0] + hi]
+                    embs.append(rows[..., :hid].to(vlm.dtype))
+                    if fs != hid:
+                        extra.append(rows[0, :, hid:])
+                    marks.append((True, hi - lo))
+                else:
+                    embs.append(vlm.embed_tokens(pc[lo:hi].view(1, -1)))
+                    marks.append((False, hi - lo))
+            i += 1
+        x = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+        del embs
+        kw: dict[str, Any] = {}
+        if extra:  # exactly as the chunked prefill (wrapper.prefill_embeds) adds them
+            mask = torch.cat([torch.full((k,), m, dtype=torch.bool, device=x.device)
+                              for m, k in marks]).view(1, -1)
+            kw = fam.decoder_kwargs(mask, torch.cat(extra))
+        del extra
+        pos = None if plan is None else plan.stream_chunk(p + a, p + b, cache.get_seq_length())
+        vlm.run_llm(x, cache, pos, **kw)
+
     with vlm._stage("prefill"), vlm.llm_attention():
         vlm.run_llm(vlm.embed_tokens(prompt.prefix_ids), cache,
                     None if plan is None else plan.stream_chunk(0, p, 0))
-        for lo in range(0, n, window):
-            hi = min(lo + window, n)
+        lo = 0
+        for hi, rec in bounds:
             mass = KeyMass(lm, cache) if attention_mass else contextlib.nullcontext()
             with mass:
                 for a in range(lo, hi, step):
-                    b = min(a + step, hi)
-                    rows = visual.take(a, b) if stream else visual[:, a:b]
-                    pos = None if plan is None else \
-                        plan.stream_chunk(p + a, p + b, cache.get_seq_length())
-                    vlm.run_llm(rows[..., :hid].to(vlm.dtype), cache, pos)
-                    del rows
+                    feed(a, min(a + step, hi))
             if attention_mass:
-                cache.compact(prefix=p, recent=recent, scores=mass.take())
+                cache.compact(prefix=p, recent=rec, scores=mass.take())
             else:
-                cache.compact(prefix=p, recent=recent, tokens_per_frame=tokens_per_frame,
+                cache.compact(prefix=p, recent=rec, tokens_per_frame=tokens_per_frame,
                               tar_ratio=tar_ratio)
+            lo = hi
         after = None if plan is None else plan.stream_tail(cache.get_seq_length())
         last = vlm.run_llm(vlm.embed_tokens(prompt.question_ids), cache,
                            None if after is None else after.chunk(0, q))[:, -1:].clone()
-    return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + n + q, visual_tokens=n,
+    return PrefillResult(last_hidden=last, cache=cache, llm_tokens=p + seg + q, visual_tokens=n,
                          frames_encoded=frames_encoded, positions=after)
 
 
@@ -316,7 +426,8 @@ class StreamStrategy(Strategy):
                                window=cfg.window_frames * per, recent=cfg.recent_frames * per,
                                tokens_per_frame=per, tar_ratio=cfg.tar_ratio,
                                attention_mass=cfg.attention_mass, what="stream",
-                               blocks=out.blocks)
+                               blocks=out.blocks,
+                               frames=(cfg.window_frames, cfg.recent_frames))
         self.cache = res.cache
         return res
 

@@ -381,6 +381,9 @@ def run(args: argparse.Namespace) -> int:
         notes.append(f"{s}: not supported on {args.model} ({why})")
     for n in notes:
         print("note: " + n)
+    for part, label in prof.kernel_models.items():
+        print(f"simulated kernel: {part}: {label} (lvlm_fast/profile/kernel_standins.py; "
+              "no GPU ran it)")
 
     searches: list[dict[str, Any]] = []
     # Where each strategy passes each GPU-size line inside the swept range.
@@ -444,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
                 "family": prof.family.name,
                 "weight_bytes": prof.weight_bytes, "strategies": strategies, "frames": frames,
                 "strategy_overrides": overrides, "vlm_kwargs": vlm_kwargs,
-                "model_overrides": model_overrides,
+                "model_overrides": model_overrides, "kernel_models": dict(prof.kernel_models),
                 "inputs_counted": args.frames_on_device, "stop_above_gib": args.stop_above,
                 "stopped": stopped, "unsupported": dict(prof.unsupported),
                 "wall_seconds": round(wall, 1),

@@ -272,7 +272,18 @@ def make_prompt(config: Any, frames: int, *, dtype: torch.dtype = torch.bfloat16
         hi = _text_id_bound(cfg)
         prefix = torch.randint(0, hi, (1, prefix_tokens), generator=gen).to(device)
         question = torch.randint(0, hi, (1, question_tokens), generator=gen).to(device)
-    return VideoPrompt(pixel_values=pixels, prefix_ids=prefix, question_ids=question)
+    kw: dict[str, Any] = {}
+    if device.type != "meta":
+        from lvlm_fast.models.families import family_for_config
+
+        if hasattr(family_for_config(cfg), "unit_text"):
+            # Qwen3-VL / Qwen3.5 frame each unit with timestamp text. The meta run counts it
+            # with the family's nominal tokenizer (no tokenizer there); a measured run uses
+            # the same one, so both read the same tokens (ids 0, a valid text id).
+            from lvlm_fast.models.families.qwen3_vl import nominal_text_ids
+
+            kw["text_ids"] = nominal_text_ids
+    return VideoPrompt(pixel_values=pixels, prefix_ids=prefix, question_ids=question, **kw)
 
 
 def prompt_bytes(prompt: Any) -> int:
@@ -760,6 +771,10 @@ class Profiler:
     ``strategy_overrides``: ``{strategy name: {knob: value}}``.
     ``model_overrides``: ``{"dotted.config.key": value}`` applied to a config before the
     build (:func:`apply_config_overrides`; e.g. ``{"video_qformer.position": "clamp"}``).
+    ``kernel_standins`` (simulated runs; default True): count the GPU kernels a deployment
+    runs where transformers' meta path is another algorithm
+    (:mod:`lvlm_fast.profile.kernel_standins`: FLA's gated delta rule, FlashAttention-2 at
+    head dims the fused kernel lacks); :attr:`kernel_models` records which were used.
     """
 
     def __init__(self, model: Any = DEFAULT_MODEL, *, dtype: str | torch.dtype = torch.bfloat16,
@@ -768,7 +783,8 @@ class Profiler:
                  strategy_overrides: dict[str, dict[str, Any]] | None = None,
                  inputs_on_device: bool = False, seed: int = 0,
                  frame_hw: tuple[int, int] | None = None,
-                 model_overrides: dict[str, Any] | None = None) -> None:
+                 model_overrides: dict[str, Any] | None = None,
+                 kernel_standins: bool = True) -> None:
         self.dtype = parse_dtype(dtype)
         self._shared_model: torch.nn.Module | None = None
         if model_overrides and isinstance(model, torch.nn.Module):
@@ -795,6 +811,10 @@ class Profiler:
         self.seed = seed
         self.weight_bytes = model_static_bytes(self.model)
         self.op_cache = simulate  # SimulationTracker's shape cache (meta runs only)
+        # meta runs: the GPU kernels' allocations where transformers' meta path is another
+        # algorithm (Qwen3.5: FLA's gated delta rule, FA2 at head dim 256; kernel_standins.py)
+        self.kernel_standins = simulate and kernel_standins
+        self.kernel_models: dict[str, str] = {}
         # vision chunks replayed from their first run (meta runs only; VisionChunkReplay)
         self.replay_chunks = simulate
         self.chunk_replay = VisionChunkReplay()
@@ -860,8 +880,12 @@ class Profiler:
         if self.simulate and self.replay_chunks:
             vlm.family.encode = self.chunk_replay.wrap(vlm.family.encode, tr)
             undo = self.chunk_replay.wrap_modules(vision_blocks(model), tr)
+        from lvlm_fast.profile.kernel_standins import simulation_kernels
+
         try:
-            with torch.inference_mode(), tr:
+            with torch.inference_mode(), simulation_kernels(
+                    model, gdn=self.kernel_standins, flash=self.kernel_standins) as used, tr:
+                self.kernel_models.update(used)
                 logits, info = _run_first_token(vlm, prompt)
                 if cuda:
                     torch.cuda.synchronize()

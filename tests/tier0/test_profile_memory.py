@@ -30,7 +30,15 @@ TINY_VL = "tiny-video-llama"
 # One tiny config per supported family; Qwen2.5-VL at 112 x 112 frames (4 x 4 merged
 # tokens, four 56-pixel attention windows per temporal patch) to keep the runs small;
 # Video-LLaMA at its own 28 x 28 (the tiny EVA ViT's image_size).
-FAMILIES = {TINY: None, TINY_QWEN: (112, 112), TINY_VL: None}
+TINY_Q3 = "tiny-qwen3-vl"
+TINY_Q35 = "tiny-qwen3.5"
+FAMILIES = {TINY: None, TINY_QWEN: (112, 112), TINY_VL: None, TINY_Q3: (64, 64),
+            TINY_Q35: (64, 64)}
+# Simulated runs of the same algorithm the CPU measurement runs: Qwen3.5's Gated DeltaNet
+# through transformers' plain-PyTorch rule (kernel_standins=False; the default simulation
+# counts FLA's kernel instead, whose allocations tests/tier0/test_profile_kernel_standins.py
+# checks against the stated table).
+SAME_ALGORITHM = {TINY_Q35: dict(kernel_standins=False)}
 # Video-LLaMA's LLM reads only the Video Q-Former's 32 tokens: it runs these (full = the
 # released 8 frames, uniform = the fused stream, video-llama-seed = released-style).
 VIDEO_LLAMA_STRATEGIES = {"full", "uniform", "video-llama-seed"}
@@ -43,6 +51,8 @@ FRAMES = 7
 # stream's slot-position rule is 1-D RoPE only; video-llama-seed is the released Video-LLaMA
 # pipeline; Video-LLaMA refuses the strategies that act on per-frame LLM tokens.
 UNSUPPORTED = {("stream", TINY_QWEN), ("video-llama-seed", TINY), ("video-llama-seed", TINY_QWEN),
+               ("video-llama-seed", TINY_Q3), ("video-llama-seed", TINY_Q35),
+               ("stream", TINY_Q3), ("stream", TINY_Q35),
                *((s, TINY_VL) for s in STRATEGIES if s not in VIDEO_LLAMA_STRATEGIES)}
 
 
@@ -51,7 +61,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tier0/conftest.py
 
 @pytest.fixture(scope="module")
 def family_profilers() -> dict[str, tuple[Profiler, Profiler]]:
-    return {name: (Profiler(name, dtype="fp32", simulate=True, vlm_kwargs=KW, frame_hw=hw),
+    return {name: (Profiler(name, dtype="fp32", simulate=True, vlm_kwargs=KW, frame_hw=hw,
+                            **SAME_ALGORITHM.get(name, {})),
                    Profiler(name, dtype="fp32", simulate=False, vlm_kwargs=KW, frame_hw=hw))
             for name, hw in FAMILIES.items()}
 

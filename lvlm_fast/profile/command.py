@@ -40,7 +40,11 @@ STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl"
 # "interpolate" (the released model raises there; rows 8-31 untrained), settable with
 # --model-set video_qformer.position=...; no --stop-above cut (every run is cheap on meta);
 # only the strategies the family runs (the others raise NotImplementedError by design).
+# LLaVA-OneVision (issue 12): ``stream`` also runs at 1,000 and 100,000 frames (its flat
+# line, through window replay), on the same table and plot as every strategy.
+# Qwen3-VL / Qwen3.5: frames at the processor's long-video size (:func:`long_video_frame_hw`).
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llava_onevision": {"extra_frames": {"stream": (1000, 100000)}},
     "video_llama": {"frames": (8, 32, 128, 512, 2048, 4096, 8192, 10240),
                     "strategies": ("full", "uniform", "video-llama-seed"),
                     "model_set": {"video_qformer.position": "interpolate"},
@@ -178,6 +182,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "e.g. --model-set video_qformer.position=clamp (Video-LLaMA's frame-"
                         "position rule beyond 32 frames; the video-llama profile defaults it "
                         "to interpolate) (repeatable)")
+    p.add_argument("--frame-size", default=None, metavar="HxW",
+                   help="preprocessed frame size (default: a 448x448 video resized by the "
+                        "family's video-processor rule; Qwen3-VL/Qwen3.5: its long-video "
+                        "per-frame cap, 352x352)")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
 
 
@@ -280,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{', '.join(sorted(MODEL_CONFIGS))}")
     fam_defaults = FAMILY_PROFILE_DEFAULTS.get(getattr(get_config(args.model), "model_type",
                                                        None), {})
-    if isinstance(args.frames, _DefaultFrames) and "frames" in fam_defaults:
+    defaulted_frames = isinstance(args.frames, _DefaultFrames)
+    if defaulted_frames and "frames" in fam_defaults:
         args.frames = list(fam_defaults["frames"])
     if args.stop_above is None:
         args.stop_above = fam_defaults.get("stop_above", DEFAULT_STOP_ABOVE_GIB)
@@ -315,19 +324,37 @@ def run(args: argparse.Namespace) -> int:
     simulate = not args.measure
     if args.measure:
         _check_measurable(args.model, dtype, args.device)
+    frame_hw = None
+    if args.frame_size is not None:
+        try:
+            frame_hw = tuple(int(v) for v in args.frame_size.lower().split("x"))
+        except ValueError:
+            frame_hw = ()
+        if len(frame_hw) != 2 or min(frame_hw) < 1:
+            raise ValueError(f"--frame-size expects HxW (e.g. 448x448), got {args.frame_size!r}")
     prof = Profiler(args.model, dtype=dtype, simulate=simulate,
                     device=None if simulate else args.device, vlm_kwargs=vlm_kwargs,
                     strategy_overrides=overrides, inputs_on_device=args.frames_on_device,
-                    model_overrides=model_overrides)
+                    model_overrides=model_overrides, frame_hw=frame_hw)
     frames = list(args.frames)
+    # per-strategy extra frame counts (family default, only with the default frame list)
+    extra = {k: sorted(set(v) - set(frames)) for k, v in fam_defaults.get(
+        "extra_frames", {}).items() if k in strategies} if defaulted_frames else {}
+    swept = {s: sorted({*frames, *extra.get(s, ())}) for s in strategies}
     stop = None if args.stop_above is None else int(args.stop_above * GIB)
     mode = "simulated (meta tensors, no weights)" if simulate else \
         f"measured on {prof.device} (random weights)"
     fh, fw = prof.frame_hw
+    from lvlm_fast.profile.memory import LONG_VIDEO_FAMILIES
+
+    video = f"a {PROFILE_VIDEO_HW[0]}x{PROFILE_VIDEO_HW[1]} video"
+    frame_rule = ("set by --frame-size" if frame_hw is not None else
+                  f"{video} resized by the processor's long-video per-frame cap, "
+                  "cap_pixels_per_frame=True; --frame-size 448x448 for the per-frame rule"
+                  if prof.family.name in LONG_VIDEO_FAMILIES else
+                  f"{video} resized by the {prof.family.name} family's video-processor rule")
     print(f"lvlm-fast profile: {args.model}, {args.dtype}, {mode}; first answer token; "
-          f"weights {prof.weight_bytes / GIB:.2f} GiB; frames {fh}x{fw} (a "
-          f"{PROFILE_VIDEO_HW[0]}x{PROFILE_VIDEO_HW[1]} video resized by the "
-          f"{prof.family.name} family's video-processor rule)",
+          f"weights {prof.weight_bytes / GIB:.2f} GiB; frames {fh}x{fw} ({frame_rule})",
           flush=True)
     if model_overrides:
         print("model config: " + "; ".join(
@@ -345,6 +372,10 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['seconds']:.1f}s)", flush=True)
 
     rows = prof.sweep(strategies, frames, stop_above_bytes=stop, on_row=progress)
+    for s_name, more in extra.items():
+        if s_name not in prof.unsupported and more:
+            rows += prof.sweep([s_name], more, stop_above_bytes=stop, on_row=progress)
+    frames = sorted({*frames, *(n for more in extra.values() for n in more)})
     if len(prof.unsupported) == len(strategies):
         raise ValueError(f"no selected strategy runs on {args.model}: " + "; ".join(
             f"{k}: {v}" for k, v in prof.unsupported.items()))
@@ -356,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     stopped = {}
     for s in strategies:
         ran = [r for r in rows if r["strategy"] == s]
-        if ran and len(ran) < len(frames):
+        if ran and len(ran) < len(swept[s]):
             stopped[s] = ran[-1]["frames"]
             notes.append(f"{s}: not run above {ran[-1]['frames']} frames (peak "
                          f"{ran[-1]['peak_bytes'] / GIB:.1f} GiB > --stop-above "

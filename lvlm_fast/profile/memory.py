@@ -221,7 +221,9 @@ def profile_frame_hw(model_or_config: Any) -> tuple[int, int]:
     """(H, W) of the preprocessed frames a profile feeds: a ``PROFILE_VIDEO_HW`` video
     resized by the family's own video-processor rule (``ModelFamily.frame_size``):
     LLaVA-OneVision squares it to the tower's ``image_size`` (384); Qwen2.5-VL keeps
-    448 x 448 (a multiple of 28 inside its default pixel bounds)."""
+    448 x 448 (a multiple of 28 inside its default pixel bounds); Qwen3-VL and Qwen3.5 (one
+    processor) get its long-video per-frame cap, :func:`long_video_frame_hw` (352 x 352; the
+    per-frame rule alone would keep 448 x 448: ``--frame-size 448x448``)."""
     from lvlm_fast.models.families import family_for, family_for_config
 
     if isinstance(model_or_config, torch.nn.Module):
@@ -230,7 +232,35 @@ def profile_frame_hw(model_or_config: Any) -> tuple[int, int]:
         cfg = resolve_config(model_or_config)
         with torch.device("meta"):
             family = family_for_config(cfg)(family_for_config(cfg).build(cfg))
+    if family.name in LONG_VIDEO_FAMILIES:
+        return long_video_frame_hw(*PROFILE_VIDEO_HW, max(DEFAULT_FRAMES))
     return tuple(family.frame_size(*PROFILE_VIDEO_HW, {}))
+
+
+def long_video_frame_hw(height: int, width: int, num_frames: int) -> tuple[int, int]:
+    """The frame size transformers' ``Qwen3VLVideoProcessor`` gives a long video with its
+    per-frame cap on (``cap_pixels_per_frame=True``, the qwen-vl-utils rule): per-frame
+    pixels ``max(min(max_video_tokens * f^2, longest_edge // T), int(1.05 * shortest_edge))``
+    (f = patch 16 x merge 2 = 32; class defaults ``shortest_edge`` 128 x 32^2, ``longest_edge``
+    768 x 32^2, ``max_video_tokens`` 768), then the processor's ``smart_resize`` over the
+    T frames. From 448 x 448: 352 x 352 (121 merged tokens per temporal unit instead of 196)
+    at every T >= 6; computed with transformers' own function and class defaults."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+        smart_resize,
+    )
+
+    proc = Qwen3VLVideoProcessor
+    f = proc.patch_size * proc.merge_size
+    lo, hi = proc.size["shortest_edge"], proc.size["longest_edge"]
+    per_frame = max(min(proc.max_video_tokens * f * f, hi // num_frames), int(lo * 1.05))
+    return tuple(smart_resize(num_frames, height, width, temporal_factor=proc.temporal_patch_size,
+                              factor=f, min_pixels=lo, max_pixels=per_frame * num_frames))
+
+
+# Families whose profile feeds the processor's long-video frame size (the profile's frame
+# counts are thousands of frames); the others: the family's per-frame rule.
+LONG_VIDEO_FAMILIES = ("qwen3_vl", "qwen3_5")
 
 
 def _check_frame_hw(frame_hw: Any) -> tuple[int, int]:

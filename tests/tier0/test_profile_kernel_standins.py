@@ -187,3 +187,28 @@ def test_profiler_records_the_kernel_models() -> None:
     measured = Profiler("tiny-qwen3.5", dtype="fp32", simulate=False, vlm_kwargs=kw,
                         frame_hw=(64, 64))
     assert measured.kernel_standins is False
+
+
+def test_qwen3_profiles_use_the_processors_long_video_frame_size() -> None:
+    """Qwen3-VL / Qwen3.5 profiles feed the size Qwen3VLVideoProcessor gives a long video
+    with its per-frame cap (cap_pixels_per_frame=True): 448 x 448 -> 352 x 352 from 6 frames
+    on (128 x 32^2 x 1.05 pixels per frame, 32-aligned); the other families keep theirs."""
+    from lvlm_fast.profile.memory import long_video_frame_hw, profile_frame_hw
+
+    assert {long_video_frame_hw(448, 448, n) for n in (6, 8, 128, 10240)} == {(352, 352)}
+    assert profile_frame_hw("qwen3-vl-8b") == profile_frame_hw("qwen3.5-9b") == (352, 352)
+    assert profile_frame_hw("qwen2.5-vl-7b") == (448, 448)
+    assert profile_frame_hw("llava-onevision-qwen2-7b") == (384, 384)
+    # by hand: per-frame cap int(131072 * 1.05) = 137,625 px; beta = sqrt(448^2 / 137,625);
+    # floor(448 / beta / 32) * 32 = 352
+    import math
+
+    beta = math.sqrt(448 * 448 / int(128 * 32 * 32 * 1.05))
+    assert math.floor(448 / beta / 32) * 32 == 352
+    pytest.importorskip("torchvision")
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    out = Qwen3VLVideoProcessor()(videos=[torch.zeros(8, 3, 448, 448, dtype=torch.uint8)],
+                                  cap_pixels_per_frame=True, do_sample_frames=False,
+                                  return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[4, 22, 22]]  # 352 / 16

@@ -26,12 +26,17 @@ Definitions:
 * All inputs share one dtype and device. T >= 1 (a chunk with no frames has no result;
   start a merge from the first chunk).
 
-Layers: C++ ``csrc/qformer_cross_attention.cpp`` (CPU, forward and backward: ATen GEMMs on
-chunk tiles, online softmax) and Triton ``kernels/qformer_cross_attention.py`` (CUDA
-forward: split-KV flash kernel with the projection fused, partials merged by lse). The CUDA
-backward is recompute-based in torch (:func:`chunked_backward`: per chunk of frames it
-recomputes K, V and P from the saved lse; memory constant in T) - documented choice; the
-same chunked torch code is the CPU fallback when the C++ build is missing.
+Where it runs:
+
+* CPU: C++ ``csrc/qformer_cross_attention.cpp``, forward and backward (ATen GEMMs on
+  chunk tiles of ~4,096 keys, online softmax; the backward recomputes K, V, P per chunk).
+* CUDA: Triton ``kernels/qformer_cross_attention.py``, forward and backward. Forward:
+  split-KV flash kernel with the projection fused, partials merged by lse. Backward:
+  ``_qformer_cross_attention_bwd_kernel`` per chunk of frames (K, V, P rebuilt in
+  registers; dQ partials reduced in a fixed order; dK | dV to chunk-sized scratch), then
+  cuBLAS GEMMs on that chunk for dframes, dpos, dWk, dbk, dWv, dbv.
+* fp64 on CUDA, and CPU without the C++ build: the chunked torch paths below
+  (:func:`chunked_forward`, :func:`chunked_backward`; memory constant in T too).
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ def _chunk(frames: torch.Tensor) -> int:
 
 
 def chunked_forward(q, frames, pos, wk, bk, wv, bv, num_heads, scale):
-    """Forward in torch ops, frames in chunks with an online softmax (CPU fallback)."""
+    """Forward in torch ops, frames in chunks with an online softmax (CPU fallback when the
+    C++ build is missing; fp64 on CUDA)."""
     acc = _acc(q)
     b, lq, c = q.shape
     qh = _heads(q.to(acc), num_heads) * scale
@@ -122,8 +128,9 @@ def chunked_forward(q, frames, pos, wk, bk, wv, bv, num_heads, scale):
 
 def chunked_backward(grad_out, grad_lse, q, frames, pos, wk, bk, wv, bv, out, lse, num_heads,
                      scale):  # fmt: skip
-    """Recompute-based backward in torch ops (CUDA backward, CPU fallback): per chunk of
-    frames, K, V and P = exp(scale q.K - lse) are recomputed; nothing T*S*C-sized is kept."""
+    """Recompute-based backward in torch ops (CPU fallback when the C++ build is missing;
+    fp64 on CUDA, which Triton's kernels reject): per chunk of frames, K, V and
+    P = exp(scale q.K - lse) are recomputed; nothing T*S*C-sized is kept."""
     acc = _acc(q)
     b, lq, c = q.shape
     e = frames.shape[3]
@@ -180,8 +187,10 @@ def _cuda_fwd(q, frames, pos, wk, bk, wv, bv, num_heads, scale):
 
 @torch.library.impl(BWD, "CUDA")
 def _cuda_bwd(grad_out, grad_lse, q, frames, pos, wk, bk, wv, bv, out, lse, num_heads, scale):
-    return chunked_backward(grad_out, grad_lse, q, frames, pos, wk, bk, wv, bv, out, lse,
-                            num_heads, scale)  # fmt: skip
+    from lvlm_fast.kernels.qformer_cross_attention import qformer_cross_attention_bwd
+
+    return qformer_cross_attention_bwd(grad_out, grad_lse, q, frames, pos, wk, bk, wv, bv, out,
+                                       lse, num_heads, scale)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- autograd

@@ -165,7 +165,8 @@ def test_scale_default_and_explicit():
 
 
 def test_torch_paths_match_reference():
-    # the CUDA backward / CPU fallback (chunked torch) against the reference, multi-chunk
+    # the chunked torch paths (CPU fallback without the C++ build, fp64 on CUDA) against the
+    # reference, multi-chunk
     inputs, h = _inputs(2, 600, **SMALL, dtype=torch.float64)
     out, lse = chunked_forward(*inputs, h, 0.25)
     r, rl = ref(*inputs, h, return_lse=True)

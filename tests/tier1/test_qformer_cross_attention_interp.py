@@ -1,8 +1,11 @@
-"""Tier 1: the qformer_cross_attention Triton forward (split-KV, K/V projection and position
-rows fused) in the interpreter, on CPU tensors, vs the reference. fp32 and fp16; video /
-audio-like layouts at small widths, non-power-of-two Lq / head dim / encoder width / S,
-several key splits (ragged last split), strided frames, and the recompute backward on the
-kernel's saved lse."""
+"""Tier 1: the qformer_cross_attention Triton kernels in the interpreter, on CPU tensors, vs
+the reference. Forward (split-KV, K/V projection and position rows fused): fp32 and fp16;
+video / audio-like layouts at small widths, non-power-of-two Lq / head dim / encoder width
+/ S, several key splits (ragged last split), strided frames. Backward
+(``_qformer_cross_attention_bwd_kernel`` + the chunk GEMMs of its launcher): every gradient
+(dq, dframes, dpos, dWk, dbk, dWv, dbv) with a nonzero grad of lse, at T = 1, 7, 33 and a
+long stream in ragged chunks, 32 / 8 queries, encoder widths 768 and 1024 (hidden 32-64:
+the interpreter is slow), fp32 and fp16; fp64 never reaches a kernel."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import torch
 from conftest import assert_interpreted
 from lvlm_fast.kernels import qformer_cross_attention as kern
 
-from lvlm_fast.ops.qformer_cross_attention import chunked_backward
 from lvlm_fast.reference.qformer_cross_attention import qformer_cross_attention as ref
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
@@ -58,12 +60,99 @@ def test_splits_cover_every_key_once():
         assert ns * bh <= max(kern.TARGET_PROGRAMS, bh)  # partial buffer stays bounded
 
 
-def test_backward_from_kernel_lse(launched):
-    inputs, h = _inputs(1, 6, 8, 32, 2, 3, 24, torch.float32)
-    out, lse = kern.qformer_cross_attention_fwd(*inputs, h, 0.25)
-    go = torch.randn(out.shape)
-    grads = chunked_backward(go, None, *inputs, out, lse, h, 0.25)
+def _ref_grads(inputs, h, scale, go, gl):
     leaves = [x.double().requires_grad_(True) for x in inputs]
-    (ref(*leaves, h, scale=0.25) * go.double()).sum().backward()
-    for a, x in zip(grads, leaves, strict=True):
-        torch.testing.assert_close(a.double(), x.grad, atol=1e-4, rtol=1e-4)
+    r, rl = ref(*leaves, h, scale=scale, return_lse=True)
+    ((r * go.double()).sum() + (rl * gl.double()).sum()).backward()
+    return r, rl, [x.grad for x in leaves]
+
+
+GRADS = ("dq", "dframes", "dpos", "dwk", "dbk", "dwv", "dbv")
+VIDEO = dict(lq=32, s=4, e=768)  # 32 queries, several tokens per frame, encoder width 768
+AUDIO = dict(lq=8, s=1, e=1024)  # 8 queries, one token per clip, encoder width 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("shape", [VIDEO, AUDIO], ids=["video", "audio"])
+def test_backward(launched, monkeypatch, dtype, t, shape):
+    monkeypatch.setattr(kern, "MIN_KEYS_PER_SPLIT", 16)  # several dq partials per chunk
+    b, c, h = (2, 32, 2) if shape is AUDIO else (1, 64, 4)
+    inputs, h = _inputs(b, t, shape["lq"], c, h, shape["s"], shape["e"], dtype,
+                        strided=shape is AUDIO)  # fmt: skip
+    _check_backward(launched, inputs, h, dtype)
+
+
+@pytest.mark.parametrize(("b", "t", "lq", "c", "h", "s", "e", "chunk_keys"), [
+    (1, 100, 8, 32, 2, 1, 1024, 24),   # audio stream: chunks of 24 clips, ragged last (4)
+    (2, 45, 32, 32, 2, 3, 768, 40),    # video, batch 2: chunks of 6 frames, ragged last (3)
+    (1, 20, 5, 60, 3, 7, 37, 64),      # Lq 5, Dh 20, S 7, E 37: chunks of 9 frames
+    (1, 9, 40, 200, 2, 2, 24, 8),      # Lq 40 at Dh 100: two query blocks (bwd_block_m)
+])  # fmt: skip
+def test_backward_long_stream_ragged_chunks(launched, monkeypatch, b, t, lq, c, h, s, e,
+                                            chunk_keys):  # fmt: skip
+    monkeypatch.setattr(kern, "MIN_KEYS_PER_SPLIT", 16)
+    monkeypatch.setattr(kern, "BWD_CHUNK_KEYS", chunk_keys)
+    inputs, h = _inputs(b, t, lq, c, h, s, e, torch.float32, strided=True)
+    ct = max(1, chunk_keys // (b * s))
+    assert t % ct != 0 and t > 2 * ct  # several chunks, the last one ragged
+    n_bwd = _check_backward(launched, inputs, h, torch.float32)
+    assert n_bwd == -(-t // ct)  # one backward launch per chunk
+    assert (kern.bwd_block_m(lq, c // h, torch.float32) < lq) == (lq == 40)
+
+
+def _check_backward(launched, inputs, h, dtype):
+    c = inputs[0].shape[2]
+    scale = (c // h) ** -0.5
+    g = torch.Generator().manual_seed(1)
+    out, lse = kern.qformer_cross_attention_fwd(*inputs, h, scale)
+    go = torch.randn(out.shape, generator=g)
+    gl = torch.randn(lse.shape, generator=g)
+    grads = kern.qformer_cross_attention_bwd(go.to(dtype), gl, *inputs, out, lse, h, scale)
+    r, rl, want = _ref_grads(inputs, h, scale, go, gl)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), r, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), rl, atol=tol, rtol=tol)
+    for name, a, x, w in zip(GRADS, grads, inputs, want, strict=True):
+        assert a.shape == x.shape and a.dtype == dtype, name
+        big = max(1.0, w.abs().max().item())
+        gt = 4e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a.double(), w, atol=gt * big, rtol=gt, msg=name)
+    names = [f.fn.__name__ for f in launched]
+    assert "_qformer_cross_attention_bwd_kernel" in names
+    for f in launched:
+        assert_interpreted(f)
+    return names.count("_qformer_cross_attention_bwd_kernel")
+
+
+def test_backward_grad_lse_alone_and_none(launched):
+    # grad of lse only (grad_out zero) and grad_lse None are both honoured
+    inputs, h = _inputs(1, 5, 8, 32, 2, 2, 24, torch.float32)
+    out, lse = kern.qformer_cross_attention_fwd(*inputs, h, 0.25)
+    gl = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2))
+    zero = torch.zeros_like(out)
+    grads = kern.qformer_cross_attention_bwd(zero, gl, *inputs, out, lse, h, 0.25)
+    _, _, want = _ref_grads(inputs, h, 0.25, zero, gl)
+    for name, a, w in zip(GRADS, grads, want, strict=True):
+        torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = kern.qformer_cross_attention_bwd(go, None, *inputs, out, lse, h, 0.25)
+    _, _, want = _ref_grads(inputs, h, 0.25, go, torch.zeros_like(lse))
+    for name, a, w in zip(GRADS, grads, want, strict=True):
+        torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_fp64_is_routed_to_the_chunked_torch_paths(launched):
+    # Triton rejects the fp64 dots at compile time (tests/tier2): no kernel may be launched
+    inputs, h = _inputs(1, 4, 8, 32, 2, 3, 24, torch.float64)
+    out, lse = kern.qformer_cross_attention_fwd(*inputs, h, 0.25)
+    go = torch.randn(out.shape, dtype=torch.float64)
+    gl = torch.randn(lse.shape, dtype=torch.float64)
+    grads = kern.qformer_cross_attention_bwd(go, gl, *inputs, out, lse, h, 0.25)
+    assert launched == [] and out.dtype == lse.dtype == torch.float64
+    r, rl, want = _ref_grads(inputs, h, 0.25, go, gl)
+    torch.testing.assert_close(out, r)
+    torch.testing.assert_close(lse, rl)
+    for name, a, w in zip(GRADS, grads, want, strict=True):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a, w, msg=name)

@@ -319,7 +319,7 @@ def qformer_cross_attention_bwd(
     wk, wv, bk, bv = wk.contiguous(), wv.contiguous(), bk.contiguous(), bv.contiguous()
     do = grad_out.to(dt).contiguous()
     # delta = rowsum(dO * O) - dlse per (b, h, query): (B, H, Lq) fp32, tiny
-    delta = (grad_out.float() * out.float()).view(b, lq, h, d).sum(-1).transpose(1, 2)
+    delta = (grad_out.float() * out.float()).reshape(b, lq, h, d).sum(-1).transpose(1, 2)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     delta, lse = delta.contiguous(), lse.float().contiguous()

@@ -135,11 +135,14 @@ def test_backward_grad_lse_alone_and_none(launched):
     _, _, want = _ref_grads(inputs, h, 0.25, zero, gl)
     for name, a, w in zip(GRADS, grads, want, strict=True):
         torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4, msg=name)
-    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    grads = kern.qformer_cross_attention_bwd(go, None, *inputs, out, lse, h, 0.25)
-    _, _, want = _ref_grads(inputs, h, 0.25, go, torch.zeros_like(lse))
-    for name, a, w in zip(GRADS, grads, want, strict=True):
-        torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4, msg=name)
+    g3 = torch.Generator().manual_seed(3)
+    # a dense grad_out, and a broadcast one (stride 0, as autograd hands over for .sum())
+    for go in (torch.randn(out.shape, generator=g3),
+               torch.randn(out.shape[2], generator=g3).expand(out.shape)):  # fmt: skip
+        grads = kern.qformer_cross_attention_bwd(go, None, *inputs, out, lse, h, 0.25)
+        _, _, want = _ref_grads(inputs, h, 0.25, go, torch.zeros_like(lse))
+        for name, a, w in zip(GRADS, grads, want, strict=True):
+            torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_fp64_is_routed_to_the_chunked_torch_paths(launched):

@@ -45,6 +45,10 @@ STRATEGY_ORDER = ("full", "uniform", "vilamp", "slowfast", "llamavid", "videoxl"
 # Qwen3-VL / Qwen3.5: frames at the processor's long-video size (:func:`long_video_frame_hw`).
 FAMILY_PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llava_onevision": {"extra_frames": {"stream": (1000, 100000)}},
+    # 352x352 frames give an 11x11 merged grid, which SlowFast-LLaVA's slow kernel (1, 2)
+    # does not divide: the slow frames keep their full grid (slow_kernel (1, 1)), stated.
+    "qwen3_vl": {"set": {"slowfast": {"slow_kernel": [1, 1]}}},
+    "qwen3_5": {"set": {"slowfast": {"slow_kernel": [1, 1]}}},
     "video_llama": {"frames": (8, 32, 128, 512, 2048, 4096, 8192, 10240),
                     "strategies": ("full", "uniform", "video-llama-seed"),
                     "model_set": {"video_qformer.position": "interpolate"},
@@ -308,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: dict(v) for k, v in DEFAULT_STRATEGY_OVERRIDES.items() if k in strategies}
     if fam_defaults.get("uniform_every_frame") and "uniform" in strategies:
         overrides["uniform"] = {"num_frames": max(args.frames)}  # the fused stream, all frames
+    if args.frame_size is None:  # family knob defaults tied to its default frame size
+        for k, v in fam_defaults.get("set", {}).items():
+            if k in strategies:
+                overrides.setdefault(k, {}).update(v)
     for k, v in _parse_set(args.set).items():
         if k not in available:
             raise ValueError(f"--set names unknown strategy {k!r}; available: "

@@ -84,3 +84,35 @@ def test_caller_scores_with_ties_budget_one_and_noop(launched):
         assert torch.equal(v1[..., :rn, :], vr[..., :rn, :])
     assert len(launched) == 4
     assert_interpreted(launched[0])
+
+
+@pytest.mark.parametrize(("d", "rdim", "section"), [
+    (32, 32, [6, 5, 5]),  # Qwen3-VL-like: full rotary, interleaved sections
+    (32, 8, [2, 1, 1]),  # Qwen3.5-like: partial rotary (1/4 of the head), interleaved
+])
+def test_interleaved_and_partial_rotary_match_reference(launched, d, rdim, section):
+    """The Triton kernel driven exactly as the op wrapper drives it for these layouts (no
+    kernel change: spatial pairs at frequency 0, or rows moved unrotated then the temporal
+    pairs re-rotated from the keep mask) == the reference."""
+    from lvlm_fast.ops.kv_compact import _kernel_rotation, _rerotate_kept
+
+    shape = (2, 1, 2, 29, d)
+    n, budget, prefix, recent, tpf, ps = 27, 13, 2, 6, 3, 3
+    k, v = _bufs(shape, torch.float32, seed=rdim)
+    k[..., n:, :] = float("nan")
+    v[..., n:, :] = float("nan")
+    k0, v0 = k.clone(), v.clone()
+    inv = _inv(rdim)
+    freq, pairs, post = _kernel_rotation(inv, d, rdim, section, True)
+    nl, keep, _ = kv_compact_fwd(k, v, torch.tensor(n), freq, None, budget, prefix, recent,
+                                 tpf, ps, pairs)
+    if post is not None:
+        _rerotate_kept(k, keep, budget, *post)
+    rn, rkeep, _ = ref(k0, v0, n, inv, budget=budget, prefix=prefix, recent=recent,
+                       tokens_per_frame=tpf, primary_slots=ps, mrope_section=section,
+                       mrope_interleaved=True)
+    assert int(nl) == rn and torch.equal(keep, rkeep)
+    torch.testing.assert_close(k[..., :rn, :], k0[..., :rn, :], atol=1e-5, rtol=1e-5)
+    assert torch.equal(v[..., :rn, :], v0[..., :rn, :])
+    assert len(launched) == 1  # one kernel launch for every layer and head
+    assert_interpreted(launched[0])

@@ -15,6 +15,8 @@ from lvlm_fast.models.families import family_for
 from lvlm_fast.models.strategies.base import STRATEGIES, VideoPrompt, get_strategy
 from lvlm_fast.models.video_llama_model import VideoLlamaModel, tiny_video_llama
 from lvlm_fast.nn.qformer import AudioQFormer, VideoQFormer, released_to_blip2_qformer
+from lvlm_fast.ops import keyframe_select
+from lvlm_fast.reference.keyframe_select import keyframe_select as ref_keyframe_select
 
 PREFIX = torch.tensor([[1, 5, 9, 33]])
 QUESTION = torch.tensor([[40, 41, 42, 7]])
@@ -189,7 +191,71 @@ def test_without_audio_branch_audio_is_an_error() -> None:
         vlm.first_token(prompt(torch.randn(8, 3, 28, 28), audio_embeds=torch.randn(1, 8, 16)))
 
 
-@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"full", "uniform", "video-llama-seed"}))
+@torch.no_grad()
+def reference_frame_embeddings(m: VideoLlamaModel, frames: torch.Tensor) -> torch.Tensor:
+    """(T, 768): the mean image-Q-Former token of each frame, all frames at once through
+    transformers' Blip2VisionModel + Blip2QFormerModel."""
+    inner = m.model
+    img = inner.vision_model(pixel_values=frames).last_hidden_state
+    q = inner.query_tokens.expand(frames.shape[0], -1, -1)
+    return inner.qformer(query_embeds=q, encoder_hidden_states=img).last_hidden_state.mean(1)
+
+
+@pytest.mark.parametrize("t, k, tau, selector", [(40, 32, 0.85, False), (23, 6, 0.3, True),
+                                                 (40, 12, 0.5, True), (5, 8, 0.85, False)])
+def test_vilamp_keyframes_choose_the_video_qformer_frames(t: int, k: int, tau: float,
+                                                          selector: bool) -> None:
+    """vilamp = keyframe_select (query-free video-mean rule) over one embedding per frame
+    (a selector's, or the mean image-Q-Former token); the K keyframes then go through the
+    released Video Q-Former math (transformers composition), token for token.
+
+    The tiny model's mean image-Q-Former tokens are nearly identical across frames (random
+    init: near-uniform cross-attention), so with them the selection is a near-tie that only
+    the op itself decides: that case checks the embedding is the transformers composition's
+    and the indices are the op's on it. A selector with well-separated embeddings checks the
+    indices against the plain-PyTorch keyframe_select reference."""
+    vlm = make_vlm(vision_chunk_frames=6)
+    m = vlm.model
+    torch.manual_seed(7)
+    frames = torch.randn(t, 3, 28, 28)
+    knobs: dict = {"num_keyframes": k, "tau_f": tau}
+    if selector:
+        proj = torch.randn(3 * 28 * 28, 16, generator=torch.Generator().manual_seed(3))
+        knobs["selector"] = lambda x: x.flatten(1) @ proj  # frames -> (t, 16)
+        knobs["selector_transform"] = lambda x: x  # the frames as given
+        emb = frames.flatten(1) @ proj
+        idx, _ = ref_keyframe_select(emb, emb.mean(0), k, threshold=tau, fill=True)
+    else:
+        emb = reference_frame_embeddings(m, frames).float()
+        torch.testing.assert_close(vlm.family.frame_embeddings(vlm, frames), emb,
+                                   atol=1e-6, rtol=1e-6)
+        idx, _ = keyframe_select(emb, emb.mean(0), k, threshold=tau, fill=True)
+    assert idx.numel() == min(k, t)
+    got_idx = vlm.family.keyframe_indices(get_strategy("vilamp", **knobs).config, vlm, frames)
+    assert got_idx.tolist() == idx.tolist()
+    if selector and k < t:  # the selection matters: not simply the first K / every frame
+        assert idx.tolist() != list(range(k))
+    ref_vis = reference_tokens(m, frames[idx], m.model.video_qformer.frame_position.weight)
+    ref_first, ref_toks = reference_logits(m, ref_vis, 4)
+    p = prompt(frames)
+    torch.testing.assert_close(vlm.first_token(p, "vilamp", **knobs), ref_first, atol=1e-4,
+                               rtol=1e-4)
+    assert vlm.last_prefill.frames_encoded == (0 if selector else t) + min(k, t)
+    assert vlm.last_prefill.visual_tokens == 4
+    assert vlm.generate(p, 4, strategy="vilamp", **knobs)[0].tolist() == ref_toks
+
+
+def test_vilamp_refuses_kv_budget_and_needs_position_knob_past_the_table() -> None:
+    vlm = make_vlm()
+    frames = torch.randn(40, 3, 28, 28)
+    with pytest.raises(ValueError, match="kv_budget does not apply to the video_llama"):
+        vlm.first_token(prompt(frames), "vilamp", kv_budget=64)
+    with pytest.raises(ValueError, match="32-row frame-position table"):
+        vlm.first_token(prompt(frames), "vilamp", num_keyframes=33)
+
+
+@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"full", "uniform", "video-llama-seed",
+                                                            "vilamp"}))
 def test_other_strategies_raise_naming_why(name: str) -> None:
     get_strategy("full")  # imports every strategy
     vlm = make_vlm()

@@ -37,6 +37,18 @@ Strategies (the family runs them: :meth:`run_strategy`):
   code's memory behaviour at any frame count: every frame encoded in one call, the Video
   Q-Former as transformers' eager ``Blip2QFormerModel`` (K/V and scores materialised); same
   tokens as ``uniform`` with ``num_frames = T`` (tested). The profiler's baseline.
+- ``vilamp`` = ViLAMP's differential keyframe selection choosing WHICH frames the Video
+  Q-Former reads: :func:`lvlm_fast.ops.keyframe_select` over one embedding per frame (the
+  ``selector``'s image features when one is given, else the mean of the frame's 32
+  image-Q-Former tokens, computed chunk by chunk), the same query-free / query-aware rules
+  and knobs as on the other families (``num_keyframes`` K = 32 by default, exactly the
+  frame-position table's rows; ``tau_f``, ``floor``, ``diversity_query``, ``selector``,
+  ``question``, ``query_embedding``). The K keyframes, in time order, then go through the
+  Video Q-Former as ``uniform``'s frames do. Differential feature merging does not apply
+  (there are no per-frame LLM tokens to merge): ``dfm``, ``dfm_tau``, ``keyframe_tokens``
+  and ``newline`` are ignored; ``kv_budget`` is refused (32 LLM tokens per video).
+  Frames are encoded twice (all of them for the selection, the K keyframes again for the
+  Q-Former), so no per-frame token is held beyond one chunk during selection.
 - Every other strategy raises ``NotImplementedError``: they reduce, merge or score the
   per-frame LLM tokens the decoder reads (pooling, DFM, summaries, KV eviction), and this
   family's decoder never reads per-frame tokens, only the Video Q-Former's 32.
@@ -54,7 +66,7 @@ if TYPE_CHECKING:
     from lvlm_fast.models.strategies.base import PrefillResult, Strategy, VideoPrompt
     from lvlm_fast.models.wrapper import LongVideoVLM
 
-SUPPORTED_STRATEGIES = ("full", "uniform", "video-llama-seed")
+SUPPORTED_STRATEGIES = ("full", "uniform", "video-llama-seed", "vilamp")
 
 
 def released_frame_indices(total: int, count: int = 8) -> list[int]:
@@ -160,15 +172,45 @@ class VideoLlamaFamily(ModelFamily):
         p = self.model.lm_head.weight
         return self.model.audio_tokens(audio_embeds.to(device=p.device, dtype=p.dtype))
 
+    def frame_embeddings(self, vlm: LongVideoVLM, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(T, 768) float32: the mean image-Q-Former token of every frame, chunk by chunk
+        (``vilamp``'s selection embedding without a selector)."""
+        emb = None
+        for start, feats in vlm.iter_patch_features(pixel_values):
+            m = feats.float().mean(dim=(1, 2))  # (f, 1, 32, 768) -> (f, 768)
+            if emb is None:
+                emb = torch.empty((pixel_values.shape[0], m.shape[1]), dtype=torch.float32,
+                                  device=m.device)
+            emb[start:start + m.shape[0]] = m
+        return emb
+
+    def keyframe_indices(self, cfg: Any, vlm: LongVideoVLM, pixel_values: torch.Tensor
+                         ) -> torch.Tensor:
+        """``vilamp``'s K keyframe indices (time order, on device; module doc)."""
+        from lvlm_fast.models.strategies.vilamp import (
+            select_keyframes,
+            selector_embeddings,
+            selector_query,
+        )
+
+        if cfg.kv_budget is not None:
+            raise ValueError(f"kv_budget does not apply to the {self.name} family: its LLM "
+                             "reads 32 Video Q-Former tokens per video, not per-frame tokens")
+        emb = (selector_embeddings(cfg, vlm, pixel_values) if cfg.selector is not None
+               else self.frame_embeddings(vlm, pixel_values))
+        idx, _ref = select_keyframes(cfg, emb, selector_query(cfg, emb.device))
+        return idx.to(torch.int64)
+
     def run_strategy(self, strategy: Strategy, vlm: LongVideoVLM, prompt: VideoPrompt
                      ) -> PrefillResult:
-        """``full`` (released 8 frames), ``uniform`` (any frame count, streaming) and
-        ``video-llama-seed`` (released-style, any frame count);
-        NotImplementedError for the rest (see the module doc)."""
+        """``full`` (released 8 frames), ``uniform`` (any frame count, streaming),
+        ``vilamp`` (keyframe selection picks the frames) and ``video-llama-seed``
+        (released-style, any frame count); NotImplementedError for the rest (module doc)."""
         from lvlm_fast.models.strategies.uniform import uniform_index
 
         px = prompt.pixel_values
         t = px.shape[0]
+        selection_frames = 0
         if strategy.name == "video-llama-seed":
             return strategy.run_video_llama(vlm, prompt)
         if strategy.name == "full":
@@ -178,6 +220,10 @@ class VideoLlamaFamily(ModelFamily):
         elif strategy.name == "uniform":
             n = strategy.config.num_frames
             idx = None if t <= n else uniform_index(t, n, px.device)
+        elif strategy.name == "vilamp":
+            idx = self.keyframe_indices(strategy.config, vlm, px)
+            # without a selector every frame went through the vision tower once already
+            selection_frames = t if strategy.config.selector is None else 0
         else:
             raise NotImplementedError(
                 f"strategy {strategy.name!r} does not apply to the {self.name} family: it "
@@ -185,7 +231,7 @@ class VideoLlamaFamily(ModelFamily):
                 "reads only the Video Q-Former's 32 tokens per video (whatever the frame "
                 f"count). Supported here: {', '.join(SUPPORTED_STRATEGIES)} (uniform with any "
                 "num_frames streams through the fused Video Q-Former)")
-        frames = t if idx is None else idx.shape[0]
+        frames = (t if idx is None else idx.shape[0]) + selection_frames
         visual = self.video_tokens(vlm, px, idx)
         audio = getattr(prompt, "audio_embeds", None)
         if audio is not None:

@@ -191,17 +191,19 @@ def test_smaller_budget_equals_rule_reference(qwen, frames, budget, window, rece
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llamavid", "vilamp"])
-def test_kv_budget_composition_equals_rule_reference(qwen, name):
+@pytest.mark.parametrize("name,kw", [
+    ("slowfast", dict(slow_kernel=(1, 1), fast_grid=(1, 1))), ("llamavid", {}),
+    ("vilamp", {})])
+def test_kv_budget_composition_equals_rule_reference(qwen, name, kw):
     """A reduction + kv_budget (VaN only, windows of prefill_chunk_tokens): the strategy's
     own tokens and TokenBlocks through the same rule == the reference on those tokens."""
     pr = _prompt(16, seed=4)
     budget, chunk = 10, 4
-    vlm = LongVideoVLM(qwen, name, kv_budget=budget, prefill_chunk_tokens=chunk)
+    vlm = LongVideoVLM(qwen, name, kv_budget=budget, prefill_chunk_tokens=chunk, **kw)
     logits = vlm.first_token(pr)
     cache = vlm.last_prefill.cache
     assert isinstance(cache, BudgetedKVCache) and cache.compactions >= 1
-    out = get_strategy(name).visual_embeds(vlm, pr)
+    out = get_strategy(name, **kw).visual_embeds(vlm, pr)
     _, y, x = out.blocks.coords(0, out[0].shape[1])
     p = pr.prefix_ids.shape[1]
     ref_logits, _, key, value, _ = _reference_tokens(

@@ -9,7 +9,12 @@ keep ``k = budget - p - recent`` of the middle rows ``[p, n - recent)``: ``prima
 by the primary score (TaR, or caller-given ``scores``), the rest by the secondary score
 (VaN); ties go to the earlier row. Kept rows move, in time order, to the front; each key is
 re-rotated by its slot delta (``new slot - old slot``) so positions are slots of the bounded
-buffer and never pass C. New length = ``min(n, budget)``.
+buffer and never pass C. New length = ``min(n, budget)``. RoPE layouts: 1-D, blocked
+M-RoPE (Qwen2.5-VL) and interleaved M-RoPE (Qwen3-VL) are the kernels' own rotation
+(spatial pairs at frequency 0 = the identity exactly); partial rotary (Qwen3.5, pairs
+``(i, i + R/2)`` the kernels' ``(i, i + D/2)`` pairing cannot express) is moved unrotated
+by the kernel and its temporal pairs re-rotated by a small elementwise pass over the
+first ``budget`` rows (:func:`_kernel_rotation`), with no host sync.
 
 Why scores live inside this op (the "fused" choice): the selection needs every middle
 row's score before the first row can move, and one head's K/V (C x D) does not fit on

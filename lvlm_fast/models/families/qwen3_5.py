@@ -28,8 +28,13 @@ states from chunk to chunk exactly (tested against ``generate``). Consequences:
   property of the hybrid decoder, not of Video-XL). Summary tokens pass the
   linear-attention layers with their ordinary weights (Video-XL's summary projections are
   q/k/v of attention layers; a linear-attention layer has none). Summaries keep logical
-  positions (moved unrotated), as on every M-RoPE family; a 1-D re-rotation is refused
-  (partial rotary).
+  positions (moved unrotated), as on every M-RoPE family, with or without ``kv_budget``
+  (whose compaction also moves the kept rows unrotated, full-attention layers only).
+* **stream** (and ``kv_budget`` on any strategy): the budgeted cache holds K/V rows for
+  the full-attention layers only and compacts only those; the linear-attention states
+  carry across every window and are never touched by a compaction. Re-rotation to slots
+  acts on the temporal pairs of the rotated quarter of each key (partial rotary), the
+  rest of the key moves as is (:func:`lvlm_fast.ops.kv_compact`, ``rotary_dim``).
 * **Fused attention**: head dim 256 is not one of the fused kernel's (64, 80, 96, 128), so
   ``attention="auto"`` keeps the model's own attention on the 9B; the tiny test config
   (head dim 64) runs the fused kernel.

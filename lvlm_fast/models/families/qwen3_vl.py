@@ -50,7 +50,9 @@ The class is split into three layers so that a successor with the same vision to
   Generated tokens continue at ``cur`` after the question (= max + 1, ``rope_deltas``). The
   decoder interleaves the three axes across frequencies (``mrope_section`` [24, 20, 20],
   ``mrope_interleaved``), inside transformers' rotary embedding: the ids are the same
-  ``(3, 1, L)`` layout as Qwen2.5-VL's.
+  ``(3, 1, L)`` layout as Qwen2.5-VL's. These ids grow with the video (``cur`` every unit);
+  the budgeted ``stream`` rule (:meth:`SequentialPlan.stream_chunk`, defined in
+  :mod:`lvlm_fast.models.strategies.stream`) bounds them instead.
 """
 
 from __future__ import annotations

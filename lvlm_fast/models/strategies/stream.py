@@ -37,8 +37,9 @@ Knobs (:class:`StreamConfig`), defaults from the method facts
   0.75).
 - ``recent_frames = 8``: protected newest frames; the code keeps ``query_ratio`` (0.25) x
   32 = 8 frames, exactly its newest block (here: the window just added).
-- ``tar_ratio = 0.5``: share of the selectable slots filled by TaR, the rest by VaN (the
-  code's default; 0 = VaN only, 1 = TaR only).
+- ``tar_ratio = None``: share of the selectable slots filled by TaR, the rest by VaN;
+  None = the code's default 0.5 on families whose frames are fixed-size rows, 0 (VaN) on
+  Qwen3-VL / Qwen3.5 (below); 0 = VaN only, 1 = TaR only.
 
 Composition: ``slowfast``, ``llamavid`` and ``vilamp`` take a ``kv_budget`` knob; when set,
 :class:`~lvlm_fast.models.strategies.base.EmbeddingStrategy` streams their (reduced) visual
@@ -47,31 +48,69 @@ per-strategy copy). Their tokens are not whole frames of one grid, so TaR's patc
 undefined there: they use VaN only, no protected recent rows, and windows of the wrapper's
 ``prefill_chunk_tokens`` (the chunk it already prefills in, so the activation peak is
 unchanged). ``videoxl`` takes ``kv_budget`` as well: it drives its own windows, and
-after each one compacts its sink + summaries (:func:`lvlm_fast.stream_cache.compact_per_layer`).
+after each one compacts its sink + summaries (:func:`lvlm_fast.stream_cache.compact_per_layer`;
+1-D RoPE: kept summaries re-rotated to their slots; M-RoPE families: moved unrotated, so
+videoxl's logical positions are kept, see its module doc).
 
-Families: 1-D RoPE decoders (LLaVA-OneVision, rule above) and blocked M-RoPE
-(Qwen2.5-VL). M-RoPE rule, one for every window, the question and the answer (the
-family's :meth:`PositionPlan.stream_chunk` / :meth:`PositionPlan.stream_tail`; nothing
-here tests which family it is):
+Families. The position rule is defined here, once; each family's
+:class:`~lvlm_fast.models.families.PositionPlan` implements it (``stream_chunk`` /
+``stream_tail``; nothing here tests which family it is).
 
-- a cached row's temporal id is its slot (the prefix: slots ``0 .. P-1``; a window's rows:
-  ``cache length + arange``); ``kv_compact(mrope_section=(t, h, w))`` re-rotates only the
-  temporal frequency pairs of a kept key, by its slot delta, so this stays true after
-  every compaction;
-- height/width ids are the family's plan's (``P + y``, ``P + x`` of the token inside its
-  :class:`TokenBlocks` block; prefix text: its index) and never move;
-- the question starts at ``max(cached rows, P + max(h, w))`` on all three axes (after every
-  cached temporal and spatial id, as the plan puts text after the video) and the answer
-  continues from there.
+- **1-D RoPE** (LLaVA-OneVision): a row's position is its slot (above).
+- **M-RoPE** (Qwen2.5-VL blocked sections; Qwen3-VL and Qwen3.5 interleaved sections,
+  Qwen3.5 with partial rotary), one rule for every window, the question and the answer:
 
-So every id stays below ``max(kv_budget + max(window, question + answer), P + max(h, w) +
-question + answer)``, independent of the frame count. With nothing evicted this is not
-``full``'s positions (``full`` gives every token of a unit one temporal id, here each row
-has its slot). The ``kv_budget`` compositions use the same rule with the strategy's own
-``TokenBlocks``. Interleaved M-RoPE (Qwen3-VL, Qwen3.5: the temporal pairs are every
-third frequency, not a prefix ``kv_compact`` can re-rotate; Qwen3-VL also frames units
-with timestamp text) raises ``NotImplementedError`` from
-:meth:`BudgetedKVCache.for_text_config`.
+  * a cached row's temporal id is its slot (the prefix: slots ``0 .. P-1``; a window's
+    rows: ``cache length + arange``); ``kv_compact`` re-rotates only the temporal
+    frequency pairs of a kept key by its slot delta (blocked: the first ``t`` pairs;
+    interleaved: the pairs transformers' ``apply_interleaved_mrope`` gives the temporal
+    id; partial rotary: those pairs within the rotated dims), so this stays true after
+    every compaction;
+  * a visual row's height/width ids are ``P + y``, ``P + x`` of the token inside its
+    :class:`TokenBlocks` block; a text row (prefix, and on Qwen3-VL / Qwen3.5 the
+    timestamp text and ``<|vision_start|>`` / ``<|vision_end|>`` of each unit) gets its
+    slot at insertion on all three axes. Height/width ids never move;
+  * the question starts at ``max(cached rows, P + max(h, w))`` on all three axes (after
+    every cached temporal and spatial id, as the plans put text after the video) and the
+    answer continues from there.
+
+  So every id stays below ``max(C, P + max(h, w)) + question + answer`` with ``C =
+  kv_budget + max(window rows, question + answer)``, independent of the frame count (on
+  Qwen3-VL / Qwen3.5 a window's rows include its units' timestamps, which gain one token
+  per 10x of video length: 8 units of a 100,000-frame video stay under 8 x (196 + 20)
+  rows); :func:`budgeted_prefill` refuses a budget whose bound passes the model's
+  ``max_position_embeddings``. The native Qwen3-VL ids (``cur``, ``cur + y``, ``cur + x``
+  with ``cur`` growing every unit) are NOT bounded, which is why the rule differs. With
+  nothing evicted this is not ``full``'s positions (``full`` gives a unit one temporal id;
+  here each row has its slot), so the budget-covers-the-stream case equals the decoder
+  fed this rule's ids with every row kept, not ``full``.
+
+**Qwen3-VL / Qwen3.5 (units framed with timestamp text).** The stream feeds the video
+segment exactly as ``full``'s prompt has it (the family's
+:meth:`~lvlm_fast.models.families.ModelFamily.visual_layout`: per unit ``<t seconds>
+<|vision_start|>``, the unit's tokens, ``<|vision_end|>``, the processor's layout), in
+windows of ``window_frames`` whole units; ``recent_frames`` protects the newest units'
+rows *including* their timestamp and start/end rows. TaR needs frames of a fixed number of
+rows and a timestamp's length varies with its digits, so these families run VaN only (or
+``attention_mass``): ``tar_ratio`` defaults to None = 0.5 (the method's) on fixed-size
+frames and 0 here, and an explicit ``tar_ratio > 0`` raises ``ValueError``. What happens to
+timestamp rows, i.e. what "coherent with the kept frames" means under ``stream``: every unit
+enters the decoder with its own timestamp right before its tokens (so every row's K/V was
+computed with the right timestamp in context); a compaction then keeps or drops every
+non-protected row, timestamp rows included, per layer and KV head by its score alone, and
+the kept rows keep their time order. So a kept timestamp row always precedes whatever is
+kept of its own unit and follows what is kept of earlier units, but a unit's tokens may
+survive in a head where its timestamp row does not (and vice versa). DeepStack (Qwen3-VL):
+each prefill chunk of a window adds its visual rows' DeepStack levels at their positions,
+exactly as the chunked prefill does (the rows are never all held); Qwen3.5 has none.
+**Qwen3.5 (hybrid)**: the budgeted cache holds K/V rows for the full-attention layers only;
+the linear-attention layers carry their conv and recurrent states across every chunk and
+window in place, and a compaction never touches them (the recurrent state has already
+absorbed every token, evicted ones included).
+
+The ``kv_budget`` compositions use the same rule with the strategy's own ``TokenBlocks``
+and layout (on Qwen3-VL / Qwen3.5: windows of ``prefill_chunk_tokens`` over the segment,
+timestamp text included).
 """
 
 from __future__ import annotations

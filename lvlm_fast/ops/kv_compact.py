@@ -319,10 +319,10 @@ def _kernel_rotation(inv_freq: torch.Tensor, d: int, rot: int, sec: list[int] | 
     pairs = rot // 2
     if rot == d and not interleaved:
         return inv_freq, (pairs if sec is None else sec[0]), None
-    mask = temporal_pairs(pairs, sec, interleaved)
-    if rot == d:
-        freq = inv_freq * mask.to(device=inv_freq.device, dtype=inv_freq.dtype)
-        return freq, d // 2, None
+    if rot == d:  # the mask built where inv_freq lives: no host-to-device copy
+        mask = temporal_pairs(pairs, sec, interleaved, device=inv_freq.device)
+        return inv_freq * mask.to(inv_freq.dtype), d // 2, None
+    mask = temporal_pairs(pairs, sec, interleaved)  # on the host: nonzero without a sync
     idx = torch.nonzero(mask).flatten()
     post = None if idx.numel() == 0 else (
         (idx.to(inv_freq.device), inv_freq.float()[idx.to(inv_freq.device)]), rot)

@@ -130,12 +130,13 @@ def select_rows(primary: torch.Tensor, secondary: torch.Tensor, n: int, budget: 
 
 
 def temporal_pairs(pairs: int, mrope_section: list[int] | None,
-                   interleaved: bool = False) -> torch.Tensor:
-    """(pairs,) bool: which rotary frequency pairs carry the temporal id (module doc);
-    all of them for 1-D RoPE (``mrope_section=None``)."""
-    i = torch.arange(pairs)
+                   interleaved: bool = False,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """(pairs,) bool on ``device``: which rotary frequency pairs carry the temporal id
+    (module doc); all of them for 1-D RoPE (``mrope_section=None``)."""
+    i = torch.arange(pairs, device=device)
     if mrope_section is None:
-        return torch.ones(pairs, dtype=torch.bool)
+        return torch.ones(pairs, dtype=torch.bool, device=device)
     t, h, w = mrope_section
     if not interleaved:
         return i < t

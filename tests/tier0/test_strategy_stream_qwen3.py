@@ -136,10 +136,12 @@ def _unit_windows(frame: torch.Tensor, window: int, recent: int) -> list[tuple[i
     return [(ends[k], ends[k] - starts[max(k + 1 - recent, 0)]) for k in cut]
 
 
-def _reference(vlm, pr, seg, budget, windows, max_new=0):
+def _reference(vlm, pr, seg, budget, windows, max_new=0, mass=False):
     """The rule in plain PyTorch (module doc). Returns (first logits, tokens, K, V of the
     full-attention layers after the question (L, 1, Hkv, rows, D), linear-layer states,
-    every id used)."""
+    every id used). ``mass``: rows scored by the attention mass of the window's queries
+    (transformers' eager attention probabilities, summed over the window's query rows and
+    each KV head's query heads) instead of VaN."""
     lm = vlm.language_model
     embeds, deep, vis, yx, _ = seg
     try:
@@ -152,10 +154,15 @@ def _reference(vlm, pr, seg, budget, windows, max_new=0):
     seen = []
     cache = DynamicCache(config=lm.config)
 
+    probs = []
+
     def run(x, pos, **kw):
         seen.append(pos)
-        return lm(inputs_embeds=x, position_ids=pos, past_key_values=cache, use_cache=True,
-                  **kw).last_hidden_state
+        out = lm(inputs_embeds=x, position_ids=pos, past_key_values=cache, use_cache=True,
+                 output_attentions=mass, **kw)
+        if mass:
+            probs[:] = [a for a in out.attentions if a is not None]
+        return out.last_hidden_state
 
     with torch.no_grad():
         run(vlm.embed_tokens(pr.prefix_ids), torch.arange(P).view(1, 1, -1).expand(3, 1, -1))
@@ -184,9 +191,15 @@ def _reference(vlm, pr, seg, budget, windows, max_new=0):
                 continue
             key = torch.stack([cache.layers[li].keys for li in full])
             value = torch.stack([cache.layers[li].values for li in full])
+            sc = None
+            if mass:  # (L, 1, Hkv, length): each key's mass from this window's queries
+                assert len(probs) == len(full)
+                sc = torch.stack([a.float().reshape(1, hkv, -1, a.shape[2], a.shape[3])
+                                  .sum((2, 3)) for a in probs])
             _, keep, _ = ref_compact(key.clone(), value.clone(), length, lm.rotary_emb.inv_freq,
                                      budget=budget, prefix=P, recent=rec,
-                                     mrope_section=rope["mrope_section"],
+                                     primary_slots=budget - P - rec if mass else 0,
+                                     scores=sc, mrope_section=rope["mrope_section"],
                                      mrope_interleaved=True)
             nk = torch.empty_like(key[:, :, :, :budget])
             nv = torch.empty_like(value[:, :, :, :budget])
@@ -355,6 +368,31 @@ def test_smaller_budget_equals_rule_reference(model, monkeypatch, frames, budget
     for _, _, _, _, before, after, _, _ in log:  # a compaction never touches a linear state
         for (c0, r0), (c1, r1) in zip(before, after, strict=True):
             assert torch.equal(c0, c1) and torch.equal(r0, r1)
+
+
+def test_attention_mass_score_equals_reference(model):
+    """attention_mass=True: rows scored by the mass the window's queries give each key
+    (full-attention layers only on Qwen3.5) == the reference with transformers' eager
+    attention probabilities as scores."""
+    pr = _prompt(10, seed=5)
+    cfg = StreamConfig(kv_budget=36, window_frames=1, recent_frames=1, attention_mass=True)
+    vlm = LongVideoVLM(model, get_strategy("stream", cfg), prefill_chunk_tokens=128)
+    logits = vlm.first_token(pr)
+    cache = vlm.strategy.cache
+    assert cache.compactions >= 2
+    lm = vlm.language_model
+    seg = _segment(vlm, pr, get_strategy("full").visual_embeds(vlm, pr))
+    old = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        ref_logits, _, key, value, _, _ = _reference(
+            vlm, pr, seg, 36, _unit_windows(seg[4], 1, 1), mass=True)
+    finally:
+        lm.set_attn_implementation(old)
+    m = cache.get_seq_length()
+    torch.testing.assert_close(cache.key[:, :, :, :m], key, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(cache.value[:, :, :, :m], value, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_timestamp_rows_are_rows_kept_in_time_order(model, monkeypatch):

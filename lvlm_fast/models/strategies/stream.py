@@ -188,7 +188,8 @@ class KeyMass:
     ``sum over query rows and the query heads of one KV head of softmax(Q K^T * scale)``
     under the bottom-right causal mask (batch 1, no padding, as the wrapper runs), fp32,
     query rows in blocks of 256 (bounded transient). :meth:`take` returns the (L, B, Hkv, C)
-    scores (0 beyond the keys seen) and resets them (one window's queries per compaction)."""
+    scores (0 beyond the keys seen; L = the cache's full-attention layers, in order) and
+    resets them (one window's queries per compaction)."""
 
     def __init__(self, lm: torch.nn.Module, cache: BudgetedKVCache) -> None:
         self.lm, self.cache = lm, cache
@@ -252,8 +253,11 @@ class KeyMass:
     def take(self) -> torch.Tensor:
         key = self.cache.key
         out = torch.zeros(key.shape[:4], dtype=torch.float32, device=key.device)
+        # decoder layer index -> row of the stacked buffers (hybrid decoders: the
+        # full-attention layers only)
+        kv = {id(la): j for j, la in enumerate(self.cache.kv_layers)}
         for li, m in self.mass.items():
-            out[li, :, :, : m.shape[-1]] = m
+            out[kv[id(self.cache.layers[li])], :, :, : m.shape[-1]] = m
         self.mass = {}
         return out
 

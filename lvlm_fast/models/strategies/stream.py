@@ -331,7 +331,7 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     # window boundaries (segment offsets) and the protected recent rows of each
     if layout is not None:
-        if tar_ratio is not None and tar_ratio > 0:
+        if tar_ratio is not None and tar_ratio > 0 and not attention_mass:
             raise ValueError(
                 f"{what}: tar_ratio={tar_ratio} needs frames of a fixed number of rows, but "
                 f"the {fam.name} family frames every unit with timestamp text of varying "

@@ -352,7 +352,7 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
     else:
         if tar_ratio is None:
             tar_ratio = DEFAULT_TAR_RATIO
-        if tar_ratio > 0 and recent < 1:
+        if tar_ratio > 0 and recent < 1 and not attention_mass:
             raise ValueError("recent_frames must be >= 1 when tar_ratio > 0 (TaR compares "
                              "each token with the recent frames); use tar_ratio=0 for VaN")
         bounds = [(min(a + window, seg), recent) for a in range(0, seg, window)]

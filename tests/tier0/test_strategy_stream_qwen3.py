@@ -443,7 +443,7 @@ def test_positions_stay_bounded_whatever_the_length(model):
     unit for every 10x in video length), and the logical (``full``) ids of the longer
     video pass it."""
     budget = 30
-    maxima = []
+    maxima, sizes = [], []
     for frames in (8, 18):
         pr = _prompt(frames, seed=1)
         vlm = LongVideoVLM(model, "stream", kv_budget=budget, window_frames=1,
@@ -463,6 +463,7 @@ def test_positions_stay_bounded_whatever_the_length(model):
         bound = max(cache.capacity, P + max(GH, GW)) + Q + MAX_NEW
         assert ids.min() >= 0 and ids.max() < bound
         maxima.append(int(ids.max()))
+        sizes.append((cache.capacity, cache.kv_bytes(), cache.state_bytes()))
         if frames == 18:
             out = get_strategy("full").visual_embeds(vlm, pr)
             layout = vlm.family.visual_layout(out.blocks, out[0].shape[1],
@@ -470,6 +471,7 @@ def test_positions_stay_bounded_whatever_the_length(model):
             plan = vlm.family.position_plan(P, out.blocks, out[0].shape[1], Q, layout=layout)
             assert int(plan.decode(0)[0]) >= bound
     assert maxima[0] == maxima[1]
+    assert sizes[0] == sizes[1]  # flat memory: the same K/V rows and recurrent states
 
 
 def test_stale_rows_poisoned_with_nan_are_never_seen(model):

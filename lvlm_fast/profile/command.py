@@ -252,8 +252,15 @@ def write_plot(path: str, rows: list[dict[str, Any]], strategies: Sequence[str],
     ax.set_xscale("log", base=2)
     frames = sorted({r["frames"] for r in rows})
     if frames:
+        # a tick per swept count, but no label closer than 10% to the previous labelled one
+        # on the log axis (1,000 next to 1,024 would print on top of each other)
+        labels, last = [], None
+        for f in frames:
+            show = last is None or f >= 1.1 * last
+            labels.append(f"{f:,}" if show else "")
+            last = f if show else last
         ax.set_xticks(frames)
-        ax.set_xticklabels([str(f) for f in frames], rotation=45, fontsize=8)
+        ax.set_xticklabels(labels, rotation=45, fontsize=8)
     ax.set_xlabel("frames")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(title, fontsize=10)

@@ -428,7 +428,9 @@ void forward_kernel(const Setup& st, at::Tensor& out, at::Tensor& weights, at::T
   const int64_t nchunks = (N + F - 1) / F;
   const int64_t PT = has_ref ? tile_rows(Db, sizeof(T)) : tile_rows(D, sizeof(T));
 
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  // Chunks are claimed dynamically (common.h: parallel_dynamic); each writes only its own
+  // frames' out/lse/weights rows.
+  parallel_dynamic(nchunks, 1, [&](auto& next) {
     std::vector<S> acc(F * D), m(F), l(F), rn(PT), obuf(D);
     std::vector<S> xbuf, abuf, bbuf, rbuf;
     if constexpr (!std::is_same_v<T, S>) {
@@ -438,6 +440,7 @@ void forward_kernel(const Setup& st, at::Tensor& out, at::Tensor& weights, at::T
       rbuf.resize(PT * Db);
     }
     std::vector<const S*> rrow(PT, nullptr);
+    for (int64_t c0, c1; next(c0, c1);)
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t f0 = c * F, nf = std::min(F, N - f0);
       const int64_t* fr = ord + f0;

@@ -11,6 +11,8 @@
 
 #include "isa.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -40,5 +42,34 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
 }
 
 constexpr double kCosEps = 1e-8;
+
+// Dynamic scheduling for loops whose items (frames, chunks of frames) write disjoint
+// outputs: one parallel region whose threads claim the next `grain` items from a shared
+// counter until none are left. at::parallel_for splits statically, so on a shared machine
+// the whole op waits for its slowest (descheduled or co-scheduled) thread's full half;
+// here a thread that runs faster, or starts earlier, takes over the rest. Each item's
+// result is computed the same way whichever thread claims it, so outputs do not depend on
+// the schedule. `body(next)` runs once per thread (set up per-thread scratch there) and
+// loops `while (next(b, e))` over [b, e) item ranges.
+template <typename Body>
+void parallel_dynamic(int64_t n, int64_t grain, const Body& body) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t pieces = (n + grain - 1) / grain;
+  std::atomic<int64_t> counter{0};
+  auto next = [&](int64_t& b, int64_t& e) {
+    const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
+    if (i >= pieces) return false;
+    b = i * grain;
+    e = std::min(n, b + grain);
+    return true;
+  };
+  const int64_t nt = std::min<int64_t>(std::max(1, at::get_num_threads()), pieces);
+  if (nt <= 1 || at::in_parallel_region()) {
+    body(next);
+    return;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(next); });
+}
 
 }  // namespace lvlm_fast

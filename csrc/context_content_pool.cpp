@@ -1,7 +1,7 @@
 // LLaMA-VID context + content tokens, CPU kernels (spec: lvlm_fast/reference/
 // context_content_pool.py, definitions: lvlm_fast/ops/context_content_pool.py).
 //
-// Forward, parallel over frames (one contiguous chunk of frames per thread). Per frame:
+// Forward, parallel over frames (claimed one at a time by the threads). Per frame:
 //   S = K (scale Q)^T          (P x Lq) in per-thread scratch: at::mm on views of the
 //                              inputs (BLAS, single-threaded inside the frame loop)
 //   softmax over P per query   lse[n, q] saved (float32; float64 for float64 inputs)
@@ -224,13 +224,14 @@ void forward_impl(const at::Tensor& x, const at::Tensor& q, const at::Tensor* ke
   const T* qsp = qs.data_ptr<T>();
   const int64_t qstride = s.shared_q ? 0 : s.Lq * s.Ck;
 
-  const int64_t nchunks = std::min<int64_t>(s.N, at::get_num_threads());
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  // Frames are claimed one at a time (common.h: parallel_dynamic): a frame is ~0.2 ms of
+  // work at the LLaMA-VID shape, and every frame writes only its own out/lse rows.
+  parallel_dynamic(s.N, 1, [&](auto& next) {
     std::vector<T> m(s.Lqp), l(s.Lqp), coef(s.Lqp), w(s.P);
     std::vector<T> acc((1 + s.G) * s.C), row(std::is_same_v<T, S> ? 0 : s.C);
     at::Tensor Sc = at::empty({s.P, s.Lqp}, qs.options()), kbuf;
-    for (int64_t ci = cb; ci < ce; ++ci) {
-      for (int64_t n = ci * s.N / nchunks; n < (ci + 1) * s.N / nchunks; ++n) {
+    for (int64_t nb, ne; next(nb, ne);) {
+      for (int64_t n = nb; n < ne; ++n) {
         // S = K_n (scale Q)^T: one BLAS GEMM on views (runs single-threaded in here).
         at::mm_out(Sc, frame_keys<T>(s, kp + n * ks0, ks1, kbuf),
                    mat<T>(qsp + n * qstride, s.Lq, s.Ck, s.Ck).t());

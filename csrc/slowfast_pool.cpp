@@ -164,9 +164,11 @@ void fwd_impl(const at::Tensor& x, const Params& p, const Slots& sl, const scala
   const int64_t per_ch = (p.SW * (p.is_max ? 2 : 1) + p.fw) * int64_t(sizeof(acc));
   const int64_t DC = D; (void)per_ch;
 
-  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+  // Frames claimed one at a time (common.h: parallel_dynamic); each writes its own rows.
+  parallel_dynamic(p.T, 1, [&](auto& next) {
     std::vector<acc> sacc(p.SW * DC), colsum(p.fw * DC), facc(p.F * DC);
     std::vector<int32_t> sarg(ap != nullptr ? p.SW * DC : 0);
+    for (int64_t t0, t1; next(t0, t1);)
     for (int64_t t = t0; t < t1; ++t) {
       const bool slow = sl.slow[t] >= 0, fast = sl.fast[t] >= 0;
       for (int64_t d0 = 0; d0 < D; d0 += DC) {
@@ -344,11 +346,13 @@ void fwd_window_impl(const at::Tensor& x, const Params& p, const Slots& sl, cons
   const acc inv_win = acc(1) / acc(KH * KW);
   const int slow_mode = p.is_max ? (ap != nullptr ? 3 : 2) : 1;
 
-  at::parallel_for(0, p.T, 1, [&](int64_t t0, int64_t t1) {
+  // Frames claimed one at a time (common.h: parallel_dynamic); each writes its own rows.
+  parallel_dynamic(p.T, 1, [&](auto& next) {
     std::vector<acc> colsum(KH * p.fw * D), facc(p.F * D);
     const scalar_t* P[KH * KW];
     acc* c0[KH] = {};
     acc* c1[KH] = {};
+    for (int64_t t0, t1; next(t0, t1);)
     for (int64_t t = t0; t < t1; ++t) {
       const bool slow = sl.slow[t] >= 0, fast = sl.fast[t] >= 0;
       const int sm = slow ? slow_mode : 0;

@@ -62,8 +62,11 @@ def test_gdn_standin_outputs_match_the_real_path(case, dtype) -> None:
     b, t, hk, hv, dk, dv, strided, state = case
     args = _gdn_inputs(b, t, hk, hv, dk, dv, dtype, strided=strided, state=state)
     q, k, v, g, beta, s0 = args
+    # transformers < 5.24's plain rule wants q/k with the value head count (its model
+    # repeats them first); repeating them is what both releases compute
+    rq, rk = (x.repeat_interleave(hv // hk, dim=2) for x in (q, k))
     real_o, real_s = qwen35.torch_chunk_gated_delta_rule(
-        q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True,
+        rq, rk, v, g=g, beta=beta, initial_state=s0, output_final_state=True,
         use_qk_l2norm_in_kernel=True)
     mq, mk, mv, mg, mb = (x.to("meta") for x in (q, k, v, g, beta))
     ms = None if s0 is None else s0.to("meta")

@@ -494,6 +494,44 @@ class LongVideoVLM:
         check_token_ids(name, ids, self.vocab_size, self.placeholder_token_ids())
 
     @torch.no_grad()
+    def segment_inputs(self, pieces: list[Any], starts: list[int], lengths: list[int],
+                       visual: torch.Tensor | VisualStream, a: int, b: int
+                       ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Decoder inputs for tokens ``[a, b)`` of a prompt laid out as ``pieces`` (starting
+        at ``starts``, ``lengths`` long): an id tensor ((k,) or (1, k), embedded here) or a
+        ``(lo, hi)`` range of ``visual`` rows (a (1, N, feature_size) tensor, or a
+        :class:`VisualStream` read in order). Returns the (1, b - a, hidden) embeddings and
+        the family's decoder kwargs for the visual rows' extra channels (DeepStack levels:
+        :meth:`ModelFamily.decoder_kwargs`; empty when rows are hidden-wide). One place for
+        the chunked prefill and the budgeted stream (strategies/stream.py)."""
+        hid, fs = self.hidden_size, self.feature_size
+        stream = isinstance(visual, VisualStream)
+        embs, marks, extra = [], [], []
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        while i < len(pieces) and starts[i] < b:
+            lo, hi = max(a - starts[i], 0), min(b - starts[i], lengths[i])
+            if lo < hi:
+                seg = pieces[i]
+                if isinstance(seg, tuple):
+                    rows = visual.take(seg[0] + lo, seg[0] + hi) if stream else \
+                        visual[:, seg[0] + lo : seg[0] + hi]
+                    embs.append(rows[..., :hid].to(self.dtype))
+                    if fs != hid:
+                        extra.append(rows[0, :, hid:])
+                    marks.append((True, hi - lo))
+                else:
+                    embs.append(self.embed_tokens(seg.view(1, -1)[:, lo:hi]))
+                    marks.append((False, hi - lo))
+            i += 1
+        x = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
+        del embs
+        kw: dict[str, Any] = {}
+        if extra:
+            mask = torch.cat([torch.full((k,), m, dtype=torch.bool, device=x.device)
+                              for m, k in marks]).view(1, -1)
+            kw = self.family.decoder_kwargs(mask, torch.cat(extra))
+        return x, kw
+
     def prefill_embeds(self, prefix_ids: torch.Tensor, visual: torch.Tensor,
                        question_ids: torch.Tensor, *, frames_encoded: int,
                        reserve: int | None = None,
@@ -532,7 +570,6 @@ class LongVideoVLM:
             plan = fam.position_plan(p, blocks, n, q, layout=layout)
             mid, n_llm = list(layout.pieces), layout.length
         total = p + n_llm + q
-        hid = self.hidden_size
         # segments of the LLM sequence: a (1, k) id tensor (embedded when reached) or a
         # (lo, hi) range of visual rows
         pieces: list[Any] = [prefix_ids] + [m if isinstance(m, tuple) else m.view(1, -1)
@@ -547,32 +584,7 @@ class LongVideoVLM:
             last = None
             for a in range(0, total, step):
                 b = min(a + step, total)
-                embs, masks, extra = [], [], []
-                i = max(bisect.bisect_right(starts, a) - 1, 0)
-                while i < len(pieces) and starts[i] < b:
-                    lo, hi = max(a - starts[i], 0), min(b - starts[i], lengths[i])
-                    if lo < hi:
-                        seg = pieces[i]
-                        if isinstance(seg, tuple):
-                            rows = visual.take(seg[0] + lo, seg[0] + hi) if stream else \
-                                visual[:, seg[0] + lo : seg[0] + hi]
-                            embs.append(rows[..., :hid].to(self.dtype))
-                            if fs != hid:
-                                extra.append(rows[0, :, hid:])
-                            masks.append(True)
-                        else:
-                            embs.append(self.embed_tokens(seg[:, lo:hi]))
-                            masks.append(False)
-                        masks[-1] = (masks[-1], hi - lo)
-                    i += 1
-                x = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
-                del embs
-                kw: dict[str, Any] = {}
-                if extra:
-                    mask = torch.cat([torch.full((k,), m, dtype=torch.bool, device=x.device)
-                                      for m, k in masks]).view(1, -1)
-                    kw = fam.decoder_kwargs(mask, torch.cat(extra))
-                del extra
+                x, kw = self.segment_inputs(pieces, starts, lengths, visual, a, b)
                 out = self.run_llm(x, cache, None if plan is None else plan.chunk(a, b), **kw)
                 del x, kw
                 last = out[:, -1:].clone() if b == total else None

@@ -115,7 +115,6 @@ timestamp text included).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -312,7 +311,7 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
     _check_int("kv_budget", kv_budget, 1)
     _check_int("window", window, 1)
     p, n, q = prompt.prefix_ids.shape[1], visual.shape[1], prompt.question_ids.shape[1]
-    fs, hid = vlm.feature_size, vlm.hidden_size
+    fs = vlm.feature_size
     if visual.shape[2] != fs:
         raise ValueError(f"visual must be (1, N, feature_size={fs}), got {tuple(visual.shape)}")
     lm = vlm.language_model
@@ -379,37 +378,13 @@ def budgeted_prefill(vlm: LongVideoVLM, prompt: VideoPrompt,
     if isinstance(limit, int) and top > limit:
         raise ValueError(f"{what}: kv_budget={kv_budget} gives positions up to {top - 1}, past "
                          f"the model's max_position_embeddings={limit}; use a smaller budget")
-    stream = isinstance(visual, VisualStream)
     step = vlm.prefill_chunk_tokens
 
     def feed(a: int, b: int) -> None:
-        """Segment tokens [a, b): embeddings (text embedded, visual rows taken in order),
-        the family's DeepStack rows at the visual positions, the rule's position ids."""
-        embs, marks, extra = [], [], []
-        i = max(bisect.bisect_right(starts, a) - 1, 0)
-        while i < len(pieces) and starts[i] < b:
-            lo, hi = max(a - starts[i], 0), min(b - starts[i], lengths[i])
-            if lo < hi:
-                pc = pieces[i]
-                if isinstance(pc, tuple):
-                    rows = visual.take(pc[0] + lo, pc[0] + hi) if stream else \
-                        visual[:, pc[0] + lo : pc[0] + hi]
-                    embs.append(rows[..., :hid].to(vlm.dtype))
-                    if fs != hid:
-                        extra.append(rows[0, :, hid:])
-                    marks.append((True, hi - lo))
-                else:
-                    embs.append(vlm.embed_tokens(pc[lo:hi].view(1, -1)))
-                    marks.append((False, hi - lo))
-            i += 1
-        x = embs[0] if len(embs) == 1 else torch.cat(embs, dim=1)
-        del embs
-        kw: dict[str, Any] = {}
-        if extra:  # exactly as the chunked prefill (wrapper.prefill_embeds) adds them
-            mask = torch.cat([torch.full((k,), m, dtype=torch.bool, device=x.device)
-                              for m, k in marks]).view(1, -1)
-            kw = fam.decoder_kwargs(mask, torch.cat(extra))
-        del extra
+        """Segment tokens [a, b) (embeddings and the family's DeepStack rows exactly as the
+        chunked prefill builds them, :meth:`LongVideoVLM.segment_inputs`) at the rule's
+        position ids."""
+        x, kw = vlm.segment_inputs(pieces, starts, lengths, visual, a, b)
         pos = None if plan is None else plan.stream_chunk(p + a, p + b, cache.get_seq_length())
         vlm.run_llm(x, cache, pos, **kw)
 

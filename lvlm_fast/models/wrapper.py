@@ -74,6 +74,7 @@ from lvlm_fast.models.families import (
     family_for_model_type,
     supported_class_names,
 )
+from lvlm_fast.models.families.base import HOLD_KWARG
 from lvlm_fast.models.strategies.base import (
     PrefillResult,
     Strategy,
@@ -475,11 +476,14 @@ class LongVideoVLM:
         family's ids (M-RoPE: (3, 1, L)). ``decoder_kwargs``: the family's extra inputs
         (Qwen3-VL's DeepStack rows, :meth:`ModelFamily.decoder_kwargs`)."""
         kw = dict(decoder_kwargs)
+        held = kw.pop(HOLD_KWARG, None)  # alive for the call, not a model input (families)
         if position_ids is not None:
             kw["position_ids"] = position_ids
-        return self.language_model(inputs_embeds=embeds, **kw,
-                                   **cache_kwargs(self.language_model, cache),
-                                   use_cache=True).last_hidden_state
+        out = self.language_model(inputs_embeds=embeds, **kw,
+                                  **cache_kwargs(self.language_model, cache),
+                                  use_cache=True).last_hidden_state
+        del held
+        return out
 
     def placeholder_token_ids(self) -> dict[str, int]:
         """The config's ``<video>``/``<image>`` placeholder ids (by attribute name)."""

@@ -50,6 +50,12 @@ import torch
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# A ``decoder_kwargs`` entry the wrapper keeps alive for one decoder call but never passes to
+# the model: on the meta device a family that cannot hand its extra inputs to the decoder
+# (transformers adds DeepStack rows by boolean indexing, which has no meta kernel) still
+# holds them for the call, so the simulated peak counts them as a real device does.
+HOLD_KWARG = "_lvlm_hold"
+
 VIDEO_SENTINEL = "<lvlm_fast_video>"
 _PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json",
                        "processor_config.json")

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from lvlm_fast.models.families.base import (
+    HOLD_KWARG,
     PositionPlan,
     TextRunPlan,
     TokenBlocks,
@@ -297,9 +298,10 @@ class Qwen3VLFamily(Qwen25VLFamily):
             return {}
         if extra.device.type == "meta":
             # transformers adds the rows with boolean indexing (nonzero), which has no
-            # meta implementation: the simulation holds the rows but skips the in-place add
-            # (a transient copy of the chunk's hidden states per DeepStack layer)
-            return {}
+            # meta implementation: the simulation holds the rows for the decoder call (as
+            # the real kwargs do, HOLD_KWARG) but skips the in-place add (a transient copy
+            # of the chunk's hidden states per DeepStack layer, below the MLP's peak)
+            return {HOLD_KWARG: extra}
         d = self.hidden_size
         rows = extra.reshape(extra.shape[0], self.deepstack_levels(), d)
         return {"visual_pos_masks": visual_mask,

@@ -263,3 +263,36 @@ def test_streamed_vision_time_is_not_counted_as_prefill(qwen3, monkeypatch):
     assert vlm.timings["vision"] >= 0.6  # 3 chunks of 2 frames
     assert vlm.timings["prefill"] < 0.6 or vlm.timings["prefill"] < wall - 0.6
     assert sum(vlm.timings.values()) <= wall + 1e-3
+
+
+def test_meta_deepstack_rows_are_held_for_the_decoder_call() -> None:
+    """On meta the family cannot give the decoder its DeepStack rows (boolean indexing has
+    no meta kernel), but the simulation must still hold them for the call as the real
+    kwargs do: decoder_kwargs returns them under HOLD_KWARG, run_llm keeps them alive for
+    the decoder call without passing them to the model, and lets them go after."""
+    import weakref
+
+    from lvlm_fast.models.families.base import HOLD_KWARG
+
+    vlm = LongVideoVLM.from_config("tiny-qwen3-vl", device="meta", dtype=torch.float32)
+    fam, d = vlm.family, vlm.hidden_size
+    levels = fam.deepstack_levels()
+    assert levels >= 1
+    extra = torch.empty(5, levels * d, device="meta")
+    kw = fam.decoder_kwargs(torch.ones(1, 5, dtype=torch.bool, device="meta"), extra)
+    assert set(kw) == {HOLD_KWARG} and kw[HOLD_KWARG] is extra
+    ref = weakref.ref(extra)
+    del extra
+    seen = []
+
+    def pre_hook(module, args, kwargs):
+        seen.append((ref() is not None, HOLD_KWARG in kwargs))
+
+    h = vlm.language_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        vlm.run_llm(torch.empty(1, 5, d, device="meta"), vlm.make_cache(16), **kw)
+    finally:
+        h.remove()
+    del kw
+    assert seen == [(True, False)]  # alive during the call, never a model input
+    assert ref() is None  # and released after it

@@ -141,6 +141,31 @@ def test_context_content_pool(variant, dtype):
 
 @needs_prebuilt
 @pytest.mark.parametrize("variant", ALL_VARIANTS, indirect=True)
+@pytest.mark.parametrize("p", [1, 11, 12, 13, 37])
+@pytest.mark.parametrize("lq", [1, 15, 16, 17, 32, 33, 70])
+def test_context_content_pool_score_tiles(variant, p, lq):
+    """Every row and column tail of the fp32 score GEMM (the AVX-512 variant's micro-kernel
+    tiles 12 key rows x 32|16 query columns; the others call BLAS): forward and backward
+    against the float64 reference, with shared or per-frame queries, keys = x or given,
+    and x a strided view (row stride != C, frame stride != P*C)."""
+    g = torch.Generator().manual_seed(p * 100 + lq)
+    big = torch.randn(3, 2 * p, 45, generator=g)
+    x = big[:, ::2, 3:26]  # (3, p, 23): strided rows and frames, offset start
+    q_shared = torch.randn(lq, 23, generator=g)
+    q_frame = torch.randn(3, lq, 23, generator=g)
+    k = torch.randn(3, p, 19, generator=g)
+    qk = torch.randn(lq, 19, generator=g)
+    cases = {"shared": (x, q_shared), "per-frame": (x, q_frame), "keys": (x, qk, k)}
+    for name, leaves in cases.items():
+        got = _grads(ops.context_content_pool, *leaves)
+        assert _last_ran() == variant
+        want = _grads(lambda *a: reference.context_content_pool(*(t.double() for t in a)), *leaves)
+        for part, a, b in zip(("out", "grad_x", "grad_q", "grad_k"), got, want, strict=False):
+            _close(a, b.float(), TOL[torch.float32], f"{variant} {name} P={p} Lq={lq} {part}")
+
+
+@needs_prebuilt
+@pytest.mark.parametrize("variant", ALL_VARIANTS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_diff_weighted_pool(variant, dtype):
     g = torch.Generator().manual_seed(0)

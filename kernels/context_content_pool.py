@@ -15,6 +15,25 @@ Forward, two kernels:
     into one (SINGLE_BLOCK: scores computed once, X read twice in all instead of three
     times). With Lq > 64 the launcher runs one launch per 64-query chunk and the later
     ones add to w.
+    Split P (``PHASE`` 1 / 2, issue 14.5): with few frames (N < SPLIT_TARGET_PROGRAMS = 264,
+    two waves of 132 SMs; e.g. the wrapper's ~17-frame vision chunk) and P >
+    SPLIT_MIN_PATCHES = 64, one program per frame leaves most SMs idle, so the launcher
+    splits P as ``diff_weighted_pool``'s forward does (:func:`p_splits`, same policy:
+    ~264 programs, splits of whole SPLIT_BLOCK_P = 64 blocks, every split >= 1 patch; e.g.
+    N = 17, P = 256 -> 4 splits, 68 programs; N = 17, P = 729 -> 12 splits, 204 programs).
+    Grid (N, splits); program (n, s) owns patches [s * PPS, min(s * PPS + PPS, P)),
+    addressed as a sub-frame (K / w bases advanced, local offsets from 0, the ragged tail
+    masked like p >= P). Phase 1 stores the split's partial lse over its patches, part
+    (splits, N, Lq) fp32: only a per-query max / sum is carried, no (Lq, C) accumulator.
+    Phase 2 merges the partials itself (logsumexp over the splits, walked in order, so
+    every program of a frame gets the same bits; split 0 stores lse): there is no output
+    vector to rescale, so split_kv's (o, lse) merge kernel and a third launch are not
+    needed. It then recomputes its score blocks and writes w for its own patches (later
+    query chunks add into them, as above). Each w entry has one writer per launch: no
+    atomics, deterministic; against one program per frame only the lse is reassociated
+    (fp32 rounding). Cost: the split path never takes SINGLE_BLOCK, so for P <= 256 K is
+    read twice for the scores instead of once (a few MB at N < 264; multi-block frames,
+    e.g. P = 729, read it twice either way) for 4-12x more programs.
   * ``_context_content_pool_pool_kernel``, one program per (frame, BLOCK_C channels): one
     pass over the frame's patches, context = sum_p w[p] X[p] and the content token(s):
     the mean (g = 1) or, for g > 1, a (G_PAD x BLOCK_P) bin-membership matrix (1/area
@@ -24,7 +43,12 @@ Backward (recompute, saved: lse only):
   * ``_context_content_pool_bwd_prep_kernel``, per frame (per query chunk): recomputes S,
     dw[p] = gc . X[p] (gc = the context token's gradient; computed from the same X tile
     as the scores when keys is X) and D[q] = sum_p A[q, p] dw[p]; stores dw (N, P) and
-    D (N, Lq) fp32.
+    D (N, Lq) fp32. It is one full read of K (and X with separate keys) per frame, so at
+    small N it splits P exactly like the forward (grid (N, splits), same :func:`p_splits`):
+    dw is per patch (each split writes its own), D is a sum over patches, so each split
+    stores a partial D row (splits, N, Lq) and the launcher sums them over the split dim
+    (a torch reduction over a dim of size splits: deterministic, no atomics) before the
+    backward kernel reads D. All prep chunks run first, then the backward chunks.
   * ``_context_content_pool_bwd_kernel``, per (frame, BLOCK_P patches): recomputes the
     score block, dS = scale/Lq * A * (dw - D), w = mean_q A; stores dS (N, Lq, P) (fp32 on
     the ieee path, else in the input dtype, as it enters the tensor-core products: 1/22 of
@@ -38,22 +62,25 @@ Backward (recompute, saved: lse only):
     programs), fp32 (groups, Lq, CK) partials summed over the groups in a fixed order.
     K is read once more here (instead of ~Lq*P*C/BLOCK_P fp32 atomic adds per frame).
 
-Masking: padded queries (q >= Lq), patches (p >= P) and channels load 0, get weight 0 and
-are never stored. Accumulation fp32; ``tl.dot`` on fp16/bf16 tiles uses the tensor cores
-with fp32 accumulation (dS is rounded to the input dtype for the two gradient products,
-as in flash attention); on fp32 tiles it is forced to ieee fp32 (no tf32), matching the CPU
-kernel. Frame offsets are int64 (frame stride x N can pass 2^31); offsets inside a frame are
-int32, so a view whose single frame spans >= 2^31 elements is made contiguous first
-(:func:`_frame_i32`). All strides are passed:
-strided frames / patches / query rows need no copy; a strided channel dim is copied once by
-the launcher (as on CPU) so the compiled specialisation is the unit-stride one. fp64
-inputs on CUDA run the reference (documented). Launchers take the op's arguments, return its
-tuple and do not assert CUDA (tier 1 runs them on CPU tensors with TRITON_INTERPRET=1).
+Masking: padded queries (q >= Lq), patches (p >= P, and past a split's end) and channels
+load 0, get weight 0 and are never stored. Accumulation fp32 (the split partials too: part
+lse, partial D); ``tl.dot`` on fp16/bf16 tiles uses the tensor cores with fp32 accumulation
+(dS is rounded to the input dtype for the two gradient products, as in flash attention); on
+fp32 tiles it is forced to ieee fp32 (no tf32), matching the CPU kernel. Frame offsets are
+int64 (frame stride x N can pass 2^31); offsets inside a frame are int32, so a view whose
+single frame spans >= 2^31 elements is made contiguous first (:func:`_frame_i32`). All
+strides are passed: strided frames / patches / query rows need no copy; a strided channel
+dim is copied once by the launcher (as on CPU) so the compiled specialisation is the
+unit-stride one. fp64 inputs on CUDA run the reference (documented). Launchers take the
+op's arguments, return its tuple and do not assert CUDA (tier 1 runs them on CPU tensors
+with TRITON_INTERPRET=1).
 
-Default configs (``fwd_config`` / ``bwd_config``): BLOCK_Q = clamp(next_pow2(Lq), 16, 64),
-BLOCK_P = 64, BLOCK_C = 64 (32 for fp32 tiles), 4 warps (8 for the backward kernel),
-2 stages for the score loops. Roofline note: per frame the scores cost 2*Lq*P*C flops
-(LLaMA-VID: 23 MFLOP) against P*C input elements (0.7 MB in bf16), ~32 flop/byte: on an
+Default configs (``fwd_config`` / ``prep_config`` / ``bwd_config``): BLOCK_Q =
+clamp(next_pow2(Lq), 16, 64), BLOCK_P = 64, BLOCK_C = 64 (32 for fp32 tiles), 4 warps (8 for
+the backward kernel, and for the prep kernel at BLOCK_Q = 64), 2 stages for the score loops;
+the split kernels use the multi-block config with BLOCK_P = SPLIT_BLOCK_P. Roofline note:
+per frame the scores cost 2*Lq*P*C flops (LLaMA-VID: 23 MFLOP) against P*C input elements
+(0.7 MB in bf16), ~32 flop/byte: on an
 A100 the tensor-core scores take ~1/10 of the time to read X, so the op is memory-bound
 there and the two score passes are free; fp32 (ieee) is FMA-bound instead.
 """
@@ -110,14 +137,55 @@ def _bin_matrix(offs_p, pmask, side, GRID: tl.constexpr, G_PAD: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
+def _lse_range(q_base, k_base, offs_q, qmask, n_p, CK, scale, stride_qq, stride_qc,
+               stride_kp, stride_kc, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+    """Per-query logsumexp of the scaled scores over the n_p >= 1 patches at ``k_base``
+    (online max / sum in fp32, BLOCK_P patches at a time)."""
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for p0 in range(0, n_p, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < n_p
+        s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
+                    stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    return m_i + tl.log(l_i)
+
+
+@triton.jit
+def _merged_lse(part_ptr, n, N, offs_q, qmask, LQ, NSPLIT, BLOCK_Q: tl.constexpr):
+    """logsumexp over the NSPLIT partial lse rows ``part[s, n, q]`` (each finite: every
+    split holds >= 1 patch), splits walked in order: every program of the frame gets the
+    same bits."""
+    m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        m = tl.maximum(m, tl.load(part_ptr + (s * N + n) * LQ + offs_q, mask=qmask,
+                                  other=0.0))
+    l_s = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for s in range(0, NSPLIT):
+        l_s += tl.exp(tl.load(part_ptr + (s * N + n) * LQ + offs_q, mask=qmask, other=0.0) - m)
+    return m + tl.log(l_s)
+
+
+@triton.jit
 def _context_content_pool_fwd_kernel(
-    q_ptr, k_ptr, w_ptr, lse_ptr,
-    P, CK, LQ, q_start, scale, inv_lq,
+    q_ptr, k_ptr, w_ptr, lse_ptr, part_ptr,
+    P, CK, LQ, q_start, scale, inv_lq, PPS, NSPLIT,
     stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ACCUM_W: tl.constexpr, IEEE: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    PHASE: tl.constexpr,
 ):  # fmt: skip
+    # PHASE 0: one program per frame, lse and w of the whole frame (grid (N, 1), PPS = P).
+    # Split P (grid (N, NSPLIT), program (n, sp) owns patches [sp * PPS, sp * PPS + PPS)):
+    # PHASE 1 stores the split's partial lse part[sp, n, :]; PHASE 2 merges the partials
+    # and writes w for its own patches (split 0 also stores the merged lse).
     n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
     offs_q = q_start + tl.arange(0, BLOCK_Q)
     qmask = offs_q < LQ
     q_base = q_ptr + n * stride_qn
@@ -140,31 +208,40 @@ def _context_content_pool_fwd_kernel(
         tl.store(w_ptrs, wb, mask=pmask)
         tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
         return
-    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    w_base = w_ptr + n * P
+    if PHASE == 0:
+        n_p = P
+    else:  # the split's patches as a sub-frame: bases advanced, local offsets from 0
+        p_lo = sp * PPS
+        n_p = tl.minimum(p_lo + PPS, P) - p_lo
+        k_base += p_lo * stride_kp
+        w_base += p_lo
+    if PHASE == 1:
+        lse = _lse_range(q_base, k_base, offs_q, qmask, n_p, CK, scale, stride_qq, stride_qc,
+                         stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE)
+        tl.store(part_ptr + (sp * tl.num_programs(0) + n) * LQ + offs_q, lse, mask=qmask)
+        return
+    if PHASE == 2:
+        lse = _merged_lse(part_ptr, n, tl.num_programs(0), offs_q, qmask, LQ, NSPLIT,
+                          BLOCK_Q)
+        if sp == 0:  # every split merged the same bits; one stores them
+            tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
+    else:
+        lse = _lse_range(q_base, k_base, offs_q, qmask, n_p, CK, scale, stride_qq, stride_qc,
+                         stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE)
+    for p0 in range(0, n_p, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
-        s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
-                    stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
-        s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
-    lse = m_i + tl.log(l_i)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
+        pmask = offs_p < n_p
         s = _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_qc,
                     stride_kp, stride_kc, BLOCK_Q, BLOCK_P, BLOCK_C, IEEE) * scale
         a = tl.exp(s - lse[:, None])
         a = tl.where(qmask[:, None] & pmask[None, :], a, 0.0)
         wb = tl.sum(a, axis=0) * inv_lq
-        w_ptrs = w_ptr + n * P + offs_p
         if ACCUM_W:
-            wb += tl.load(w_ptrs, mask=pmask, other=0.0)
-        tl.store(w_ptrs, wb, mask=pmask)
-    tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
+            wb += tl.load(w_base + offs_p, mask=pmask, other=0.0)
+        tl.store(w_base + offs_p, wb, mask=pmask)
+    if PHASE == 0:
+        tl.store(lse_ptr + n * LQ + offs_q, lse, mask=qmask)
 
 
 @triton.jit
@@ -208,13 +285,18 @@ def _context_content_pool_pool_kernel(
 @triton.jit
 def _context_content_pool_bwd_prep_kernel(
     q_ptr, k_ptr, x_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr,
-    P, CK, C, LQ, q_start, scale,
+    P, CK, C, LQ, q_start, scale, PPS,
     stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
     stride_xn, stride_xp, stride_xc, stride_gon, stride_goc,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     KEYS_IS_X: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    # program (n, sp) owns patches [sp * PPS, sp * PPS + PPS) (grid (N, 1), PPS = P unless
+    # the launcher splits P): dw of its patches, and its partial D row d[sp, n, :]
     n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    p_lo = sp * PPS
+    p_hi = tl.minimum(p_lo + PPS, P)
     offs_q = q_start + tl.arange(0, BLOCK_Q)
     qmask = offs_q < LQ
     q_base = q_ptr + n * stride_qn
@@ -223,9 +305,9 @@ def _context_content_pool_bwd_prep_kernel(
     go_base = go_ptr + n * stride_gon
     lse = tl.load(lse_ptr + n * LQ + offs_q, mask=qmask, other=0.0)
     d_acc = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
+    for p0 in range(0, p_hi - p_lo, BLOCK_P):
+        offs_p = p_lo + p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < p_hi
         s = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
         dw = tl.zeros((BLOCK_P,), dtype=tl.float32)
         for c0 in range(0, CK, BLOCK_C):
@@ -254,7 +336,7 @@ def _context_content_pool_bwd_prep_kernel(
         a = tl.where(qmask[:, None] & pmask[None, :], a, 0.0)
         d_acc += tl.sum(a * dw[None, :], axis=1)
         tl.store(dw_ptr + n * P + offs_p, dw, mask=pmask)
-    tl.store(d_ptr + n * LQ + offs_q, d_acc, mask=qmask)
+    tl.store(d_ptr + (sp * tl.num_programs(0) + n) * LQ + offs_q, d_acc, mask=qmask)
 
 
 @triton.jit
@@ -404,6 +486,13 @@ def fwd_config(lq: int, dtype: torch.dtype, p: int | None = None) -> dict:
                 SINGLE_BLOCK=False)
 
 
+def prep_config(lq: int, dtype: torch.dtype) -> dict:
+    """Backward prep kernel: the multi-block score config, 8 warps at BLOCK_Q = 64 (4 warps
+    spill there: s, A and the dw products of a 64 x 64 tile)."""
+    cfg = fwd_config(lq, dtype)
+    return {**cfg, "num_warps": 8} if cfg["BLOCK_Q"] == 64 else cfg
+
+
 def pool_config(grid: int) -> dict:
     return dict(BLOCK_P=64, BLOCK_C=64 if grid == 1 else 32, num_warps=4, num_stages=1)
 
@@ -430,6 +519,32 @@ def dq_groups(n: int, ck: int, block_c: int, shared: bool) -> tuple[int, int]:
     want = max(1, min(n, triton.cdiv(DQ_TARGET_PROGRAMS, triton.cdiv(ck, block_c))))
     per = triton.cdiv(n, want)
     return triton.cdiv(n, per), per
+
+
+# Occupancy at small N (the wrapper's vision chunk: ~17-38 frames on 132 SMs): the per-frame
+# score kernels (forward, backward prep) split P across programs, as diff_weighted_pool's
+# forward does (same policy and constants).
+SPLIT_TARGET_PROGRAMS = 264  # 2 waves on 132 SMs
+SPLIT_MIN_PATCHES = 64
+SPLIT_BLOCK_P = 64  # BLOCK_P of the split kernels; a split is a whole number of blocks
+
+
+def p_splits(n: int, p: int, block_p: int | None = None) -> tuple[int, int]:
+    """(splits, patches per split, a multiple of BLOCK_P) of the per-frame score kernels;
+    (1, P) when N frames already fill the GPU or P is small. Every split holds >= 1 patch."""
+    block_p = SPLIT_BLOCK_P if block_p is None else block_p
+    if n >= SPLIT_TARGET_PROGRAMS or p <= SPLIT_MIN_PATCHES:
+        return 1, p
+    want = min(triton.cdiv(SPLIT_TARGET_PROGRAMS, n), triton.cdiv(p, SPLIT_MIN_PATCHES))
+    per = triton.cdiv(triton.cdiv(p, want), block_p) * block_p
+    splits = triton.cdiv(p, per)
+    return (splits, per) if splits > 1 else (1, p)
+
+
+def _split_cfg(cfg: dict, nsplit: int) -> dict:
+    """A split kernel's config: the multi-block ``cfg`` with BLOCK_P = SPLIT_BLOCK_P (a
+    split is a whole number of blocks); ``cfg`` unchanged without a split."""
+    return cfg if nsplit == 1 else {**cfg, "BLOCK_P": SPLIT_BLOCK_P, "SINGLE_BLOCK": False}
 
 
 def _side(p: int, grid: int) -> int:
@@ -492,15 +607,21 @@ def context_content_pool_fwd(x, queries, keys, scale, content_grid):
     if n == 0:
         return out, lse
     w = torch.empty((n, p), device=x.device, dtype=torch.float32)
-    cfg = fwd_config(lq, x.dtype, p)
+    nsplit, pps = p_splits(n, p)
+    cfg = _split_cfg(fwd_config(lq, x.dtype, p if nsplit == 1 else None), nsplit)
+    # split P: partial lse (split, frame, query), merged by the phase-2 programs
+    part = (torch.empty((nsplit, n, lq), device=x.device, dtype=torch.float32)
+            if nsplit > 1 else lse)
     sqn, sqq, sqc = _q_strides(queries)
-    for q0 in range(0, lq, cfg["BLOCK_Q"]):  # one launch per 64-query chunk (usually one)
-        _context_content_pool_fwd_kernel[(n,)](
-            queries, k, w, lse, p, ck, lq, q0, float(scale), 1.0 / lq,
-            sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
-            BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
-            ACCUM_W=q0 > 0, IEEE=x.dtype == torch.float32, SINGLE_BLOCK=cfg["SINGLE_BLOCK"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    for q0 in range(0, lq, cfg["BLOCK_Q"]):  # one pass per 64-query chunk (usually one)
+        for phase in (1, 2) if nsplit > 1 else (0,):
+            _context_content_pool_fwd_kernel[(n, nsplit)](
+                queries, k, w, lse, part, p, ck, lq, q0, float(scale), 1.0 / lq, pps, nsplit,
+                sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
+                BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
+                ACCUM_W=q0 > 0, IEEE=x.dtype == torch.float32,
+                SINGLE_BLOCK=cfg["SINGLE_BLOCK"], PHASE=phase,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     pc = pool_config(g)
     _context_content_pool_pool_kernel[(n, triton.cdiv(c, pc["BLOCK_C"]))](
         x, w, out, p, c, side, 1.0 / p,
@@ -526,7 +647,8 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
     g = int(content_grid)
     side = _side(p, g)
     lse = lse.float().contiguous()
-    cfg = fwd_config(lq, x.dtype)
+    nsplit, pps = p_splits(n, p)
+    cfg = _split_cfg(prep_config(lq, x.dtype), nsplit)
     bcfg = bwd_config(lq, x.dtype)
     chunks = list(range(0, lq, cfg["BLOCK_Q"]))
     # One query chunk (Lq <= 64): gradients are written once, in the input dtype. More
@@ -547,19 +669,23 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
     ds = torch.empty((n, lq, p), device=x.device,
                      dtype=torch.float32 if x.dtype == torch.float32 else x.dtype)
     dw = torch.empty((n, p), device=x.device, dtype=torch.float32)
-    dd = torch.empty((n, lq), device=x.device, dtype=torch.float32)
+    dd = torch.empty((nsplit, n, lq), device=x.device, dtype=torch.float32)  # partial D
     sqn, sqq, sqc = _q_strides(queries)
     ieee = x.dtype == torch.float32
-    for q0 in chunks:
-        _context_content_pool_bwd_prep_kernel[(n,)](
-            queries, k, x, grad_out, lse, dw, dd, p, ck, c, lq, q0, float(scale),
+    for q0 in chunks:  # dw (the same for every chunk) and the chunk's rows of D
+        _context_content_pool_bwd_prep_kernel[(n, nsplit)](
+            queries, k, x, grad_out, lse, dw, dd, p, ck, c, lq, q0, float(scale), pps,
             sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
             x.stride(0), x.stride(1), x.stride(2), grad_out.stride(0), grad_out.stride(2),
             BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
             KEYS_IS_X=keys is None, IEEE=ieee,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # split P: D = the per-split partials summed (a torch reduction over a dim of size
+    # nsplit: deterministic, no atomics; (nsplit, N, Lq) fp32, tiny)
+    d_rows = dd.sum(0) if nsplit > 1 else dd[0]
+    for q0 in chunks:
         _context_content_pool_bwd_kernel[(n, triton.cdiv(p, bcfg["BLOCK_P"]))](
-            queries, k, grad_out, lse, dw, dd, gx, ds, gk,
+            queries, k, grad_out, lse, dw, d_rows, gx, ds, gk,
             p, ck, c, lq, q0, float(scale), 1.0 / lq, side, 1.0 / p,
             sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -579,10 +705,12 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
 _UNIT = ("stride_qc", "stride_kc", "stride_xc", "stride_goc")
 
 
-def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] = ()) -> dict:
+def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] = (),
+          odd: tuple[str, ...] = ()) -> dict:
     """A COMPILE_SPECS entry as the JIT specialises a LLaMA-VID launch (P = 256, C = Ck =
-    1408, Lq = 32, contiguous inputs): channel strides (and side = 1 for g = 1) are 1
-    (constexpr), every other integer argument and every pointer is 16-divisible."""
+    1408, Lq = 32, contiguous inputs): channel strides and ``ones`` (side = 1 for g = 1,
+    NSPLIT = 1 without a P split) are 1 (constexpr), every other integer argument and every
+    pointer is 16-divisible except ``odd`` (a split count: a plain i32)."""
     sig = dict(sig)
     ce = dict(ce)
     for k in (*_UNIT, *ones):
@@ -590,30 +718,41 @@ def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] =
             sig[k] = "constexpr"
             ce[k] = 1
     sig.update({k: "constexpr" for k in ce})
-    div16 = [k for k, v in sig.items() if v.startswith("*") or v == "i32"]
+    div16 = [k for k, v in sig.items() if (v.startswith("*") or v == "i32") and k not in odd]
     return {"name": name, "fn": fn, "signature": sig, "constexprs": ce,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "divisible_by_16": div16}
 
 
 def _specs() -> list[dict]:
+    """Every kernel x dtype at the launcher's configs for LLaMA-VID (Lq 32, P 256) and P 729,
+    plus the split-P forward (small N: phases 1 and 2 at BLOCK_Q 32 and at 64 with ACCUM_W,
+    a later chunk of Lq > 64) and the prep kernel at BLOCK_Q 32 and 64 (its split only
+    changes the PPS argument: the same code)."""
     specs: list[dict] = []
     ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     lq = 32  # LLaMA-VID: 32 queries, P = 256, C = 1408 (EVA-ViT-G)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         ptr = "*" + ty[dt]
         ieee = dt == torch.float32
-        cfg = fwd_config(lq, dt)
+        fsig = dict(q_ptr=ptr, k_ptr=ptr, w_ptr="*fp32", lse_ptr="*fp32", part_ptr="*fp32",
+                    P="i32", CK="i32", LQ="i32", q_start="i32", scale="fp32", inv_lq="fp32",
+                    PPS="i32", NSPLIT="i32", stride_qn="i32", stride_qq="i32",
+                    stride_qc="i32", stride_kn="i32", stride_kp="i32", stride_kc="i32")
         for p_frame, tag in ((256, "P256"), (729, "P729")):  # single block; P blocks
             fc = fwd_config(lq, dt, p_frame)
             ce = dict(BLOCK_Q=fc["BLOCK_Q"], BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"],
-                      ACCUM_W=False, IEEE=ieee, SINGLE_BLOCK=fc["SINGLE_BLOCK"])
-            sig = dict(q_ptr=ptr, k_ptr=ptr, w_ptr="*fp32", lse_ptr="*fp32", P="i32",
-                       CK="i32", LQ="i32", q_start="i32", scale="fp32", inv_lq="fp32",
-                       stride_qn="i32", stride_qq="i32", stride_qc="i32", stride_kn="i32",
-                       stride_kp="i32", stride_kc="i32")
+                      ACCUM_W=False, IEEE=ieee, SINGLE_BLOCK=fc["SINGLE_BLOCK"], PHASE=0)
             specs.append(_spec(f"ccp_fwd_{ty[dt]}_{tag}", _context_content_pool_fwd_kernel,
-                               sig, ce, fc))
+                               fsig, ce, fc, ("NSPLIT",)))
+        for q_len, accum in ((lq, False), (128, True)):  # split P: phases 1 and 2
+            sc = _split_cfg(fwd_config(q_len, dt), 2)
+            for phase in (1, 2):
+                ce = dict(BLOCK_Q=sc["BLOCK_Q"], BLOCK_P=sc["BLOCK_P"], BLOCK_C=sc["BLOCK_C"],
+                          ACCUM_W=accum, IEEE=ieee, SINGLE_BLOCK=False, PHASE=phase)
+                specs.append(_spec(f"ccp_fwd_{ty[dt]}_split_q{sc['BLOCK_Q']}_ph{phase}",
+                                   _context_content_pool_fwd_kernel, fsig, ce, sc,
+                                   odd=("NSPLIT",)))
         for grid in (1, 2):
             pc = pool_config(grid)
             ce = dict(GRID=grid, G_PAD=_g_pad(grid), BLOCK_P=pc["BLOCK_P"],
@@ -625,16 +764,19 @@ def _specs() -> list[dict]:
                                sig, ce, pc, ("side",) if grid == 1 else ()))
         for keys_is_x in (True, False):
             tag = "x" if keys_is_x else "k"
-            ce = dict(BLOCK_Q=cfg["BLOCK_Q"], BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"],
-                      KEYS_IS_X=keys_is_x, IEEE=ieee)
             sig = dict(q_ptr=ptr, k_ptr=ptr, x_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32",
                        dw_ptr="*fp32", d_ptr="*fp32", P="i32", CK="i32", C="i32", LQ="i32",
-                       q_start="i32", scale="fp32", stride_qn="i32", stride_qq="i32",
-                       stride_qc="i32", stride_kn="i32", stride_kp="i32", stride_kc="i32",
-                       stride_xn="i32", stride_xp="i32", stride_xc="i32", stride_gon="i32",
-                       stride_goc="i32")
-            specs.append(_spec(f"ccp_bwd_prep_{ty[dt]}_{tag}",
-                               _context_content_pool_bwd_prep_kernel, sig, ce, cfg))
+                       q_start="i32", scale="fp32", PPS="i32", stride_qn="i32",
+                       stride_qq="i32", stride_qc="i32", stride_kn="i32", stride_kp="i32",
+                       stride_kc="i32", stride_xn="i32", stride_xp="i32", stride_xc="i32",
+                       stride_gon="i32", stride_goc="i32")
+            # a split only changes PPS (same code); BLOCK_Q 64: a chunk of Lq > 32 queries
+            for q_len, qtag in ((lq, ""), (128, "_q64")):
+                pc = prep_config(q_len, dt)
+                ce = dict(BLOCK_Q=pc["BLOCK_Q"], BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"],
+                          KEYS_IS_X=keys_is_x, IEEE=ieee)
+                specs.append(_spec(f"ccp_bwd_prep_{ty[dt]}_{tag}{qtag}",
+                                   _context_content_pool_bwd_prep_kernel, sig, ce, pc))
             for grid in (1, 2):
                 bc = bwd_config(lq, dt)
                 ce = dict(BLOCK_Q=bc["BLOCK_Q"], BLOCK_P=bc["BLOCK_P"], BLOCK_C=bc["BLOCK_C"],

@@ -77,11 +77,114 @@ def test_matches_reference(n, p, lq, c, ck, per_frame, grid, dtype, launched):
     _check(x, q, k, grid, dtype, launched)
 
 
-def test_multi_block_path_with_keys(launched):
-    # BLOCK_Q x next_pow2(P) > 8192: the two-pass (online lse) forward; separate keys.
+@pytest.mark.parametrize("split", [False, True])
+def test_multi_block_path_with_keys(monkeypatch, launched, split):
+    # BLOCK_Q x next_pow2(P) > 8192: the two-pass (online lse) forward; separate keys. 2
+    # frames split P by default; SPLIT_TARGET_PROGRAMS = 1 keeps one program per frame.
+    if not split:
+        monkeypatch.setattr(K, "SPLIT_TARGET_PROGRAMS", 1)
     x, q, k = _inputs(2, 300, 40, 12, ck=20, per_frame=True)
     assert not K.fwd_config(40, torch.float32, 300)["SINGLE_BLOCK"]
+    assert (K.p_splits(2, 300)[0] > 1) == split
     _check(x, q, k, 1, torch.float32, launched)
+
+
+# --------------------------------------------------------------------------- issue 14.5
+# Split P at small N: grid (N, splits) for the forward (phase 1: partial lse per split;
+# phase 2: merge, weights of the split's patches) and the backward prep (dw, partial D).
+@pytest.fixture
+def grids(monkeypatch, launched):
+    """(kernel name, grid, PHASE) of every interpreted launch (on top of ``launched``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen = []
+    inner = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        seen.append((self.fn.__name__, tuple(grid), kwargs.get("PHASE")))
+        return inner(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    return seen
+
+
+def _small_split_blocks(monkeypatch):
+    # 16-patch split blocks, so that P = 49 (7 x 7) splits too (16, 16, 16, 1)
+    monkeypatch.setattr(K, "SPLIT_BLOCK_P", 16)
+    monkeypatch.setattr(K, "SPLIT_MIN_PATCHES", 16)
+
+
+def test_split_chooser():
+    # the default policy (diff_weighted_pool's): ~2 waves of 132 SMs, >= 64 patches a split
+    assert K.p_splits(1, 256) == (4, 64)
+    assert K.p_splits(3, 256) == (4, 64)
+    assert K.p_splits(17, 256) == (4, 64)
+    assert K.p_splits(3, 197) == (4, 64)     # 64, 64, 64, 5
+    assert K.p_splits(17, 729) == (12, 64)
+    assert K.p_splits(38, 729) == (6, 128)   # splits of two blocks
+    assert K.p_splits(1, 49) == (1, 49)      # P <= SPLIT_MIN_PATCHES
+    assert K.p_splits(1, 65) == (2, 64)      # 64, 1
+    assert K.p_splits(264, 729) == (1, 729)  # N fills the GPU
+    assert K.p_splits(1024, 256) == (1, 256)
+    for n in range(1, 300, 7):
+        for p in (1, 49, 64, 65, 196, 197, 256, 576, 729):
+            sp, pps = K.p_splits(n, p)
+            assert (sp == 1 and pps == p) or (sp > 1 and pps % 64 == 0
+                                             and (sp - 1) * pps < p <= sp * pps)
+
+
+SPLIT_CASES = [
+    # n, p, lq, c, ck, per_frame, grid, small_blocks
+    (1, 256, 32, 24, None, False, 1, False),   # LLaMA-VID-like P, one frame: 4 splits
+    (3, 256, 70, 20, 12, True, 2, False),      # Lq = 70 (two chunks), keys, per-frame q
+    (17, 256, 5, 16, None, False, 2, False),   # the wrapper's 17-frame vision chunk
+    (3, 197, 32, 24, None, True, 1, False),    # ragged last split (5 patches)
+    (2, 49, 70, 12, 8, False, 2, True),        # 7 x 7, 16-patch splits, last holds 1
+    (1, 49, 32, 12, None, True, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("n", "p", "lq", "c", "ck", "per_frame", "grid", "small"), SPLIT_CASES)
+def test_split_p_matches_reference(monkeypatch, grids, launched, n, p, lq, c, ck, per_frame,
+                                   grid, small, dtype):
+    if small:
+        _small_split_blocks(monkeypatch)
+    nsplit, _ = K.p_splits(n, p)
+    assert nsplit > 1, "the case must exercise the split path"
+    x, q, k = _inputs(n, p, lq, c, ck, per_frame, seed=n + p)
+    _check(x, q, k, grid, dtype, launched)
+    chunks = -(-lq // 64)
+    fwd = [(g, ph) for name, g, ph in grids if name == "_context_content_pool_fwd_kernel"]
+    assert fwd == [((n, nsplit), 1), ((n, nsplit), 2)] * chunks, fwd
+    prep = [g for name, g, _ in grids if name == "_context_content_pool_bwd_prep_kernel"]
+    assert prep == [(n, nsplit)] * chunks, prep
+
+
+@pytest.mark.parametrize(("n", "p", "lq", "c", "ck", "per_frame", "grid", "small"), SPLIT_CASES)
+def test_split_p_equals_unsplit_to_fp32_rounding(monkeypatch, n, p, lq, c, ck, per_frame,
+                                                 grid, small):
+    # the same call with one program per frame (SPLIT_TARGET_PROGRAMS = 1): equal up to fp32
+    # rounding (the lse merge and the partial-D sum reassociate), and bitwise repeatable
+    if small:
+        _small_split_blocks(monkeypatch)
+    x, q, k = _inputs(n, p, lq, c, ck, per_frame, seed=n + p)
+    go = torch.randn(n, 1 + grid * grid, c, generator=torch.Generator().manual_seed(7))
+    scale = q.shape[-1] ** -0.5
+
+    def run():
+        out, lse = K.context_content_pool_fwd(x, q, k, scale, grid)
+        return (out, lse, *K.context_content_pool_bwd(go, x, q, k, scale, grid, lse))
+
+    split = run()
+    assert all(torch.equal(a, b) for a, b in zip(split, run(), strict=True))
+    monkeypatch.setattr(K, "SPLIT_TARGET_PROGRAMS", 1)
+    assert K.p_splits(n, p)[0] == 1
+    whole = run()
+    for name, a, b in zip(("out", "lse", "grad_x", "grad_q", "grad_k"), split, whole,
+                          strict=True):
+        if b.numel():
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
 
 
 def test_non_contiguous_inputs(launched):

@@ -37,6 +37,11 @@ def _run(fn, x, q, k, go, **kw):
     (8, 256, 32, 1408, None, True, 2),    # per-frame queries, grid:2
     (4, 729, 17, 80, 48, False, 4),       # 27 x 27, separate keys, P blocks, overlapping bins
     (3, 9, 70, 40, None, True, 3),        # two query chunks
+    # issue 14.5: small N splits P across programs (forward and backward prep)
+    (1, 256, 32, 1408, None, False, 1),   # one frame: 4 splits
+    (17, 256, 32, 1408, None, True, 2),   # the wrapper's 17-frame vision chunk
+    (3, 197, 70, 96, 64, False, 1),       # ragged last split, keys, two query chunks
+    (3, 729, 17, 80, None, True, 3),      # 27 x 27: 12 splits
 ])
 def test_matches_reference(dtype, n, p, lq, c, ck, per_frame, grid):
     from lvlm_fast.ops import context_content_pool
@@ -131,3 +136,37 @@ def test_backward_deterministic_cuda(shared):
     b = context_content_pool_bwd(go, x, q, None, 1408**-0.5, 1, lse)
     for u, w in zip(a, b, strict=True):
         assert torch.equal(u, w)
+
+
+@pytest.mark.parametrize(("n", "p", "lq", "per_frame", "keys", "grid"), [
+    (1, 256, 32, False, False, 1),
+    (3, 197, 70, True, True, 1),
+    (17, 256, 32, False, False, 2),
+    (5, 729, 32, True, False, 3),
+])
+def test_split_p_cuda(monkeypatch, n, p, lq, per_frame, keys, grid):
+    # issue 14.5: at small N the launcher splits P (grid (N, splits)); fp32 results equal the
+    # one-program-per-frame path up to fp32 rounding, and two runs are bitwise equal
+    import lvlm_fast.kernels.context_content_pool as K
+
+    assert K.p_splits(n, p)[0] > 1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = 256
+    x = torch.randn(n, p, c, device="cuda", generator=g)
+    q = torch.randn(*((n,) if per_frame else ()), lq, c, device="cuda", generator=g)
+    k = torch.randn(n, p, c, device="cuda", generator=g) if keys else None
+    go = torch.randn(n, 1 + grid * grid, c, device="cuda", generator=g)
+
+    def run():
+        out, lse = K.context_content_pool_fwd(x, q, k, c**-0.5, grid)
+        return (out, lse, *K.context_content_pool_bwd(go, x, q, k, c**-0.5, grid, lse))
+
+    split = run()
+    assert all(torch.equal(a, b) for a, b in zip(split, run(), strict=True))
+    monkeypatch.setattr(K, "SPLIT_TARGET_PROGRAMS", 1)
+    assert K.p_splits(n, p)[0] == 1
+    whole = run()
+    for name, a, b in zip(("out", "lse", "grad_x", "grad_q", "grad_k"), split, whole,
+                          strict=True):
+        if b.numel():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

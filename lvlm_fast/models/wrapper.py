@@ -430,7 +430,11 @@ class LongVideoVLM:
                     px = pixel_values.index_select(0, idx)
                 feats = self.encode_patches(px)
                 del px
-            yield start // fpu, feats
+            out = [(start // fpu, feats)]
+            del feats
+            # no local keeps the chunk while suspended: the caller's last reference frees it,
+            # and the next chunk is not encoded beside this one
+            yield out.pop()
 
     def pool_2x2(self, feats: torch.Tensor) -> torch.Tensor:
         """The family's own pooling of a (t, h, w, D) grid (LLaVA-OneVision: transformers'

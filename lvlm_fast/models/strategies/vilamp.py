@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,12 +101,14 @@ from lvlm_fast.models.families import TokenBlocks
 from lvlm_fast.models.families.base import CLIP_MEAN, CLIP_STD
 from lvlm_fast.models.strategies.base import (
     EmbeddingStrategy,
+    PrefillResult,
     StrategyConfig,
     VideoPrompt,
     VisualEmbeds,
+    VisualStream,
     register,
 )
-from lvlm_fast.models.strategies.full import end_blocks
+from lvlm_fast.models.strategies.full import end_blocks, stream_prefill, streams
 from lvlm_fast.models.strategies.stream import check_kv_budget
 from lvlm_fast.nn.dfm import DifferentialFeatureMerging
 from lvlm_fast.ops import diff_weighted_pool, keyframe_select
@@ -516,6 +518,18 @@ def finish_output(out: torch.Tensor, layout: KeyframeLayout, newline: bool,
     return out[: layout.total + n_end].unsqueeze(0)
 
 
+def host_is_key(layout: KeyframeLayout) -> list[bool]:
+    """Whether each unit is a keyframe, on the host (one device sync). On meta tensors (the
+    profiler's simulation) the selection has no values: keyframes are nominally spread
+    evenly (the budget fill's tendency); K, and so every token count, is exact."""
+    if layout.is_key.device.type != "meta":
+        return layout.is_key.tolist()
+    host = [False] * layout.n
+    for u in torch.linspace(0, layout.n - 1, layout.k, dtype=torch.float64).round().long():
+        host[int(u)] = True
+    return host
+
+
 def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout,
                     frame_hw: tuple[int, int], fps: float | None, newline: bool,
                     num_frames: int | None = None, times: list[float] | None = None
@@ -529,12 +543,7 @@ def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout
     kh, kw = keyframe_grid(cfg, vlm, frame_hw)
     is_key = layout.is_key
     if is_key.device.type == "meta":
-        # the profiler's simulation: the selection has no values; keyframes nominally
-        # spread evenly (the budget fill's tendency); K, and so the token count, is exact
-        host = [False] * layout.n
-        for u in torch.linspace(0, layout.n - 1, layout.k, dtype=torch.float64).round().long():
-            host[int(u)] = True
-        is_key = torch.tensor(host, dtype=torch.bool)
+        is_key = torch.tensor(host_is_key(layout), dtype=torch.bool)
     one = torch.ones_like(is_key, dtype=torch.int64)
     # prompt frames (families that frame units with text, Qwen3-VL): a keyframe alone, each
     # maximal run of consecutive non-keyframes' DFM tokens together
@@ -551,6 +560,74 @@ def keyframe_blocks(cfg: ViLAMPConfig, vlm: LongVideoVLM, layout: KeyframeLayout
                              fps, num_frames, (blocks.t.tolist(), blocks.h.tolist(),
                                                blocks.w.tolist()), times, frames)
     return end_blocks(vlm, blocks, layout.n - 1) if newline else blocks
+
+
+def merged_chunks(cfg: ViLAMPConfig, vlm: LongVideoVLM, pv: torch.Tensor,
+                  layout: KeyframeLayout, dfm: DifferentialFeatureMerging | None,
+                  text_query: torch.Tensor | None, grid: tuple[int, int]
+                  ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Pass 2, one vision chunk at a time: ``(s, t, dfm_tokens (t, fs), keyframe_tokens
+    (t * T_k, fs))`` for units ``[s, s + t)``, the DFM against ``[carried keyframe ;
+    chunk]``. Nothing of a chunk stays referenced here once yielded (a consumer may hold
+    the generator suspended across an LLM prefill chunk), which is also why it is not
+    wrapped in ``@torch.no_grad()``: torch's generator wrapper keeps the last yielded
+    value; ``no_grad`` is entered around the work of each chunk instead."""
+    d, fs = vlm.hidden_size, vlm.feature_size
+    with torch.no_grad():
+        query, tau, projs = dfm_inputs(cfg, vlm, dfm, text_query)
+        carry = torch.zeros((1, grid[0] * grid[1], d), dtype=vlm.dtype, device=vlm.device)
+    for s, feats in vlm.iter_patch_features(pv):
+        with torch.no_grad():
+            t = feats.shape[0]
+            x = feats.reshape(t, -1, fs)
+            # DeepStack families: the weights come from the main channels only and pool
+            # every level alike (the same softmax over patches for all levels)
+            xm = x if fs == d else x[..., :d].contiguous()
+            bank = torch.cat([carry, xm])
+            ri = layout.bank_index(s, t)
+            if not projs:
+                tok = diff_weighted_pool(x, query, bank, ri, tau=tau,
+                                         **({} if fs == d else {"rel": xm, "red": xm}))
+            else:
+                tok = diff_weighted_pool(x, query, F.linear(bank, *projs["linear_k"]), ri,
+                                         rel=F.linear(xm, *projs["linear_iq"]),
+                                         red=F.linear(xm, *projs["linear_ik"]), tau=tau)
+            # the latest keyframe at or before the chunk's end (a copy: the chunk can go)
+            carry = bank.index_select(0, ri[-1:])
+            kt = keyframe_tokens_of(cfg, vlm, feats).reshape(-1, fs)
+        del bank, x, xm, feats
+        out = [(s, t, tok, kt)]
+        del tok, kt
+        yield out.pop()
+
+
+def streamed_blocks(vlm: LongVideoVLM, layout: KeyframeLayout,
+                    merged: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]],
+                    newline: bool) -> Iterator[torch.Tensor]:
+    """Pass 2's tokens placed into one ``(1, rows, fs)`` block per vision chunk, in order
+    (the rows of units ``[s, s + t)`` are ``[start[s], start[s + t])``, from the host
+    keyframe mask), then the end token if any. Each block has one spare row that absorbs
+    the masked keyframe writes, as the held output does. No local keeps a block once it is
+    yielded, so the prefill's read of it is the last reference."""
+    fs = vlm.feature_size
+    key = host_is_key(layout)
+    start = [0]
+    for k in key:
+        start.append(start[-1] + (layout.tk if k else 1))
+    for item in merged:
+        s, t, tok, kt = item
+        del item
+        lo, hi = start[s], start[s + t]
+        block = torch.empty((hi - lo + 1, fs), dtype=vlm.dtype, device=vlm.device)
+        block.index_copy_(0, layout.start[s:s + t] - lo, tok)
+        rows = layout.keyframe_rows(s, t)
+        block.index_copy_(0, torch.where(rows == layout.spare, hi - lo, rows - lo), kt)
+        del tok, kt, rows
+        out = [block[: hi - lo].unsqueeze(0)]
+        del block
+        yield out.pop()
+    if _end_rows(vlm, newline):
+        yield vlm.family.end_tokens()[:1].to(vlm.dtype).unsqueeze(0)
 
 
 # --------------------------------------------------------------------------- strategy
@@ -571,8 +648,26 @@ class ViLAMP(EmbeddingStrategy):
         super().__init__(config, **overrides)
         self._dfm_cache: dict = {}
 
-    @torch.no_grad()
     def visual_embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> tuple[torch.Tensor, int]:
+        return self._embeds(vlm, prompt, stream=False)
+
+    def prefill(self, vlm: LongVideoVLM, prompt: VideoPrompt) -> PrefillResult:
+        """Rows wider than the LLM (DeepStack levels) go to the prefill as a
+        :class:`VisualStream` of per-vision-chunk blocks, each freed once the prefill has
+        read it (see :meth:`_embeds`); otherwise (and with ``kv_budget``) the held tensor."""
+        if self.config.kv_budget is None and streams(vlm):
+            return stream_prefill(vlm, prompt, self._embeds(vlm, prompt, stream=True))
+        return super().prefill(vlm, prompt)
+
+    @torch.no_grad()
+    def _embeds(self, vlm: LongVideoVLM, prompt: VideoPrompt, *, stream: bool) -> VisualEmbeds:
+        """Pass 1 (selection) runs here; pass 2 (merging) writes one preallocated output, or
+        with ``stream`` runs here too but into one block of rows per vision chunk, handed to
+        the prefill as a :class:`VisualStream` that drops each block once read: the
+        prefill's first chunk then no longer sits beside every later chunk's rows (on
+        Qwen3-VL-8B at 10,240 frames the held output is 8,962 x 16,384 bf16, 0.27 GiB).
+        The blocks' row ranges come from the keyframe mask on the host (one sync of N
+        bools; the Qwen3-VL prompt layout needs it on the host anyway)."""
         cfg: ViLAMPConfig = self.config
         pv = prompt.pixel_values
         frame_hw = (pv.shape[-2], pv.shape[-1])
@@ -592,33 +687,17 @@ class ViLAMP(EmbeddingStrategy):
         dfm = resolve_dfm(cfg, vlm, text_query, self._dfm_cache)
         h, w = patch_grid(vlm, pv)
         layout = KeyframeLayout(indices, ref_pos, n, tokens_per_keyframe(cfg, vlm, frame_hw))
+        blocks = keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps, cfg.newline,
+                                 n_frames, prompt.frame_times)
+        merged = merged_chunks(cfg, vlm, pv, layout, dfm, text_query, (h, w))
+        if stream:
+            rows = layout.total + _end_rows(vlm, cfg.newline)
+            visual = VisualStream(rows, vlm.feature_size,
+                                  streamed_blocks(vlm, layout, merged, cfg.newline))
+            return VisualEmbeds(visual, encoded, blocks)
         out = new_output(vlm, layout, cfg.newline)
-        # ---- pass 2: stream the frames; DFM against [carried keyframe ; chunk]
-        d, fs = vlm.hidden_size, vlm.feature_size
-        query, tau, projs = dfm_inputs(cfg, vlm, dfm, text_query)
-        carry = torch.zeros((1, h * w, d), dtype=vlm.dtype, device=vlm.device)
-        for s, feats in vlm.iter_patch_features(pv):
-            t = feats.shape[0]
-            x = feats.reshape(t, -1, fs)
-            # DeepStack families: the weights come from the main channels only and pool
-            # every level alike (the same softmax over patches for all levels)
-            xm = x if fs == d else x[..., :d].contiguous()
-            bank = torch.cat([carry, xm])
-            ri = layout.bank_index(s, t)
-            if not projs:
-                kw = {} if fs == d else {"rel": xm, "red": xm}
-                tok = diff_weighted_pool(x, query, bank, ri, tau=tau, **kw)
-            else:
-                tok = diff_weighted_pool(x, query, F.linear(bank, *projs["linear_k"]), ri,
-                                         rel=F.linear(xm, *projs["linear_iq"]),
-                                         red=F.linear(xm, *projs["linear_ik"]), tau=tau)
-            # the latest keyframe at or before the chunk's end (a copy: the chunk can go)
-            carry = bank.index_select(0, ri[-1:])
-            del bank
+        for s, t, tok, kt in merged:
             out.index_copy_(0, layout.start[s:s + t], tok)
-            kt = keyframe_tokens_of(cfg, vlm, feats)
-            out.index_copy_(0, layout.keyframe_rows(s, t), kt.reshape(-1, fs))
-            del x, xm, feats, kt, tok
-        return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), encoded,
-                            keyframe_blocks(cfg, vlm, layout, frame_hw, prompt.fps,
-                                            cfg.newline, n_frames, prompt.frame_times))
+            out.index_copy_(0, layout.keyframe_rows(s, t), kt)
+            del tok, kt
+        return VisualEmbeds(finish_output(out, layout, cfg.newline, vlm), encoded, blocks)

@@ -23,6 +23,11 @@ Row fields are those of DESIGN.md (``ROW_FIELDS``); ``bw_fraction`` divides achi
 this machine's read bandwidth measured in the same run (:func:`measure_read_bandwidth`).
 Compute-bound cases also state ``flops``; their ``gemm_fraction`` divides achieved GFLOP/s
 by this machine's fp32 GEMM rate measured in the same run (:func:`measure_gemm_rate`).
+With :class:`Probes` (``benchmarks/run.py`` always passes them) both denominators are
+measured inside each group's timed rounds: every round ends with one bandwidth and one GEMM
+probe call, and the group's rows divide by the medians of those (``PROBE_FIELDS``). On a
+shared VM the machine's bandwidth moves by tens of percent from one minute to the next,
+so a denominator from the same minutes as the numerator is the fair one.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ ROW_FIELDS = (
     "peak_bytes",
 )
 GPU_EST_FIELD = "gpu_roofline_ms_est"  # optional column, only with --gpu-bw (an estimate)
+# the group's own probe medians, the denominators of bw_fraction / gemm_fraction (Probes)
+PROBE_FIELDS = ("probe_read_gbps", "probe_gemm_gflops")
 IMPL_ORDER = {"fused": 0, "reference": 1, "seed": 2}
 MIN_CALL_S = 0.005  # calls faster than this are batched so timer overhead stays < ~1%
 
@@ -216,6 +223,32 @@ def measure_gemm_rate(device: str, n: int = 2048, repeats: int = 7) -> dict[str,
     }
 
 
+class Probes:
+    """The two probes as single timed calls, interleaved with a group's rounds: the read
+    bandwidth (``buf.sum()`` over ``mib`` MiB fp32, as :func:`measure_read_bandwidth`) and
+    the fp32 GEMM rate (``torch.mm`` of two ``n x n``, as :func:`measure_gemm_rate`). The
+    buffers live as long as the object (1 GiB + 48 MiB at the defaults)."""
+
+    def __init__(self, device: str, mib: int = 1024, n: int = 2048) -> None:
+        self.device = device
+        self.read_bytes = mib * (1 << 20)
+        self.flops = 2 * n**3
+        self._buf = torch.ones(self.read_bytes // 4, dtype=torch.float32, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        self._a = torch.randn(n, n, device=device, generator=g)
+        self._b = torch.randn(n, n, device=device, generator=g)
+        self._out = torch.empty(n, n, device=device)
+        for _ in range(2):
+            self.read_s()
+            self.gemm_s()
+
+    def read_s(self) -> float:
+        return _time_call(self._buf.sum, 1, self.device)
+
+    def gemm_s(self) -> float:
+        return _time_call(lambda: torch.mm(self._a, self._b, out=self._out), 1, self.device)
+
+
 def _peak_bytes(fn: Callable[[], Any], device: str) -> int | None:
     """Peak bytes of live tensors during one call, above the level at entry."""
     if device.startswith("cuda"):
@@ -277,9 +310,15 @@ def _group_cases(cases: list[Case]) -> dict[tuple[str, str, str], list[Case]]:
 
 
 def run_group(
-    group: list[Case], device: str, repeats: int, log: Callable[[str], None] = print
+    group: list[Case],
+    device: str,
+    repeats: int,
+    log: Callable[[str], None] = print,
+    probes: Probes | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict]]:
-    """Time one (op, shape, dtype) group interleaved; return (rows, verify records)."""
+    """Time one (op, shape, dtype) group interleaved; return (rows, verify records). With
+    ``probes`` each round ends with one call of each probe, and the rows carry the group's
+    probe medians and the fractions against them."""
     op, shape, dtype = group[0].group
     verify_log: list[dict] = []
     try:
@@ -325,10 +364,14 @@ def run_group(
             peaks[c.impl] = _peak_bytes(c.fn, device) if c.track_peak else None
             gc.collect()
         samples: dict[str, list[float]] = {c.impl: [] for c in group}
+        probe_s: dict[str, list[float]] = {"read": [], "gemm": []}
         caps = [c.repeats for c in group if c.repeats]
         for _ in range(min([repeats, *caps])):
             for c in group:  # interleaved: one sample of every impl per round
                 samples[c.impl].append(_time_call(c.fn, number[c.impl], device))
+            if probes is not None:  # the machine's rates in the same minutes
+                probe_s["read"].append(probes.read_s())
+                probe_s["gemm"].append(probes.gemm_s())
     finally:
         for c in group:
             if c.teardown is not None:
@@ -336,6 +379,10 @@ def run_group(
         gc.collect()
 
     med = {k: statistics.median(v) for k, v in samples.items()}
+    read_gbps = gemm_gflops = None
+    if probes is not None:
+        read_gbps = probes.read_bytes / statistics.median(probe_s["read"]) / 1e9
+        gemm_gflops = probes.flops / statistics.median(probe_s["gemm"]) / 1e9
     rows = []
     for c in group:
         m = med[c.impl]
@@ -362,6 +409,10 @@ def run_group(
                 "peak_bytes": peaks[c.impl],
             }
         )
+        if probes is not None:
+            rows[-1].update(probe_read_gbps=read_gbps, probe_gemm_gflops=gemm_gflops)
+            fill_bw_fraction(rows[-1:], read_gbps)
+            fill_gemm_fraction(rows[-1:], gemm_gflops)
     return rows, verify_log
 
 
@@ -372,9 +423,11 @@ def run(
     read_gbps: float | None,
     gpu_bw: float | None = None,
     log: Callable[[str], None] = print,
+    probes: Probes | None = None,
 ) -> RunResult:
-    """Run every group; fill the optional GPU roofline estimate and, if ``read_gbps`` is
-    given, ``bw_fraction`` (else call :func:`fill_bw_fraction` later)."""
+    """Run every group; fill the optional GPU roofline estimate and the fractions: against
+    each group's own probes with ``probes``, else against ``read_gbps`` if given (or call
+    :func:`fill_bw_fraction` later)."""
     res = RunResult()
     runnable = []
     for c in cases:
@@ -391,13 +444,13 @@ def run(
         for c in group:
             if c.note:
                 log(f"    note {c.impl}: {c.note}")
-        rows, ver = run_group(group, device, repeats, log)
+        rows, ver = run_group(group, device, repeats, log, probes)
         res.verify.extend(ver)
         for r in rows:
             if gpu_bw:
                 r[GPU_EST_FIELD] = r["bytes"] / (gpu_bw * 1e9) * 1e3 if r["bytes"] else None
         res.rows.extend(rows)
-    if read_gbps:
+    if read_gbps and probes is None:
         fill_bw_fraction(res.rows, read_gbps)
     return res
 

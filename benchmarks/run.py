@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             if not cases:
                 return 2
 
-    # Probe the read bandwidth before and after the cases and keep the higher: on a shared
-    # machine a probe can land in someone else's burst, and a low denominator would flatter
-    # bw_fraction.
-    # The same for the fp32 GEMM rate (gemm_fraction of compute-bound rows).
+    # The denominators of bw_fraction / gemm_fraction are probed inside every group's timed
+    # rounds (harness.Probes): one bandwidth and one GEMM probe call per round, the group's
+    # medians. Standalone probes before and after the cases are kept as context (the
+    # machine's drift over the run) in the metadata and the printout.
     print(f"device {args.device}  threads {torch.get_num_threads()}  torch {torch.__version__}")
     build = _build_info(args.device)
     print(f"build: {build}")
@@ -168,22 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read bandwidth (before) {bw0['read_gbps']:.2f} GB/s ({bw0['method']})")
     gm0 = harness.measure_gemm_rate(args.device, gemm_n)
     print(f"fp32 GEMM rate (before) {gm0['gemm_gflops']:.1f} GFLOP/s ({gm0['method']})")
-    res = harness.run(cases, args.device, repeats, None, args.gpu_bw)
+    probes = harness.Probes(args.device, bw_mib, gemm_n)
+    res = harness.run(cases, args.device, repeats, None, args.gpu_bw, probes=probes)
+    del probes
     bw1 = harness.measure_read_bandwidth(args.device, bw_mib)
     gm1 = harness.measure_gemm_rate(args.device, gemm_n)
     load1 = _loadavg()
     read_gbps = max(bw0["read_gbps"], bw1["read_gbps"])
     gemm_gflops = max(gm0["gemm_gflops"], gm1["gemm_gflops"])
-    harness.fill_bw_fraction(res.rows, read_gbps)
-    harness.fill_gemm_fraction(res.rows, gemm_gflops)
-    print(
-        f"read bandwidth (after) {bw1['read_gbps']:.2f} GB/s; bw_fraction uses "
-        f"{read_gbps:.2f} GB/s (the higher)"
-    )
-    print(
-        f"fp32 GEMM rate (after) {gm1['gemm_gflops']:.1f} GFLOP/s; gemm_fraction uses "
-        f"{gemm_gflops:.1f} GFLOP/s (the higher)"
-    )
+    print(f"read bandwidth (after) {bw1['read_gbps']:.2f} GB/s")
+    print(f"fp32 GEMM rate (after) {gm1['gemm_gflops']:.1f} GFLOP/s")
+    print("bw_fraction / gemm_fraction: against each group's own probes (rounds interleaved)")
     print(f"load average (1 min) before / after: {load0} / {load1}")
     print()
     print(harness.format_table(res.rows))
@@ -199,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             "not a measured GPU time"
         )
 
-    fields = list(harness.ROW_FIELDS) + ([harness.GPU_EST_FIELD] if args.gpu_bw else [])
+    fields = list(harness.ROW_FIELDS) + list(harness.PROBE_FIELDS) + \
+        ([harness.GPU_EST_FIELD] if args.gpu_bw else [])
     meta = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -212,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": repeats,
         "read_bandwidth_gbps": read_gbps,
         "read_bandwidth_probes_gbps": [bw0["read_gbps"], bw1["read_gbps"]],
-        "read_bandwidth_method": bw0["method"] + ", before and after the cases; the higher",
+        "read_bandwidth_method": bw0["method"] + ", before and after the cases; the higher "
+        "(context: the fractions divide by each row's probe_read_gbps)",
         "gemm_gflops": gemm_gflops,
         "gemm_probes_gflops": [gm0["gemm_gflops"], gm1["gemm_gflops"]],
-        "gemm_method": gm0["method"] + ", before and after the cases; the higher",
+        "gemm_method": gm0["method"] + ", before and after the cases; the higher "
+        "(context: the fractions divide by each row's probe_gemm_gflops)",
+        "fraction_method": "bw_fraction = gbps / probe_read_gbps, gemm_fraction = gflops / "
+        "probe_gemm_gflops: the medians of one probe call per timed round of the row's group",
         "build": build,
         "load_average_1min": [load0, load1],
         "fields": fields,

@@ -123,12 +123,17 @@ def test_rows_fields_speedups_and_files(toy_dir, tmp_path, capsys):
     # 2 shapes x 4 runnable impls; the skipped impl makes no row
     assert len(rows) == 8 and len(csv_rows) == 8
     for r in rows:
-        assert tuple(r) == harness.ROW_FIELDS
+        assert tuple(r) == harness.ROW_FIELDS + harness.PROBE_FIELDS
         assert r["device"] == "cpu" and r["op"] == "toy_sum" and r["dtype"] == "fp32"
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
-        assert r["bw_fraction"] == pytest.approx(r["gbps"] / meta["read_bandwidth_gbps"])
-    assert list(csv_rows[0]) == list(harness.ROW_FIELDS)
+        # the denominator is the group's own probe, interleaved with its timed rounds
+        assert r["probe_read_gbps"] > 0 and r["probe_gemm_gflops"] > 0
+        assert r["bw_fraction"] == pytest.approx(r["gbps"] / r["probe_read_gbps"])
+        same = [o for o in rows if o["shape"] == r["shape"]]
+        assert {o["probe_read_gbps"] for o in same} == {r["probe_read_gbps"]}
+    assert len({r["probe_read_gbps"] for r in rows}) == 2  # one probe median per group
+    assert list(csv_rows[0]) == list(harness.ROW_FIELDS + harness.PROBE_FIELDS)
     for shape in ("N=64,D=256", "N=32,D=128"):
         by = {r["impl"]: r for r in rows if r["shape"] == shape}
         assert set(by) == {"fused", "reference", "seed", "wrong"}
@@ -148,7 +153,8 @@ def test_rows_fields_speedups_and_files(toy_dir, tmp_path, capsys):
             assert by["fused"]["peak_bytes"] is None
     assert meta["read_bandwidth_gbps"] > 0 and "torch.sum" in meta["read_bandwidth_method"]
     assert meta["repeats"] == 3 and meta["quick"] is True
-    assert meta["fields"] == list(harness.ROW_FIELDS)
+    assert meta["fields"] == list(harness.ROW_FIELDS + harness.PROBE_FIELDS)
+    assert "probe_read_gbps" in meta["fraction_method"]
     assert {s["impl"] for s in meta["skipped"]} == {"missing"}
     assert any("toy note" in n for n in meta["notes"])
     assert meta["derived"] == ["toy: 8 rows, 2 shapes"]  # the module's summarize() hook

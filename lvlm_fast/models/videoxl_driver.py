@@ -27,6 +27,7 @@ import torch
 
 from lvlm_fast.cache import ATTN_NAME, SummaryKVCache, _check_ratio_window
 from lvlm_fast.models._compat import cache_kwargs
+from lvlm_fast.models.families.base import HOLD_KWARG
 from lvlm_fast.nn.summary_proj import SummaryEmbedding, SummaryLayout, install_summary_projections
 
 
@@ -105,6 +106,7 @@ def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLay
     w0 = cache.get_seq_length()
     cache.check_room(x.shape[1])
     kw = dict(decoder_kwargs)
+    held = kw.pop(HOLD_KWARG, None)  # alive for the call, not a model input (families)
     if raw_positions is not None:
         kw["position_ids"] = interleave_positions(raw_positions, ratio, cache.carry)
     layout.set(first, stride, k)
@@ -112,6 +114,7 @@ def run_window(model: torch.nn.Module, cache: SummaryKVCache, layout: SummaryLay
         model.model(inputs_embeds=x, **cache_kwargs(model.model, cache), use_cache=True, **kw)
     finally:
         layout.clear()
+    del held
     return cache.evict_window(w0, n, ratio)
 
 

@@ -242,12 +242,16 @@ class VideoXLStrategy(Strategy):
             pos = None if plan is None else \
                 plan.chunk(p + raw_done, p + raw_done + raw.shape[1])
             kw = {}
-            # DeepStack rows of this window's visual tokens (boolean indexing has no meta
-            # implementation: the simulation holds the rows but skips the add)
+            # DeepStack rows of this window's visual tokens, a copy held for the call
             if vis is not None and raw.device.type != "meta":
                 m = videoxl_driver.interleave(vis.view(1, -1, 1).to(raw.dtype),
                                               raw.new_zeros(1), ratio, cache.carry)
                 kw = fam.decoder_kwargs(m[0, :, 0].gt(0.5).view(1, -1), raw[0, vis, hid:])
+            elif vis is not None:
+                # meta (boolean indexing has no meta implementation): the family holds a
+                # copy of every window row's DeepStack channels for the call (an upper
+                # bound: the window's few timestamp rows are counted too) and skips the add
+                kw = fam.decoder_kwargs(vis.view(1, -1), raw[0, :, hid:].clone())
             with vlm._stage("prefill"):
                 videoxl_driver.run_window(view, cache, layout, raw[..., :hid], vst, ratio, pos,
                                           **kw)
@@ -284,10 +288,9 @@ class VideoXLStrategy(Strategy):
             """The video's visual rows in order, one vision chunk at a time, then the end
             tokens."""
             for _start, feats in vlm.iter_patch_features(pv):
-                pooled = vlm.pool_2x2(feats)
+                out = [vlm.pool_2x2(feats).reshape(1, -1, fs)]
                 del feats
-                yield pooled.reshape(1, -1, fs)
-                del pooled
+                yield out.pop()  # no local keeps the chunk while suspended
             if end.shape[0]:
                 yield end.to(vlm.dtype).unsqueeze(0)
 
@@ -309,6 +312,7 @@ class VideoXLStrategy(Strategy):
                     need = piece[1] - piece[0]
                     while need:
                         if cur is None or off == cur.shape[1]:
+                            cur = None  # the used chunk goes before the next is encoded
                             cur, off = next(src), 0
                         take = min(need, cur.shape[1] - off)
                         push(cur[:, off : off + take])

@@ -14,7 +14,11 @@ Held in memory (``holds_all_patch_features = False``):
 * pass 2 (merging): the preallocated output ``(N - K + K*T_k + 2, D)`` (one spare row that
   absorbs masked writes), one vision chunk's patch features and its working copies
   (bank, pooled grid, DFM projections when learned), and ONE carried frame (the latest
-  keyframe before the chunk, ``(1, P, D)``). Never ``(N, P, D)``.
+  keyframe before the chunk, ``(1, P, D)``). Never ``(N, P, D)``. On a family whose rows
+  are wider than the LLM (Qwen3-VL: ``D`` x (1 + 3 DeepStack levels)) the prefill
+  instead pulls pass 2 chunk by chunk (:class:`VisualStream`): each vision chunk's rows
+  are one block, freed once the prefill has read it, so no tensor holds every kept row
+  with its DeepStack levels (Qwen3-VL-8B, 10,240 frames: 8,962 x 16,384 bf16, 0.27 GiB).
 
 Vision cost: without a selector every frame goes through the vision tower twice (pass 1 for
 the selection embeddings, pass 2 for the features), so ``frames_encoded = 2 N``. With a

@@ -226,6 +226,53 @@ def test_full_streams_deepstack_rows_into_the_prefill(qwen3, monkeypatch):
         VisualStream(4, 2, iter([])).take(1, 2)
 
 
+def test_vilamp_streams_its_blocks_and_frees_each_once_read(qwen3, monkeypatch):
+    """``vilamp`` on DeepStack rows: the prefill gets a VisualStream of one block per vision
+    chunk (pass 1 encodes before the prefill, pass 2 during it); a block is freed once the
+    prefill has read it (weakrefs checked at every decoder call), and the first-token
+    logits equal the held-output path's."""
+    import weakref
+
+    from lvlm_fast.models.strategies import vilamp as vilamp_mod
+    from lvlm_fast.models.strategies.base import VisualStream
+
+    vlm = LongVideoVLM(qwen3, vision_chunk_frames=2, prefill_chunk_tokens=10)
+    pr = _prompt(10, seed=5)
+    blocks, alive_at_call, seen = [], [], []
+    real_blocks, real_run, real_prefill = vilamp_mod.streamed_blocks, vlm.run_llm, \
+        vlm.prefill_embeds
+
+    def spy_blocks(*a, **k):
+        for b in real_blocks(*a, **k):
+            blocks.append(weakref.ref(b))
+            out = [b]
+            del b
+            yield out.pop()  # the spy keeps no reference either
+
+    def spy_run(*a, **k):
+        alive_at_call.append((len(blocks), sum(r() is not None for r in blocks)))
+        return real_run(*a, **k)
+
+    def spy_prefill(*a, **k):
+        seen.append(a[1])
+        return real_prefill(*a, **k)
+
+    monkeypatch.setattr(vilamp_mod, "streamed_blocks", spy_blocks)
+    monkeypatch.setattr(vlm, "run_llm", spy_run)
+    monkeypatch.setattr(vlm, "prefill_embeds", spy_prefill)
+    streamed = vlm.first_token(pr, "vilamp", num_keyframes=2)
+    assert isinstance(seen[0], VisualStream)
+    assert len(blocks) == 5  # 10 frames = 5 units, one per vision chunk
+    # at every decoder call only the block being read (and none before it) is alive
+    assert all(alive <= 1 for _, alive in alive_at_call), alive_at_call
+    assert max(made for made, _ in alive_at_call) == 5
+    monkeypatch.setattr(vilamp_mod, "streams", lambda vlm: False)
+    seen.clear()
+    held = vlm.first_token(pr, "vilamp", num_keyframes=2)
+    assert isinstance(seen[0], torch.Tensor)  # the held path, for the comparison
+    torch.testing.assert_close(streamed, held, rtol=1e-5, atol=1e-5)
+
+
 def test_qwen3_vl_8b_full_on_meta():
     """The shipped 8B config end to end on meta (the profiler's path): 448x448 frames ->
     14 x 14 = 196 tokens per temporal unit, DeepStack rows streamed, nominal timestamps

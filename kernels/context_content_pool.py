@@ -38,7 +38,12 @@ Forward, two kernels:
     pass over the frame's patches, context = sum_p w[p] X[p] and the content token(s):
     the mean (g = 1) or, for g > 1, a (G_PAD x BLOCK_P) bin-membership matrix (1/area
     entries, adaptive_avg_pool2d bins, built from indices) times the X tile (``tl.dot``,
-    ieee fp32), so every patch element is loaded once.
+    ieee fp32). The g x g bins go in chunks of G_PAD = 16 (g is a runtime argument, only
+    BINS = g > 1 is compiled in, so any g compiles to the same two kernels, every one
+    without spills: a G_PAD of next_pow2(g^2) spilled from g = 6 on); each chunk walks
+    only the patch rows its bins cover, and the context sum takes each patch once (in the
+    first chunk that walks it). For g <= 4 (one chunk) every patch element is loaded once;
+    larger grids re-read the patch rows shared by two chunks' bins.
 Backward (recompute, saved: lse only):
   * ``_context_content_pool_bwd_prep_kernel``, per frame (per query chunk): recomputes S,
     dw[p] = gc . X[p] (gc = the context token's gradient; computed from the same X tile
@@ -75,10 +80,13 @@ unit-stride one. fp64 inputs on CUDA run the reference (documented). Launchers t
 op's arguments, return its tuple and do not assert CUDA (tier 1 runs them on CPU tensors
 with TRITON_INTERPRET=1).
 
-Default configs (``fwd_config`` / ``prep_config`` / ``bwd_config``): BLOCK_Q =
+Default configs (``fwd_config`` / ``prep_config`` / ``bwd_config`` / ``dq_config``): BLOCK_Q =
 clamp(next_pow2(Lq), 16, 64), BLOCK_P = 64, BLOCK_C = 64 (32 for fp32 tiles), 4 warps (8 for
-the backward kernel, and for the prep kernel at BLOCK_Q = 64), 2 stages for the score loops;
-the split kernels use the multi-block config with BLOCK_P = SPLIT_BLOCK_P. Roofline note:
+the backward kernel except fp32 at BLOCK_Q = 16, and for the prep and grad_Q kernels at
+BLOCK_Q = 64), 2 stages for the score loops; the split kernels use the multi-block config
+with BLOCK_P = SPLIT_BLOCK_P. Every config these can return is in ``COMPILE_SPECS`` (zero
+spills for sm_80 / sm_90; tests/tier2/test_spec_coverage.py checks the launches against
+the list). Roofline note:
 per frame the scores cost 2*Lq*P*C flops (LLaMA-VID: 23 MFLOP) against P*C input elements
 (0.7 MB in bf16), ~32 flop/byte: on an
 A100 the tensor-core scores take ~1/10 of the time to read X, so the op is memory-bound
@@ -116,21 +124,21 @@ def _scores(q_base, k_base, offs_q, qmask, offs_p, pmask, CK, stride_qq, stride_
 
 
 @triton.jit
-def _bin_matrix(offs_p, pmask, side, GRID: tl.constexpr, G_PAD: tl.constexpr):
-    """(G_PAD, BLOCK_P) fp32: 1/area where patch p lies in content bin b (adaptive bins of
-    the side x side grid, row-major bins), else 0."""
-    b = tl.arange(0, G_PAD)
-    bi = b // GRID
-    bj = b % GRID
-    rs = (bi * side) // GRID
-    re = ((bi + 1) * side + GRID - 1) // GRID
-    cs = (bj * side) // GRID
-    ce = ((bj + 1) * side + GRID - 1) // GRID
+def _bin_matrix(offs_p, pmask, side, grid, b0, G_PAD: tl.constexpr):
+    """(G_PAD, BLOCK_P) fp32: 1/area where patch p lies in content bin b0 + i (adaptive
+    bins of the side x side grid, row-major bins), else 0."""
+    b = b0 + tl.arange(0, G_PAD)
+    bi = b // grid
+    bj = b % grid
+    rs = (bi * side) // grid
+    re = ((bi + 1) * side + grid - 1) // grid
+    cs = (bj * side) // grid
+    ce = ((bj + 1) * side + grid - 1) // grid
     r = offs_p // side
     c = offs_p % side
     member = ((r[None, :] >= rs[:, None]) & (r[None, :] < re[:, None])
               & (c[None, :] >= cs[:, None]) & (c[None, :] < ce[:, None])
-              & (b < GRID * GRID)[:, None] & pmask[None, :])
+              & (b < grid * grid)[:, None] & pmask[None, :])
     area = tl.maximum((re - rs) * (ce - cs), 1).to(tl.float32)
     return tl.where(member, 1.0 / area[:, None], 0.0)
 
@@ -247,41 +255,75 @@ def _context_content_pool_fwd_kernel(
 @triton.jit
 def _context_content_pool_pool_kernel(
     x_ptr, w_ptr, out_ptr,
-    P, C, side, inv_p,
+    P, C, side, grid, inv_p,
     stride_xn, stride_xp, stride_xc, stride_on, stride_or,
-    GRID: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BINS: tl.constexpr, G_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = offs_c < C
     x_base = x_ptr + n * stride_xn
-    ctx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    cont = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    cont2 = tl.zeros((G_PAD, BLOCK_C), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
-        xt = tl.load(x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
-                     mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        wb = tl.load(w_ptr + n * P + offs_p, mask=pmask, other=0.0)
-        ctx += tl.sum(wb[:, None] * xt, axis=0)
-        if GRID == 1:
-            cont += tl.sum(xt, axis=0)
-        else:
-            mb = _bin_matrix(offs_p, pmask, side, GRID, G_PAD)
-            cont2 = tl.dot(mb, xt, cont2, input_precision="ieee")
     o_base = out_ptr + n * stride_on
     ty = out_ptr.dtype.element_ty
-    tl.store(o_base + offs_c, ctx.to(ty), mask=cmask)
-    if GRID == 1:
+    ctx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if not BINS:  # g = 1: context and the mean in one pass
+        cont = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            pmask = offs_p < P
+            xt = tl.load(x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
+                         mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            wb = tl.load(w_ptr + n * P + offs_p, mask=pmask, other=0.0)
+            ctx += tl.sum(wb[:, None] * xt, axis=0)
+            cont += tl.sum(xt, axis=0)
         tl.store(o_base + stride_or + offs_c, (cont * inv_p).to(ty), mask=cmask)
     else:
-        b = tl.arange(0, G_PAD)
-        tl.store(o_base + (1 + b)[:, None] * stride_or + offs_c[None, :], cont2.to(ty),
-                 mask=(b < GRID * GRID)[:, None] & cmask[None, :])
+        # bins in chunks of G_PAD; chunk [b0, b0 + G_PAD) walks the patch rows its bin
+        # rows cover, [p_lo, p_hi); the context takes patches from the previous chunk's
+        # p_hi on (chunks' row ranges are contiguous, increasing, and cover the frame)
+        n_bins = grid * grid
+        for b0 in range(0, n_bins, G_PAD):
+            b_last = tl.minimum(b0 + G_PAD, n_bins) - 1
+            p_lo = ((b0 // grid) * side // grid) * side
+            p_hi = (((b_last // grid + 1) * side + grid - 1) // grid) * side
+            prev = tl.maximum(b0 - 1, 0) // grid  # the previous chunk's last bin row
+            p_done = tl.where(b0 > 0, (((prev + 1) * side + grid - 1) // grid) * side, 0)
+            cont2 = tl.zeros((G_PAD, BLOCK_C), dtype=tl.float32)
+            for p0 in range(p_lo, p_hi, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P)
+                pmask = offs_p < p_hi
+                xt = tl.load(x_base + offs_p[:, None] * stride_xp + offs_c[None, :] * stride_xc,
+                             mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                new = pmask & (offs_p >= p_done)
+                wb = tl.load(w_ptr + n * P + offs_p, mask=new, other=0.0)
+                ctx += tl.sum(tl.where(new[:, None], wb[:, None] * xt, 0.0), axis=0)
+                mb = _bin_matrix(offs_p, pmask, side, grid, b0, G_PAD)
+                cont2 = tl.dot(mb, xt, cont2, input_precision="ieee")
+            b = b0 + tl.arange(0, G_PAD)
+            tl.store(o_base + (1 + b)[:, None] * stride_or + offs_c[None, :], cont2.to(ty),
+                     mask=(b < n_bins)[:, None] & cmask[None, :])
+    tl.store(o_base + offs_c, ctx.to(ty), mask=cmask)
 
 
 # --------------------------------------------------------------------------- backward
+@triton.jit
+def _content_grad(go_base, offs_c, cmask, mb_t, offs_p, pmask, side, grid, b_lo, b_hi,
+                  stride_gor, stride_goc, G_PAD: tl.constexpr):
+    """(BLOCK_P, BLOCK_C) fp32: sum over the bins [b_lo, b_hi) of M^T[p, b] gcont[b, c],
+    in chunks of G_PAD bins; ``mb_t`` is the first chunk's M^T (built once per program)."""
+    b = b_lo + tl.arange(0, G_PAD)
+    gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor + offs_c[None, :] * stride_goc,
+                    mask=(b < b_hi)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    acc = tl.dot(mb_t, gcont, input_precision="ieee")
+    for b0 in range(b_lo + G_PAD, b_hi, G_PAD):
+        b = b0 + tl.arange(0, G_PAD)
+        gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor + offs_c[None, :] * stride_goc,
+                        mask=(b < b_hi)[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        m_t = tl.trans(_bin_matrix(offs_p, pmask, side, grid, b0, G_PAD))
+        acc = tl.dot(m_t, gcont, acc, input_precision="ieee")
+    return acc
+
+
 @triton.jit
 def _context_content_pool_bwd_prep_kernel(
     q_ptr, k_ptr, x_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr,
@@ -342,11 +384,11 @@ def _context_content_pool_bwd_prep_kernel(
 @triton.jit
 def _context_content_pool_bwd_kernel(
     q_ptr, k_ptr, go_ptr, lse_ptr, dw_ptr, d_ptr, gx_ptr, ds_ptr, gk_ptr,
-    P, CK, C, LQ, q_start, scale, inv_lq, side, inv_p,
+    P, CK, C, LQ, q_start, scale, inv_lq, side, grid, inv_p,
     stride_qn, stride_qq, stride_qc, stride_kn, stride_kp, stride_kc,
     stride_gon, stride_gor, stride_goc,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    GRID: tl.constexpr, G_PAD: tl.constexpr, KEYS_IS_X: tl.constexpr, FIRST: tl.constexpr,
+    BINS: tl.constexpr, G_PAD: tl.constexpr, KEYS_IS_X: tl.constexpr, FIRST: tl.constexpr,
     IEEE: tl.constexpr,
 ):  # fmt: skip
     n = tl.program_id(0).to(tl.int64)
@@ -375,8 +417,13 @@ def _context_content_pool_bwd_kernel(
         tl.store(ds_rows, ds, mask=qmask[:, None] & pmask[None, :])
     else:
         tl.store(ds_rows, ds.to(ds_ptr.dtype.element_ty), mask=qmask[:, None] & pmask[None, :])
-    if GRID > 1:
-        mb_t = tl.trans(_bin_matrix(offs_p, pmask, side, GRID, G_PAD))  # (BLOCK_P, G_PAD)
+    if BINS:  # the bins whose rows meet this block's patch rows [r_lo, r_hi]: [b_lo, b_hi)
+        r_lo = (tl.program_id(1) * BLOCK_P) // side
+        r_hi = (tl.minimum(tl.program_id(1) * BLOCK_P + BLOCK_P, P) - 1) // side
+        b_lo = ((r_lo * grid) // side) * grid
+        b_hi = tl.minimum(((r_hi + 1) * grid + side - 1) // side, grid) * grid
+        # (BLOCK_P, G_PAD), first chunk (the only one unless > G_PAD bins meet the block)
+        mb_t = tl.trans(_bin_matrix(offs_p, pmask, side, grid, b_lo, G_PAD))
     for c0 in range(0, CK, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cmask = offs_c < CK
@@ -391,17 +438,13 @@ def _context_content_pool_bwd_kernel(
             gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
             g = gk + wb[:, None] * gc[None, :]
             if FIRST:
-                if GRID == 1:
+                if not BINS:
                     gcont = tl.load(go_base + stride_gor + offs_c * stride_goc, mask=cmask,
                                     other=0.0).to(tl.float32)
                     g += gcont[None, :] * inv_p
                 else:
-                    b = tl.arange(0, G_PAD)
-                    gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor
-                                    + offs_c[None, :] * stride_goc,
-                                    mask=(b < GRID * GRID)[:, None] & cmask[None, :],
-                                    other=0.0).to(tl.float32)
-                    g += tl.dot(mb_t, gcont, input_precision="ieee")
+                    g += _content_grad(go_base, offs_c, cmask, mb_t, offs_p, pmask, side, grid,
+                                       b_lo, b_hi, stride_gor, stride_goc, G_PAD)
             else:
                 g += tl.load(gx_rows + offs_c[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             tl.store(gx_rows + offs_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
@@ -417,17 +460,13 @@ def _context_content_pool_bwd_kernel(
             gc = tl.load(go_base + offs_c * stride_goc, mask=cmask, other=0.0).to(tl.float32)
             g = wb[:, None] * gc[None, :]
             if FIRST:
-                if GRID == 1:
+                if not BINS:
                     gcont = tl.load(go_base + stride_gor + offs_c * stride_goc, mask=cmask,
                                     other=0.0).to(tl.float32)
                     g += gcont[None, :] * inv_p
                 else:
-                    b = tl.arange(0, G_PAD)
-                    gcont = tl.load(go_base + (1 + b)[:, None] * stride_gor
-                                    + offs_c[None, :] * stride_goc,
-                                    mask=(b < GRID * GRID)[:, None] & cmask[None, :],
-                                    other=0.0).to(tl.float32)
-                    g += tl.dot(mb_t, gcont, input_precision="ieee")
+                    g += _content_grad(go_base, offs_c, cmask, mb_t, offs_p, pmask, side, grid,
+                                       b_lo, b_hi, stride_gor, stride_goc, G_PAD)
             else:
                 g += tl.load(gx_rows + offs_c[None, :], mask=tile_mask, other=0.0).to(tl.float32)
             tl.store(gx_rows + offs_c[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
@@ -467,8 +506,7 @@ def _block_q(lq: int) -> int:
     return min(64, max(16, triton.next_power_of_2(lq)))
 
 
-def _g_pad(grid: int) -> int:
-    return max(16, triton.next_power_of_2(grid * grid))
+G_PAD = 16  # content bins per chunk (pool and backward kernels, content_grid > 1)
 
 
 def fwd_config(lq: int, dtype: torch.dtype, p: int | None = None) -> dict:
@@ -498,13 +536,22 @@ def pool_config(grid: int) -> dict:
 
 
 def bwd_config(lq: int, dtype: torch.dtype) -> dict:
-    bc = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_Q=_block_q(lq), BLOCK_P=64, BLOCK_C=bc, num_warps=8, num_stages=1)
+    """Backward kernel: 8 warps, but 4 for fp32 at BLOCK_Q = 16 (8 warps made ptxas spill
+    8 bytes for sm_80 there with separate keys and content bins, at 80 registers)."""
+    bq = _block_q(lq)
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_Q=bq, BLOCK_P=64, BLOCK_C=32 if fp32 else 64,
+                num_warps=4 if fp32 and bq == 16 else 8, num_stages=1)
 
 
 def dq_config(lq: int, dtype: torch.dtype) -> dict:
+    """grad_Q kernel: 8 warps at BLOCK_Q = 64 (4 warps spill there on sm_80: the (64, 64)
+    dS tile, the K tile and the (64, BLOCK_C) accumulator, ~300 B for fp32, ~24 B for
+    fp16 / bf16)."""
+    bq = _block_q(lq)
     bc = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_Q=_block_q(lq), BLOCK_P=64, BLOCK_C=bc, num_warps=4, num_stages=2)
+    return dict(BLOCK_Q=bq, BLOCK_P=64, BLOCK_C=bc, num_warps=8 if bq == 64 else 4,
+                num_stages=2)
 
 
 DQ_TARGET_PROGRAMS = 528  # shared queries: frame groups x channel blocks ~ 4 waves of 132 SMs
@@ -624,9 +671,9 @@ def context_content_pool_fwd(x, queries, keys, scale, content_grid):
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     pc = pool_config(g)
     _context_content_pool_pool_kernel[(n, triton.cdiv(c, pc["BLOCK_C"]))](
-        x, w, out, p, c, side, 1.0 / p,
+        x, w, out, p, c, side, g, 1.0 / p,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
-        GRID=g, G_PAD=_g_pad(g), BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"],
+        BINS=g > 1, G_PAD=G_PAD, BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"],
         num_warps=pc["num_warps"], num_stages=pc["num_stages"])
     return out, lse
 
@@ -686,11 +733,11 @@ def context_content_pool_bwd(grad_out, x, queries, keys, scale, content_grid, ls
     for q0 in chunks:
         _context_content_pool_bwd_kernel[(n, triton.cdiv(p, bcfg["BLOCK_P"]))](
             queries, k, grad_out, lse, dw, d_rows, gx, ds, gk,
-            p, ck, c, lq, q0, float(scale), 1.0 / lq, side, 1.0 / p,
+            p, ck, c, lq, q0, float(scale), 1.0 / lq, side, g, 1.0 / p,
             sqn, sqq, sqc, k.stride(0), k.stride(1), k.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             BLOCK_Q=bcfg["BLOCK_Q"], BLOCK_P=bcfg["BLOCK_P"], BLOCK_C=bcfg["BLOCK_C"],
-            GRID=g, G_PAD=_g_pad(g), KEYS_IS_X=keys is None, FIRST=q0 == 0, IEEE=ieee,
+            BINS=g > 1, G_PAD=G_PAD, KEYS_IS_X=keys is None, FIRST=q0 == 0, IEEE=ieee,
             num_warps=bcfg["num_warps"], num_stages=bcfg["num_stages"])
     for q0 in range(0, lq, qcfg["BLOCK_Q"]):
         _context_content_pool_bwd_dq_kernel[(triton.cdiv(ck, qcfg["BLOCK_C"]), n_grp)](
@@ -707,10 +754,11 @@ _UNIT = ("stride_qc", "stride_kc", "stride_xc", "stride_goc")
 
 def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] = (),
           odd: tuple[str, ...] = ()) -> dict:
-    """A COMPILE_SPECS entry as the JIT specialises a LLaMA-VID launch (P = 256, C = Ck =
-    1408, Lq = 32, contiguous inputs): channel strides and ``ones`` (side = 1 for g = 1,
-    NSPLIT = 1 without a P split) are 1 (constexpr), every other integer argument and every
-    pointer is 16-divisible except ``odd`` (a split count: a plain i32)."""
+    """A COMPILE_SPECS entry as the JIT specialises a launch on contiguous inputs with
+    16-divisible sizes (e.g. LLaMA-VID: P = 256, C = Ck = 1408): channel strides and ``ones``
+    (side = grid = 1 for g = 1, NSPLIT = 1 without a P split) are 1 (constexpr), every other
+    integer argument and every pointer is 16-divisible except ``odd`` (a split count: a plain
+    i32)."""
     sig = dict(sig)
     ce = dict(ce)
     for k in (*_UNIT, *ones):
@@ -725,13 +773,16 @@ def _spec(name: str, fn, sig: dict, ce: dict, cfg: dict, ones: tuple[str, ...] =
 
 
 def _specs() -> list[dict]:
-    """Every kernel x dtype at the launcher's configs for LLaMA-VID (Lq 32, P 256) and P 729,
-    plus the split-P forward (small N: phases 1 and 2 at BLOCK_Q 32 and at 64 with ACCUM_W,
-    a later chunk of Lq > 64) and the prep kernel at BLOCK_Q 32 and 64 (its split only
-    changes the PPS argument: the same code)."""
+    """Every config the launchers can pick (issue 14), per dtype: BLOCK_Q 16 / 32 / 64
+    (Lq <= 16, <= 32, > 32); the forward's single-block configs (every BLOCK_P with
+    BLOCK_Q x BLOCK_P <= 8192), its multi-block one (PHASE 0) and the split-P phases 1 and 2,
+    each also with ACCUM_W (a later 64-query chunk, Lq > 64); the pool kernel with and
+    without content bins; the prep kernel (a split only changes PPS: the same code); the
+    backward kernel with and without bins, keys = X or separate, FIRST and (Lq > 64) not;
+    the grad_Q kernel. tests/tier2/test_spec_coverage.py records the launchers' launches
+    over the ops' input space and checks each is one of these."""
     specs: list[dict] = []
     ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    lq = 32  # LLaMA-VID: 32 queries, P = 256, C = 1408 (EVA-ViT-G)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         ptr = "*" + ty[dt]
         ieee = dt == torch.float32
@@ -739,29 +790,35 @@ def _specs() -> list[dict]:
                     P="i32", CK="i32", LQ="i32", q_start="i32", scale="fp32", inv_lq="fp32",
                     PPS="i32", NSPLIT="i32", stride_qn="i32", stride_qq="i32",
                     stride_qc="i32", stride_kn="i32", stride_kp="i32", stride_kc="i32")
-        for p_frame, tag in ((256, "P256"), (729, "P729")):  # single block; P blocks
-            fc = fwd_config(lq, dt, p_frame)
-            ce = dict(BLOCK_Q=fc["BLOCK_Q"], BLOCK_P=fc["BLOCK_P"], BLOCK_C=fc["BLOCK_C"],
-                      ACCUM_W=False, IEEE=ieee, SINGLE_BLOCK=fc["SINGLE_BLOCK"], PHASE=0)
-            specs.append(_spec(f"ccp_fwd_{ty[dt]}_{tag}", _context_content_pool_fwd_kernel,
-                               fsig, ce, fc, ("NSPLIT",)))
-        for q_len, accum in ((lq, False), (128, True)):  # split P: phases 1 and 2
-            sc = _split_cfg(fwd_config(q_len, dt), 2)
+        for bq in (16, 32, 64):
+            lq = bq  # an Lq whose query block is bq
+            accums = (False, True) if bq == 64 else (False,)
+            fwd_cfgs = []  # (tag, cfg, phase)
+            bp = 16
+            while bq * bp <= 8192:  # single block: one BLOCK_P per next_pow2(P)
+                fwd_cfgs.append((f"p{bp}", fwd_config(lq, dt, bp), 0))
+                bp *= 2
+            fwd_cfgs.append(("blocks", fwd_config(lq, dt), 0))
             for phase in (1, 2):
-                ce = dict(BLOCK_Q=sc["BLOCK_Q"], BLOCK_P=sc["BLOCK_P"], BLOCK_C=sc["BLOCK_C"],
-                          ACCUM_W=accum, IEEE=ieee, SINGLE_BLOCK=False, PHASE=phase)
-                specs.append(_spec(f"ccp_fwd_{ty[dt]}_split_q{sc['BLOCK_Q']}_ph{phase}",
-                                   _context_content_pool_fwd_kernel, fsig, ce, sc,
-                                   odd=("NSPLIT",)))
-        for grid in (1, 2):
-            pc = pool_config(grid)
-            ce = dict(GRID=grid, G_PAD=_g_pad(grid), BLOCK_P=pc["BLOCK_P"],
-                      BLOCK_C=pc["BLOCK_C"])
+                fwd_cfgs.append((f"split_ph{phase}", _split_cfg(fwd_config(lq, dt), 2), phase))
+            for tag, fc, phase in fwd_cfgs:
+                for accum in accums:
+                    ce = dict(BLOCK_Q=fc["BLOCK_Q"], BLOCK_P=fc["BLOCK_P"],
+                              BLOCK_C=fc["BLOCK_C"], ACCUM_W=accum, IEEE=ieee,
+                              SINGLE_BLOCK=fc["SINGLE_BLOCK"], PHASE=phase)
+                    specs.append(_spec(f"ccp_fwd_{ty[dt]}_q{bq}_{tag}{'_acc' if accum else ''}",
+                                       _context_content_pool_fwd_kernel, fsig, ce, fc,
+                                       ("NSPLIT",) if phase == 0 else (),
+                                       ("NSPLIT",) if phase else ()))
+        for bins in (False, True):
+            pc = pool_config(2 if bins else 1)
+            ce = dict(BINS=bins, G_PAD=G_PAD, BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"])
             sig = dict(x_ptr=ptr, w_ptr="*fp32", out_ptr=ptr, P="i32", C="i32", side="i32",
-                       inv_p="fp32", stride_xn="i32", stride_xp="i32", stride_xc="i32",
-                       stride_on="i32", stride_or="i32")
-            specs.append(_spec(f"ccp_pool_{ty[dt]}_g{grid}", _context_content_pool_pool_kernel,
-                               sig, ce, pc, ("side",) if grid == 1 else ()))
+                       grid="i32", inv_p="fp32", stride_xn="i32", stride_xp="i32",
+                       stride_xc="i32", stride_on="i32", stride_or="i32")
+            specs.append(_spec(f"ccp_pool_{ty[dt]}_{'bins' if bins else 'g1'}",
+                               _context_content_pool_pool_kernel, sig, ce, pc,
+                               () if bins else ("side", "grid")))
         for keys_is_x in (True, False):
             tag = "x" if keys_is_x else "k"
             sig = dict(q_ptr=ptr, k_ptr=ptr, x_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32",
@@ -770,37 +827,44 @@ def _specs() -> list[dict]:
                        stride_qq="i32", stride_qc="i32", stride_kn="i32", stride_kp="i32",
                        stride_kc="i32", stride_xn="i32", stride_xp="i32", stride_xc="i32",
                        stride_gon="i32", stride_goc="i32")
-            # a split only changes PPS (same code); BLOCK_Q 64: a chunk of Lq > 32 queries
-            for q_len, qtag in ((lq, ""), (128, "_q64")):
-                pc = prep_config(q_len, dt)
+            for bq in (16, 32, 64):
+                pc = prep_config(bq, dt)
                 ce = dict(BLOCK_Q=pc["BLOCK_Q"], BLOCK_P=pc["BLOCK_P"], BLOCK_C=pc["BLOCK_C"],
                           KEYS_IS_X=keys_is_x, IEEE=ieee)
-                specs.append(_spec(f"ccp_bwd_prep_{ty[dt]}_{tag}{qtag}",
+                specs.append(_spec(f"ccp_bwd_prep_{ty[dt]}_{tag}_q{bq}",
                                    _context_content_pool_bwd_prep_kernel, sig, ce, pc))
-            for grid in (1, 2):
-                bc = bwd_config(lq, dt)
-                ce = dict(BLOCK_Q=bc["BLOCK_Q"], BLOCK_P=bc["BLOCK_P"], BLOCK_C=bc["BLOCK_C"],
-                          GRID=grid, G_PAD=_g_pad(grid), KEYS_IS_X=keys_is_x, FIRST=True,
-                          IEEE=ieee)
-                sig = dict(q_ptr=ptr, k_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32", dw_ptr="*fp32",
-                           d_ptr="*fp32", gx_ptr=ptr, ds_ptr="*fp32" if ieee else ptr,
-                           gk_ptr=ptr, P="i32",
-                           CK="i32", C="i32", LQ="i32", q_start="i32", scale="fp32",
-                           inv_lq="fp32", side="i32", inv_p="fp32", stride_qn="i32",
-                           stride_qq="i32", stride_qc="i32", stride_kn="i32",
-                           stride_kp="i32", stride_kc="i32", stride_gon="i32",
-                           stride_gor="i32", stride_goc="i32")
-                specs.append(_spec(f"ccp_bwd_{ty[dt]}_{tag}_g{grid}",
-                                   _context_content_pool_bwd_kernel, sig, ce, bc,
-                                   ("side",) if grid == 1 else ()))
-        qc = dq_config(lq, dt)
-        ce = dict(BLOCK_Q=qc["BLOCK_Q"], BLOCK_P=qc["BLOCK_P"], BLOCK_C=qc["BLOCK_C"],
-                  IEEE=ieee)
+            sig = dict(q_ptr=ptr, k_ptr=ptr, go_ptr=ptr, lse_ptr="*fp32", dw_ptr="*fp32",
+                       d_ptr="*fp32", gx_ptr=ptr, ds_ptr="*fp32" if ieee else ptr,
+                       gk_ptr=ptr, P="i32", CK="i32", C="i32", LQ="i32", q_start="i32",
+                       scale="fp32", inv_lq="fp32", side="i32", grid="i32", inv_p="fp32",
+                       stride_qn="i32", stride_qq="i32", stride_qc="i32", stride_kn="i32",
+                       stride_kp="i32", stride_kc="i32", stride_gon="i32",
+                       stride_gor="i32", stride_goc="i32")
+            # (FIRST, fp32 gradient buffers): Lq > 64 runs several 64-query chunks into fp32
+            # grad_x / grad_keys, the first one with FIRST
+            chunked = [(True, True), (False, True)] if not ieee else [(False, True)]
+            for bq in (16, 32, 64):
+                bc = bwd_config(bq, dt)
+                for bins in (False, True):
+                    for first, acc32 in [(True, ieee)] + (chunked if bq == 64 else []):
+                        ce = dict(BLOCK_Q=bc["BLOCK_Q"], BLOCK_P=bc["BLOCK_P"],
+                                  BLOCK_C=bc["BLOCK_C"], BINS=bins, G_PAD=G_PAD,
+                                  KEYS_IS_X=keys_is_x, FIRST=first, IEEE=ieee)
+                        gsig = {**sig, "gx_ptr": "*fp32", "gk_ptr": "*fp32"} if acc32 else sig
+                        name = (f"ccp_bwd_{ty[dt]}_{tag}_q{bq}_{'bins' if bins else 'g1'}"
+                                f"{'' if first else '_acc'}"
+                                f"{'_f32buf' if acc32 and first and not ieee else ''}")
+                        specs.append(_spec(name, _context_content_pool_bwd_kernel, gsig, ce,
+                                           bc, () if bins else ("side", "grid")))
         sig = dict(ds_ptr="*fp32" if ieee else ptr, k_ptr=ptr, gq_ptr="*fp32", P="i32",
                    CK="i32", LQ="i32", q_start="i32", N="i32", frames_per_group="i32",
                    stride_kn="i32", stride_kp="i32", stride_kc="i32")
-        specs.append(_spec(f"ccp_bwd_dq_{ty[dt]}", _context_content_pool_bwd_dq_kernel, sig,
-                           ce, qc))
+        for bq in (16, 32, 64):
+            qc = dq_config(bq, dt)
+            ce = dict(BLOCK_Q=qc["BLOCK_Q"], BLOCK_P=qc["BLOCK_P"], BLOCK_C=qc["BLOCK_C"],
+                      IEEE=ieee)
+            specs.append(_spec(f"ccp_bwd_dq_{ty[dt]}_q{bq}", _context_content_pool_bwd_dq_kernel,
+                               sig, ce, qc))
     return specs
 
 

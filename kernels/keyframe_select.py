@@ -298,33 +298,38 @@ def keyframe_select_fwd(frame_emb, query_emb, k, threshold, min_relevance, fill)
 
 # --------------------------------------------------------------------------- compile specs
 def _specs() -> list[dict]:
+    """Every config :func:`fwd_config` can return (issue 14): BLOCK_E 16 / 32 / 64 / 128
+    (64 at most for fp64) per dtype, the prep kernel with and without the relevance floor;
+    named by an E that gives the block (E 512 for the widest)."""
     specs = []
-    e = 512
     # fp64 inputs run the IS_F64 variants: fp64 accumulation buffers and parameters, and
     # half the column tile (fwd_config)
     for name in ("fp32", "fp16", "bf16", "fp64"):
         p = "*" + name
         f64 = name == "fp64"
         acc = "*fp64" if f64 else "*fp32"
-        block_n, block_e, nw = fwd_config(e, f64)
-        ce = dict(HAS_FLOOR=True, IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
-        sig = dict(e_ptr=p, q_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8",
-                   best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, N="i32",
-                   E="i32", stride_n="i32")
-        sig.update({c: "constexpr" for c in ce})
-        div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
-        specs.append({"name": f"kfs_prep_E{e}_{name}", "fn": _keyframe_select_prep_kernel,
-                      "signature": sig, "constexprs": ce, "num_warps": nw, "num_stages": 1,
-                      "divisible_by_16": div16})
-        ce = dict(IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
-        sig = dict(e_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8", picks_ptr="*i64",
-                   best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, step="i32",
-                   N="i32", E="i32", stride_n="i32")
-        sig.update({c: "constexpr" for c in ce})
-        div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
-        specs.append({"name": f"kfs_fwd_E{e}_{name}", "fn": _keyframe_select_fwd_kernel,
-                      "signature": sig, "constexprs": ce, "num_warps": nw, "num_stages": 1,
-                      "divisible_by_16": div16})
+        for e in (16, 32, 64, 512) if not f64 else (16, 32, 512):
+            block_n, block_e, nw = fwd_config(e, f64)
+            for floor in (True, False):
+                ce = dict(HAS_FLOOR=floor, IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
+                sig = dict(e_ptr=p, q_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8",
+                           best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, N="i32",
+                           E="i32", stride_n="i32")
+                sig.update({c: "constexpr" for c in ce})
+                div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
+                specs.append({"name": f"kfs_prep_E{e}_{name}{'' if floor else '_nofloor'}",
+                              "fn": _keyframe_select_prep_kernel, "signature": sig,
+                              "constexprs": ce, "num_warps": nw, "num_stages": 1,
+                              "divisible_by_16": div16})
+            ce = dict(IS_F64=f64, BLOCK_N=block_n, BLOCK_E=block_e)
+            sig = dict(e_ptr=p, norm_ptr=acc, rel_ptr=acc, vis_ptr="*i8", picks_ptr="*i64",
+                       best_v_ptr=acc, best_i_ptr="*i64", param_ptr=acc, step="i32",
+                       N="i32", E="i32", stride_n="i32")
+            sig.update({c: "constexpr" for c in ce})
+            div16 = [a for a, t in sig.items() if t.startswith("*") or a in ("E", "stride_n")]
+            specs.append({"name": f"kfs_fwd_E{e}_{name}", "fn": _keyframe_select_fwd_kernel,
+                          "signature": sig, "constexprs": ce, "num_warps": nw,
+                          "num_stages": 1, "divisible_by_16": div16})
     # the pick kernel sees candidates in the accumulation dtype: fp32, or fp64 for fp64
     for acc in ("fp32", "fp64"):
         ce = dict(BLOCK_B=PICK_BLOCK)

@@ -3,7 +3,8 @@ vs the schema-shaped reference (lvlm_fast.ops.context_content_pool.reference_fwd
 reference_bwd, which tier 0 checks against autograd through the spec), computed in fp64.
 fp32 and fp16 only; small shapes with non-powers of two (729 patches = 27 x 27 grid with
 overlapping bins, C = 80 and 19, Lq = 5 / 17 / 70 (two query chunks), ragged P and C
-blocks), one frame, P = 1, per-frame queries, separate keys, non-contiguous inputs."""
+blocks), content grids of 1 to 4 x 4 bins (one chunk) and 7 x 7, 9 x 9 (several
+chunks), one frame, P = 1, per-frame queries, separate keys, non-contiguous inputs."""
 
 from __future__ import annotations
 
@@ -71,6 +72,11 @@ def _check(x, q, k, grid, dtype, launched, scale=None):
     (1, 1, 4, 9, None, False, 1),       # P = 1
     (1, 9, 70, 10, None, False, 2),     # Lq = 70: two query chunks (fp32 accumulation)
     (2, 100, 40, 24, 16, False, 1),     # Lq = 40 (padded 64-row block), 64 x 128 single block
+    # content bins in chunks of G_PAD = 16: 49 bins over a 27 x 27 grid (4 chunks, rows
+    # shared by chunks), and 81 bins over 8 x 8 patches (bins smaller than patches: every
+    # backward patch block meets all 81, 6 chunks), separate keys, per-frame queries
+    (1, 729, 9, 20, None, False, 7),
+    (2, 64, 5, 12, 6, True, 9),
 ])
 def test_matches_reference(n, p, lq, c, ck, per_frame, grid, dtype, launched):
     x, q, k = _inputs(n, p, lq, c, ck, per_frame)

@@ -115,7 +115,7 @@ def _fp64_spec(stem: str) -> dict:
         from lvlm_fast.kernels.summary_attention import _specs
 
         return next(s for s in _specs((torch.float64,), (False,)) if s["name"] == "fwd_fp64_d64")
-    spec = next(s for s in load_specs(stem) if s["name"] == "ccp_fwd_fp32_P256")
+    spec = next(s for s in load_specs(stem) if s["name"] == "ccp_fwd_fp32_q32_p256")
     sig = {k: "*fp64" if v == "*fp32" and k in ("q_ptr", "k_ptr") else v
            for k, v in spec["signature"].items()}
     return {**spec, "signature": sig, "name": "ccp_fwd_fp64_P256"}

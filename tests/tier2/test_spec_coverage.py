@@ -1,0 +1,135 @@
+"""Issue 14: every config a launcher can pick is in its module's COMPILE_SPECS, so tier 2's
+zero-spill check covers it and a config change cannot silently skip the check.
+
+The launchers run for real over the op's input space on ``meta`` tensors (no data, no
+device) with every ``triton.jit`` kernel of the module replaced by a recorder; each recorded
+launch (kernel, constexpr arguments, num_warps, num_stages, pointer dtypes) must match a
+spec. Compiling the specs is test_compile.py's job."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import triton
+
+_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+       torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.bool: "*i1",
+       torch.uint8: "*u8", torch.int8: "*i8"}
+
+
+class _Recorder:
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.fn, args, kwargs))
+
+        return launch
+
+
+def _record(mod, monkeypatch) -> list:
+    log: list = []
+    for name in dir(mod):
+        obj = getattr(mod, name)
+        if isinstance(obj, triton.runtime.JITFunction):
+            monkeypatch.setattr(mod, name, _Recorder(obj, log))
+    return log
+
+
+def _launch_key(fn, args, kwargs) -> tuple:
+    """(kernel, constexprs, num_warps, num_stages, pointer types) of one recorded launch."""
+    names = fn.arg_names
+    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items()
+                                                      if k in names}
+    ce = {p.name: bound[p.name] for p in fn.params if p.is_constexpr and p.name in bound}
+    ptrs = {k: _TY[v.dtype] for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    return (fn.fn.__name__, tuple(sorted(ce.items())), kwargs.get("num_warps", 4),
+            kwargs.get("num_stages", 3), tuple(sorted(ptrs.items())))
+
+
+def _covered(key: tuple, specs: list[dict]) -> bool:
+    name, ce, warps, stages, ptrs = key
+    for s in specs:
+        if (s["fn"].fn.__name__ == name and s["num_warps"] == warps
+                and s["num_stages"] == stages
+                and all(k in s["constexprs"] and s["constexprs"][k] == v for k, v in ce)
+                and all(s["signature"].get(k) == t for k, t in ptrs)):
+            return True
+    return False
+
+
+def _missing(log: list, specs: list[dict]) -> list[tuple]:
+    keys = {_launch_key(*launch) for launch in log}
+    return sorted(k for k in keys if not _covered(k, specs))
+
+
+def _meta(*shape, dtype):
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+# --------------------------------------------------------------------------- context_content_pool
+def test_context_content_pool_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.context_content_pool as mod
+
+    log = _record(mod, monkeypatch)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
+    lqs = (1, 16, 17, 32, 33, 64, 65, 130)
+    ps = (1, 15, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 729, 1024)
+    for dt, lq, p, n in itertools.product(dtypes, lqs, ps, (1, 17, 300)):
+        c, ck = 24, 40
+        x = _meta(n, p, c, dtype=dt)
+        for keys, shared, grid in itertools.product((None, _meta(n, p, ck, dtype=dt)),
+                                                    (True, False), (1, 2, 7)):
+            if grid > 1 and int(p ** 0.5) ** 2 != p:
+                continue
+            cq = c if keys is None else ck
+            q = _meta(lq, cq, dtype=dt) if shared else _meta(n, lq, cq, dtype=dt)
+            out, lse = mod.context_content_pool_fwd(x, q, keys, 0.1, grid)
+            mod.context_content_pool_bwd(torch.empty_like(out), x, q, keys, 0.1, grid, lse)
+    kernels = {k[0] for k in (_launch_key(*launch) for launch in log)}
+    assert len(kernels) == 5, kernels  # fwd, pool, prep, bwd, dq all reached
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
+# --------------------------------------------------------------------------- keyframe_select
+def test_keyframe_select_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.keyframe_select as mod
+
+    log = _record(mod, monkeypatch)
+    monkeypatch.setattr(mod, "finish", lambda *a: None)  # reads picks: no data on meta
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    es = (1, 15, 16, 17, 32, 33, 64, 65, 128, 129, 512, 768, 4096)
+    for dt, e, floor in itertools.product(dtypes, es, (None, 0.1)):
+        f = _meta(40, e, dtype=dt)
+        mod.keyframe_select_fwd(f, _meta(e, dtype=dt), 3, 0.5, floor, True)
+    assert {k[0] for k in (_launch_key(*launch) for launch in log)} == {
+        "_keyframe_select_prep_kernel", "_keyframe_select_pick_kernel",
+        "_keyframe_select_fwd_kernel"}
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
+def test_coverage_check_flags_a_missing_config(monkeypatch):
+    """The matcher is not vacuous: dropping a reachable spec is reported."""
+    import lvlm_fast.kernels.context_content_pool as mod
+
+    log = _record(mod, monkeypatch)
+    x = _meta(2, 16, 8, dtype=torch.float16)
+    q = _meta(40, 8, dtype=torch.float16)  # Lq 40: BLOCK_Q 64
+    out, lse = mod.context_content_pool_fwd(x, q, None, 0.1, 1)
+    mod.context_content_pool_bwd(torch.empty_like(out), x, q, None, 0.1, 1, lse)
+    assert not _missing(log, mod.COMPILE_SPECS)
+    specs = [s for s in mod.COMPILE_SPECS if s["name"] != "ccp_bwd_dq_fp16_q64"]
+    missing = _missing(log, specs)
+    assert [m[0] for m in missing] == ["_context_content_pool_bwd_dq_kernel"], missing
+
+
+@pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select"])
+def test_spec_names_are_unique(stem):
+    mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
+    names = [s["name"] for s in mod.COMPILE_SPECS]
+    assert len(names) == len(set(names))

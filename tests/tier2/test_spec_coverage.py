@@ -113,6 +113,20 @@ def test_keyframe_select_specs_cover_every_launch(monkeypatch):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# --------------------------------------------------------------------------- split_kv
+def test_split_kv_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.split_kv as mod
+
+    log = _record(mod, monkeypatch)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    for dt, d in itertools.product(dtypes, (1, 15, 16, 33, 64, 80, 128, 129, 1152, 3584, 8192)):
+        o_part = _meta(3, 1, 2, 5, d, dtype=torch.float32)
+        mod.merge_partials(o_part, _meta(3, 1, 2, 5, dtype=torch.float32),
+                           _meta(1, 2, 5, d, dtype=dt))
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -128,7 +142,7 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
     assert [m[0] for m in missing] == ["_context_content_pool_bwd_dq_kernel"], missing
 
 
-@pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select"])
+@pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_interpreted
 from lvlm_fast.kernels import context_content_pool as K
+from split_checks import assert_split_matches_whole  # tests/ is on sys.path
 
 from lvlm_fast.ops.context_content_pool import reference_bwd, reference_fwd
 
@@ -182,15 +183,7 @@ def test_split_p_equals_unsplit_to_fp32_rounding(monkeypatch, n, p, lq, c, ck, p
         out, lse = K.context_content_pool_fwd(x, q, k, scale, grid)
         return (out, lse, *K.context_content_pool_bwd(go, x, q, k, scale, grid, lse))
 
-    split = run()
-    assert all(torch.equal(a, b) for a, b in zip(split, run(), strict=True))
-    monkeypatch.setattr(K, "SPLIT_TARGET_PROGRAMS", 1)
-    assert K.p_splits(n, p)[0] == 1
-    whole = run()
-    for name, a, b in zip(("out", "lse", "grad_x", "grad_q", "grad_k"), split, whole,
-                          strict=True):
-        if b.numel():
-            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
+    assert_split_matches_whole(K, monkeypatch, run, n, p, tol=2e-6)
 
 
 def test_non_contiguous_inputs(launched):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from split_checks import assert_split_matches_whole  # tests/ is on sys.path
 
 pytestmark = [
     pytest.mark.gpu,
@@ -161,12 +162,4 @@ def test_split_p_cuda(monkeypatch, n, p, lq, per_frame, keys, grid):
         out, lse = K.context_content_pool_fwd(x, q, k, c**-0.5, grid)
         return (out, lse, *K.context_content_pool_bwd(go, x, q, k, c**-0.5, grid, lse))
 
-    split = run()
-    assert all(torch.equal(a, b) for a, b in zip(split, run(), strict=True))
-    monkeypatch.setattr(K, "SPLIT_TARGET_PROGRAMS", 1)
-    assert K.p_splits(n, p)[0] == 1
-    whole = run()
-    for name, a, b in zip(("out", "lse", "grad_x", "grad_q", "grad_k"), split, whole,
-                          strict=True):
-        if b.numel():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert_split_matches_whole(K, monkeypatch, run, n, p, tol=1e-5)

@@ -168,18 +168,26 @@ def evict_summaries_layers_fwd(
     )  # fmt: skip
 
 
+# Head dims compiled: 16 (tiny-videoxl's Qwen2), 64, 80 (padded to HALF_P 64), 96, 128
+# (Video-XL's Qwen2-7B and every shipped 7-8B model), 256 (Qwen3.5-9B full attention).
+# Other head dims compile other HALF / HALF_P constexprs and are not checked.
+HEAD_DIMS = (16, 64, 80, 96, 128, 256)
+
+
 def _specs() -> list[dict]:
     specs = []
-    # fp64 buffers run the kernel too (rotation in fp32): head dims 80 (padded) and 128
-    cases = [(t, d) for t in ("bf16", "fp16", "fp32") for d in (64, 80, 96, 128)]
-    for ty, d in [*cases, ("fp64", 80), ("fp64", 128)]:
-        sig = {"K": "*" + ty, "V": "*" + ty, "INV_FREQ": "*fp32", "LAYER_OFF": "*i64",
+    # every dtype (fp64 buffers run the kernel too, rotation in fp32) x HEAD_DIMS
+    cases = [(t, d) for t in ("bf16", "fp16", "fp32", "fp64") for d in HEAD_DIMS]
+    for ty, d in cases:
+        base = {"K": "*" + ty, "V": "*" + ty, "INV_FREQ": "*fp32", "LAYER_OFF": "*i64",
                "skb": "i64", "skh": "i32", "skn": "i32", "svb": "i64", "svh": "i32",
                "svn": "i32", "H": "i32", "src": "i32", "first": "i32", "stride": "i32",
                "count": "i32", "dst": "i32", "pos_delta": "i32",
                "HALF": "constexpr", "HALF_P": "constexpr", "BLOCK_M": "constexpr",
                "LAYERS": "constexpr"}
         for layers in (False, True):
+            # without LAYERS the launcher passes inv_freq (fp32) as the unused LAYER_OFF
+            sig = {**base, "LAYER_OFF": "*i64" if layers else "*fp32"}
             cx = {"HALF": d // 2, "HALF_P": triton.next_power_of_2(d // 2),
                   "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"], "LAYERS": layers}
             specs.append({"name": f"evict_{ty}_d{d}{'_layers' if layers else ''}",

@@ -35,7 +35,8 @@ Masking: rows outside [0, C) / the phase's range, columns >= D (D_P = next power
 80 -> 128), >= D/2 for half tiles, >= Dv for values. Accumulation fp32. The (l, b, h)
 base offsets are int64; row offsets inside one head's slice are int32 (launcher-checked).
 Default config: BLOCK = 16, BLOCK_P = 32, SEL_BLOCK = 512, 8 warps, 1 stage (0 spills on
-sm_80 and sm_90 for every spec below; BLOCK = 32 or 4 warps spill on sm_90).
+sm_80 and sm_90 for every spec below, head dim 256 included (max 194 registers, tar bf16
+sm_90); BLOCK = 32 or 4 warps spill on sm_90).
 """
 
 from __future__ import annotations
@@ -303,11 +304,21 @@ def kv_compact_fwd(
     return new_length, keep, score
 
 
+# Head dims compiled (D = Dv): 16 and 64 (tiny configs), 80 (padded), 128 (Qwen2.5-VL-7B,
+# Qwen3-VL-8B, LLaVA-OV-7B, Video-XL, Video-LLaMA), 256 (Qwen3.5-9B full-attention layers).
+# Other head dims, and Dv != D (the op allows it, no shipped model has it), compile other
+# constexprs and are not checked. Rotary
+# variants (full, M-RoPE blocked / interleaved, partial, none) differ only in the runtime
+# ``rotary_pairs`` and inv_freq, not in constexprs. fp64 caches reach the kernel on CUDA.
+# Modes: tar (TaR + VaN), ext (caller scores), van (tar_ratio 0: VaN only).
+HEAD_DIMS = (16, 64, 80, 128, 256)
+
+
 def _specs() -> list[dict]:
     specs = []
-    for ty in ("bf16", "fp16", "fp32"):
-        for d in (64, 80, 128):
-            for mode in ("tar", "ext"):
+    for ty in ("bf16", "fp16", "fp32", "fp64"):
+        for d in HEAD_DIMS:
+            for mode in ("tar", "ext", "van"):
                 sig = {"K": "*" + ty, "V": "*" + ty, "LEN": "*i64", "INV_FREQ": "*fp32",
                        "EXT": "*fp32", "SCORE": "*fp32", "KEEP": "*i1", "NEWLEN": "*i64",
                        "MWS": "*fp32",

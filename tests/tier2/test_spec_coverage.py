@@ -127,6 +127,50 @@ def test_split_kv_specs_cover_every_launch(monkeypatch):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# --------------------------------------------------------------------------- kv_compact
+# Head dims of the shipped configs (lvlm_fast/models/configs.py): 16 / 64 tiny, 128 the 7-8B
+# models, 256 Qwen3.5-9B's full-attention layers; 80 a padded one.
+SHIPPED_HEAD_DIMS = (16, 64, 80, 128, 256)
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def test_kv_compact_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.kv_compact as mod
+
+    log = _record(mod, monkeypatch)
+    for dt, d in itertools.product(ALL_DTYPES, SHIPPED_HEAD_DIMS):
+        k, v = _meta(2, 1, 4, 64, d, dtype=dt), _meta(2, 1, 4, 64, d, dtype=dt)
+        length = _meta(dtype=torch.int64)
+        # rotary_pairs (full / M-RoPE section / 0 for partial rotary) is a runtime argument
+        for rot in (d // 2, d // 4, 0):
+            inv = _meta(d // 2, dtype=torch.float32)
+            for scores, tpf, recent in ((None, 4, 8), (None, 0, 8), (None, 4, 2),
+                                        (_meta(2, 1, 4, 64, dtype=torch.float32), 0, 8)):
+                mod.kv_compact_fwd(k, v, length, inv, scores, 40, 4, recent, tpf, 10, rot)
+    modes = {dict(key[1])["HAS_EXT"] * 2 + dict(key[1])["HAS_TAR"]
+             for key in (_launch_key(*launch) for launch in log)}
+    assert modes == {0, 1, 2}, modes  # VaN only, TaR, caller scores
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
+# --------------------------------------------------------------------------- evict_summaries
+def test_evict_summaries_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.evict_summaries as mod
+
+    log = _record(mod, monkeypatch)
+    monkeypatch.setattr(mod, "_layer_offsets", lambda k, v: _meta(len(k), 2, dtype=torch.int64))
+    for dt, d in itertools.product(ALL_DTYPES, (*SHIPPED_HEAD_DIMS, 96)):
+        k, v = _meta(1, 4, 64, d, dtype=dt), _meta(1, 4, 64, d, dtype=dt)
+        inv = _meta(d // 2, dtype=torch.float32)
+        mod.evict_summaries_fwd(k, v, inv, 2, 1, 3, 5, 0, 0)
+        mod.evict_summaries_layers_fwd([k, k], [v, v], inv, 2, 1, 3, 5, 0, 0)
+    assert {dict(key[1])["LAYERS"] for key in (_launch_key(*launch) for launch in log)} == {
+        False, True}
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -142,7 +186,8 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
     assert [m[0] for m in missing] == ["_context_content_pool_bwd_dq_kernel"], missing
 
 
-@pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv"])
+@pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv",
+                                  "kv_compact", "evict_summaries"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

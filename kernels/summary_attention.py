@@ -354,6 +354,18 @@ DQ_SPACE = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (64,
 BWD_SPACE = [(32, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]
 
 
+# At BLOCK_D 64 (head dim 64) two dQ entries spill on sm_80 (8 warps: ptxas caps them at 128
+# registers; 16/16 B spill st/ld): the space there leaves them out.
+_SPILL_D64 = {"dq": {(32, 64, 8, 2), (32, 64, 8, 4)}}
+
+
+def space(name: str, block_d: int) -> list[tuple[int, int, int, int]]:
+    """Autotune space of kernel ``name`` ("fwd" / "bwd" / "dq") at padded head dim BLOCK_D."""
+    full = {"fwd": FWD_SPACE, "bwd": BWD_SPACE, "dq": DQ_SPACE}[name]
+    drop = _SPILL_D64.get(name, set()) if block_d <= 64 else set()
+    return [c for c in full if c not in drop]
+
+
 def _cfg(t: tuple[int, int, int, int]) -> dict:
     return {"BLOCK_M": t[0], "BLOCK_N": t[1], "num_warps": t[2], "num_stages": t[3]}
 
@@ -407,16 +419,16 @@ def use_autotune(q: torch.Tensor, i64: bool) -> bool:
 _TUNED: dict[str, object] = {}
 
 
-def autotuned(name: str):
-    """The ``triton.autotune`` wrapper of kernel ``name`` over its space (built once)."""
-    if name not in _TUNED:
-        fn, space = {"fwd": (_summary_attention_fwd_kernel, FWD_SPACE),
-                     "bwd": (_summary_attention_bwd_kernel, BWD_SPACE),
-                     "dq": (_summary_attention_bwd_dq_kernel, DQ_SPACE)}[name]
+def autotuned(name: str, block_d: int = 128):
+    """The ``triton.autotune`` wrapper of kernel ``name`` over its :func:`space` at BLOCK_D
+    ``block_d`` (built once per pair)."""
+    if (name, block_d) not in _TUNED:
+        fn = {"fwd": _summary_attention_fwd_kernel, "bwd": _summary_attention_bwd_kernel,
+              "dq": _summary_attention_bwd_dq_kernel}[name]
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, n, w, st in space]
-        _TUNED[name] = triton.autotune(configs=configs, key=["D", "G"])(fn)
-    return _TUNED[name]
+                   for m, n, w, st in space(name, block_d)]
+        _TUNED[name, block_d] = triton.autotune(configs=configs, key=["D", "G"])(fn)
+    return _TUNED[name, block_d]
 
 
 # Split-KV (flash-decoding) path: Lq <= SPLITKV_MAX_LQ and no key mass. The G query heads
@@ -434,9 +446,12 @@ def splitkv_config(dtype: torch.dtype, rows: int, block_d: int = 128) -> dict:
     # (G * Lq > 32 takes several row blocks, each reading the group's K/V once); 32-row
     # blocks spill at BLOCK_N 64 on sm_90, and at 8 warps with head dim 64 on sm_80 (ptxas
     # caps that one at 128 registers), hence BLOCK_N 32 and 4 warps there.
+    # fp32 at head dim 64 with int64 rows spilled at 8 warps too (sm_80: 128-register cap,
+    # 16/16 B at 32 rows), hence 4 warps there (<= 235 registers, no spills).
     bm = min(32, max(16, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
-        return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 4 if block_d <= 64 else 8,
+                "num_stages": 1}
     if bm == 16:
         return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": bm, "BLOCK_N": 32, "num_warps": 4 if block_d <= 64 else 8,
@@ -514,7 +529,7 @@ def summary_attention_fwd(
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             hq, hq // hkv, lq, s, d, float(scale))
     if use_autotune(q, i64):
-        autotuned("fwd")[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
+        autotuned("fwd", _block_d(d))[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
             *args, BLOCK_D=_block_d(d), I64=i64)
     else:
         cfg = fwd_config(q.dtype, _block_d(d), i64)
@@ -561,9 +576,9 @@ def summary_attention_bwd(
     bargs = (q, k, v, do, lse, delta, dk, dv, *strides, hq, hkv, g, lq, s, d, float(scale))
     qargs = (q, k, v, do, lse, delta, dq, *strides, hq, g, lq, s, d, float(scale))
     if use_autotune(q, i64):  # dK/dV and dQ write their outputs (no accumulation): re-runnable
-        autotuned("bwd")[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
+        autotuned("bwd", _block_d(d))[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * hkv)](
             *bargs, BLOCK_D=_block_d(d), I64=i64)
-        autotuned("dq")[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
+        autotuned("dq", _block_d(d))[lambda m: (triton.cdiv(lq, m["BLOCK_M"]), b * hq)](
             *qargs, BLOCK_D=_block_d(d), I64=i64)
         return dq, dk, dv
     cfg = bwd_config(q.dtype, _block_d(d), i64)
@@ -593,8 +608,9 @@ def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32), i64s=(False, T
     for dtype in dtypes:
         t = "*" + _TY[dtype]
         cfg_dtype = torch.float32 if dtype == torch.float64 else dtype
-        # 80/96 pad to 128; int64 row offsets only at 128 (the register-heaviest tiles)
-        for d, i64 in [(64, False)] * (False in i64s) + [(128, i) for i in i64s]:
+        # 80/96 pad to 128 (the op takes head dims 64/80/96/128 only: BLOCK_D 64 or 128);
+        # int32 and int64 row offsets at both
+        for d, i64 in [(d, i) for d in (64, 128) for i in i64s]:
             bd = _block_d(d)
             tag = f"{_TY[dtype]}_d{d}{'_i64' if i64 else ''}"
             cfg = fwd_config(cfg_dtype, bd, i64)
@@ -661,7 +677,8 @@ def _splitkv_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> lis
     for dtype in dtypes:
         t = "*" + _TY[dtype]
         for d, rows, i64 in ((64, 16, False), (128, 16, False), (64, 32, False),
-                             (128, 32, False), (128, 16, True), (128, 32, True)):
+                             (128, 32, False), (128, 16, True), (128, 32, True),
+                             (64, 16, True), (64, 32, True)):
             cfg = splitkv_config(dtype, rows, _block_d(d))
             sig = {n: t for n in ("Q", "K", "V")}
             sig.update({"OP": "*fp32", "LSEP": "*fp32"})
@@ -680,18 +697,19 @@ def _splitkv_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> lis
 
 
 def _space_specs() -> list[dict]:
-    """Every autotune config (FWD_SPACE / BWD_SPACE / DQ_SPACE) at bf16, BLOCK_D 128 (head
-    dims 80/96/128: the largest register footprint), int32 rows."""
-    base = {sp["name"]: sp for sp in _specs((torch.bfloat16,), (False,))}
+    """Every autotune config (FWD_SPACE / BWD_SPACE / DQ_SPACE) where :func:`use_autotune`
+    can pick it: bf16 and fp16, BLOCK_D 64 and 128 (every head dim the op takes), int32
+    rows."""
+    base = {sp["name"]: sp for sp in _specs((torch.bfloat16, torch.float16), (False,))}
     specs = []
-    for kind, space, name in (("fwd", FWD_SPACE, "fwd_bf16_d128"),
-                              ("bwd", BWD_SPACE, "bwd_bf16_d128"),
-                              ("dq", DQ_SPACE, "bwd_dq_bf16_d128")):
-        for m, n, w, st in space:
-            sp = base[name]
-            specs.append({**sp, "name": f"space_{kind}_m{m}_n{n}_w{w}_s{st}_bf16_d128",
-                          "constexprs": {**sp["constexprs"], "BLOCK_M": m, "BLOCK_N": n},
-                          "num_warps": w, "num_stages": st})
+    for ty, d in ((ty, d) for ty in ("bf16", "fp16") for d in (128, 64)):
+        for kind, name in (("fwd", f"fwd_{ty}_d{d}"), ("bwd", f"bwd_{ty}_d{d}"),
+                           ("dq", f"bwd_dq_{ty}_d{d}")):
+            for m, n, w, st in space(kind, d):
+                sp = base[name]
+                specs.append({**sp, "name": f"space_{kind}_m{m}_n{n}_w{w}_s{st}_{ty}_d{d}",
+                              "constexprs": {**sp["constexprs"], "BLOCK_M": m, "BLOCK_N": n},
+                              "num_warps": w, "num_stages": st})
     return specs
 
 

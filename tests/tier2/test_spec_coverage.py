@@ -171,6 +171,59 @@ def test_evict_summaries_specs_cover_every_launch(monkeypatch):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# --------------------------------------------------------------------------- summary_attention
+def _fake_autotuned(mod, kernels: dict, log: list):
+    """``autotuned(name, block_d)`` whose launch records one launch per entry of the kernel's
+    space (``kernels``: name -> JITFunction, captured before the recorders)."""
+
+    class _Tuned:
+        def __init__(self, name, block_d=128):
+            self.fn, self.space = kernels[name], mod.space(name, block_d)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                for m, n, w, st in self.space:
+                    log.append((self.fn, args, {**kwargs, "BLOCK_M": m, "BLOCK_N": n,
+                                                "num_warps": w, "num_stages": st}))
+
+            return launch
+
+    return _Tuned
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+@pytest.mark.parametrize("i64", [False, True])
+def test_summary_attention_specs_cover_every_launch(monkeypatch, autotune, i64):
+    import lvlm_fast.kernels.summary_attention as mod
+
+    kernels = {"fwd": mod._summary_attention_fwd_kernel, "bwd": mod._summary_attention_bwd_kernel,
+               "dq": mod._summary_attention_bwd_dq_kernel}
+    log = _record(mod, monkeypatch)
+    monkeypatch.setattr(mod, "autotuned", _fake_autotuned(mod, kernels, log))
+    # use_autotune's rule without its CUDA / environment conditions
+    monkeypatch.setattr(mod, "use_autotune", lambda q, i: (
+        autotune and not i and q.dtype in (torch.float16, torch.bfloat16)))
+    # split_kv's merge launch (its own module; covered by the split_kv test above)
+    monkeypatch.setattr(mod, "merge_partials", lambda o, lse, out: _meta(*lse.shape[1:],
+                                                                      dtype=torch.float32))
+    if i64:
+        monkeypatch.setattr(mod, "INT32_SPAN", 1)  # every launch takes int64 rows
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
+    lqs = (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 100)
+    for dt, d, g, lq in itertools.product(dtypes, (64, 80, 96, 128), range(1, 9), lqs):
+        hkv, s = 2, 300
+        q = _meta(1, hkv * g, lq, d, dtype=dt)
+        k, v = _meta(1, hkv, s, d, dtype=dt), _meta(1, hkv, s, d, dtype=dt)
+        for mass in (False, True):
+            out, lse, _ = mod.summary_attention_fwd(q, k, v, 0.1, mass)
+        mod.summary_attention_bwd(torch.empty_like(q), q, k, v, out, lse, 0.1)
+    keys = {_launch_key(*launch) for launch in log}
+    assert {dict(k[1])["I64"] for k in keys} == {i64}
+    assert len({k[0] for k in keys}) == 5  # fwd, mass, bwd, dq, splitkv
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -187,7 +240,7 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
 
 
 @pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv",
-                                  "kv_compact", "evict_summaries"])
+                                  "kv_compact", "evict_summaries", "summary_attention"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

@@ -209,6 +209,15 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def block_d(d: int) -> int:
+    """BLOCK_D for head dim ``d`` (<= MAX_HEAD_DIM 128): 64 or 128. Head dims below 64 pad
+    to 64 (masked channels load as 0: the dots and the output are unchanged): BLOCK_D 16 and
+    32 spilled at every tried tiling (ptxas sm_80/sm_90, 8 warps: 8-40 B spill stores at the
+    128-register cap, e.g. fwd bf16 BLOCK_M 32 / BLOCK_D 16, bwd BLOCK_M 64 / BLOCK_D 32; 4
+    warps: 4-108 B, e.g. bwd BLOCK_M 32 / BLOCK_D 32), while BLOCK_D 64 compiles clean."""
+    return _pow2(d, 64)
+
+
 def fwd_config(dtype: torch.dtype, block_m: int, block_d: int) -> dict:
     # chosen with ptxas -v on sm_80/sm_90 (tests/tier2): the largest tiles without spills.
     # K and V (BLOCK_N x BLOCK_D fp32 each), the output accumulator and the 64-bit pointer
@@ -269,7 +278,7 @@ def qformer_cross_attention_fwd(
     pos = pos if pos.stride(1) == 1 else pos.contiguous()
     wk, wv, bk, bv = wk.contiguous(), wv.contiguous(), bk.contiguous(), bv.contiguous()
     n = t * s
-    bm, bd = _pow2(lq), _pow2(d)
+    bm, bd = _pow2(lq), block_d(d)
     cfg = fwd_config(q.dtype, bm, bd)
     nsplit, per = _splits(n, b * num_heads, cfg["BLOCK_N"])
     o_part = torch.empty((nsplit, b, num_heads, lq, d), dtype=torch.float32, device=q.device)
@@ -323,7 +332,7 @@ def qformer_cross_attention_bwd(
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     delta, lse = delta.contiguous(), lse.float().contiguous()
-    bd = _pow2(d)
+    bd = block_d(d)
     bm = bwd_block_m(lq, bd, dt)
     n_qb = triton.cdiv(lq, bm)
     cfg = bwd_config(dt, bm, bd)
@@ -369,18 +378,20 @@ _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
 
 
 def _specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[dict]:
-    """Forward and backward at the launcher's configs: video (32 queries) / audio (8 ->
-    BLOCK_M 16) at Dh 64, and the 64-query / Dh 128 maximum (backward: the query blocks
-    :func:`bwd_block_m` picks for 32 / 8 / 64 queries at Dh 64 and 128).
+    """Forward and backward at every config the launchers can pick: the op takes 1 <= Lq
+    <= 64 (BLOCK_M 16 / 32 / 64; backward: the query block :func:`bwd_block_m` picks) and
+    head dims <= 128 (:func:`block_d`: 64 or 128): video (32 queries) / audio (8) Q-Formers
+    at Dh 64, tiny-video-llama at Dh 16 (padded to 64).
     ``_specs((torch.float64,))`` builds the fp64 specs, which tests/tier2 shows Triton
     rejects (the launchers route fp64 to the chunked torch paths)."""
     specs = []
     for dtype in dtypes:
         ty = _TY[dtype]
         cfg_dtype = torch.float32 if dtype == torch.float64 else dtype
-        blocks = [("fwd", bm, bd) for bm, bd in ((32, 64), (16, 64), (64, 128))]
-        blocks += [("bwd", bm, bd) for bm, bd in dict.fromkeys(  # Lq 32 / 8 / 64, Dh 64 / 128
-            (bwd_block_m(lq, bd, cfg_dtype), bd) for bd in (64, 128) for lq in (32, 8, 64))]
+        bds, lqs = (64, 128), (16, 32, 64)  # every BLOCK_D, BLOCK_M the op reaches
+        blocks = [("fwd", _pow2(lq), bd) for bd in bds for lq in lqs]
+        blocks += [("bwd", bm, bd) for bm, bd in dict.fromkeys(
+            (bwd_block_m(lq, bd, cfg_dtype), bd) for bd in bds for lq in lqs)]
         for kind, bm, bd in blocks:
             cfg = (fwd_config if kind == "fwd" else bwd_config)(cfg_dtype, bm, bd)
             fwd = kind == "fwd"

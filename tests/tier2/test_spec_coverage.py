@@ -224,6 +224,30 @@ def test_summary_attention_specs_cover_every_launch(monkeypatch, autotune, i64):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# ---------------------------------------------------------------------- qformer_cross_attention
+def test_qformer_cross_attention_specs_cover_every_launch(monkeypatch):
+    import lvlm_fast.kernels.qformer_cross_attention as mod
+
+    log = _record(mod, monkeypatch)
+    monkeypatch.setattr(mod, "merge_partials", lambda o, lse, out: _meta(*lse.shape[1:],
+                                                                      dtype=torch.float32))
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the torch paths
+    # Dh 16 (tiny-video-llama), 64 (Video-LLaMA's Q-Formers: 768 / 12 heads), every other
+    # BLOCK_D up to the op's limit of 128; Lq 1..64 (the op's range)
+    for dt, d, lq in itertools.product(dtypes, (8, 16, 24, 32, 40, 64, 80, 128),
+                                       (1, 2, 4, 8, 16, 17, 32, 33, 64)):
+        h, e, t, sz = 2, 48, 3, 5
+        q = _meta(2, lq, h * d, dtype=dt)
+        f, pos = _meta(2, t, sz, e, dtype=dt), _meta(t, e, dtype=dt)
+        w, bias = _meta(h * d, e, dtype=dt), _meta(h * d, dtype=dt)
+        out, lse = mod.qformer_cross_attention_fwd(q, f, pos, w, bias, w, bias, h, 0.1)
+        mod.qformer_cross_attention_bwd(torch.empty_like(out), None, q, f, pos, w, bias, w,
+                                        bias, out, lse, h, 0.1)
+    assert len({k[0] for k in (_launch_key(*launch) for launch in log)}) == 2
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -240,7 +264,8 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
 
 
 @pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv",
-                                  "kv_compact", "evict_summaries", "summary_attention"])
+                                  "kv_compact", "evict_summaries", "summary_attention",
+                                  "qformer_cross_attention"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

@@ -587,7 +587,6 @@ void backward_kernel(const Setup& st, const at::Tensor& g_t, const at::Tensor& o
   const S* op = out_t.data_ptr<S>();  // (N, D) acc dtype, contiguous
   const S* lsep = lse_t.data_ptr<S>();
   const S itau = static_cast<S>(1.0 / st.tau);
-  const S eps = static_cast<S>(kCosEps);
 
   std::vector<S> qn(Nq);
   std::vector<char> qbig(Nq);

@@ -30,6 +30,16 @@ in x's dtype. Offsets are int64 (frame stride x T and output row x D can pass 2^
 Strides of x's three leading dims are passed; the channel dim must be unit-stride (the
 launcher copies once otherwise). Launchers take the op's arguments, return its tuple and
 do not assert CUDA (tier 1 runs them on CPU tensors with TRITON_INTERPRET=1).
+
+Compile coverage (issue 14): the pooling geometry (H, W, slow kernel, fast grid) is
+compiled in, so every geometry is its own kernel and the space is unbounded. Tier 2 checks
+``SETTINGS`` (below: both presets on the 24x24, 14x14 and 16x16 token grids of the shipped
+families, 2x2 avg + 4x4 on 24x24, 3x3 avg / max on the raw 27x27 SigLIP grid) x bf16 / fp16
+/ fp32 x every launch flag (separator, arg-max), fp64 at two settings; BLOCK_D is 64 for
+every D >= 64, so the channel width does not change the code. Other geometries are NOT
+checked: the same tiling (SW_P x BLOCK_D window tiles, FH_P x FW_P x BLOCK_D fast
+accumulator) bounds their registers only for padded sizes no larger than the checked ones
+(SW_P <= 16, FH_P * FW_P <= 64), and ptxas showed flag-dependent spills even there.
 """
 
 from __future__ import annotations
@@ -188,19 +198,29 @@ def _slowfast_pool_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- launch config
-def fwd_config(d: int, geo: dict, is_max: bool) -> tuple[int, int]:
+def fwd_config(d: int, geo: dict, is_max: bool, need_argmax: bool = True,
+               has_sep: bool = True) -> tuple[int, int]:
     """(BLOCK_D, num_warps). Live fp32 tiles: the fast accumulator (FH_P*FW_P x BLOCK_D),
     the slow accumulator (+ int32 arg-max), a row tile and the column sums. BLOCK_D = 64 at
     4 warps keeps them in registers (<= 128/thread, no spills on sm_80/sm_90, see
     COMPILE_SPECS) and gives T x D/64 programs; max pooling over wide windows (KW >= 3,
     e.g. 3x3 on 27x27) and fast grids above 4x4 (padded accumulators) get 8 warps."""
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
-    heavy = (is_max and geo["KW"] * geo["SW_P"] >= 48) or geo["FH_P"] * geo["FW_P"] > 16
-    return block_d, 8 if heavy else 4
+    block_d, nw = bwd_config(d, geo, is_max)
+    if is_max:
+        # ptxas (sm_80 / sm_90) spills 4-8 B at low register counts (64-80/thread) in max
+        # mode for some flag combinations (tier 2): 1x2 max on 16x16 at 4 warps (fp16, no
+        # arg-max, sm_90): 8 warps there; 3x3 max on 27x27 spills at 8 warps with the
+        # arg-max and no separator (bf16, sm_80), at 4 warps with both (fp16/bf16, sm_90),
+        # at 16 warps with neither (sm_90): 4 warps for arg-max without separator, else 8.
+        wide = geo["KW"] * geo["SW_P"] >= 48
+        nw = 4 if wide and need_argmax and not has_sep else 8
+    return block_d, nw
 
 
 def bwd_config(d: int, geo: dict, is_max: bool) -> tuple[int, int]:
-    return fwd_config(d, geo, is_max)
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    heavy = (is_max and geo["KW"] * geo["SW_P"] >= 48) or geo["FH_P"] * geo["FW_P"] > 16
+    return block_d, 8 if heavy else 4
 
 
 def _geometry(x_shape, slow_kernel, fast_grid) -> dict:
@@ -232,7 +252,7 @@ def slowfast_pool_fwd(x, slow_index, separator, slow_kernel, slow_mode, fast_gri
     slow_row, fast_row, sep_row, rank = frame_slots(slow_index, t, s, f, has_sep, fast_frames,
                                                     order)
     sep = separator.contiguous() if has_sep else out  # dummy pointer when unused
-    block_d, nw = fwd_config(d, geo, is_max)
+    block_d, nw = fwd_config(d, geo, is_max, want_arg, has_sep)
     grid = (t, triton.cdiv(d, block_d))
     _slowfast_pool_fwd_kernel[grid](
         x, out, argmax if want_arg else out, sep, slow_row, fast_row, sep_row, rank,
@@ -282,46 +302,72 @@ def _as_fp64(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- tier-2 specs
+# Geometries compiled (H x W, slow kernel, mode, fast grid): the presets (sf_llava: (1, 2)
+# max + 4x4; sf_llava_1_5: (2, 2) avg + 6x6) on the shipped families' token grids at their
+# usual frame sizes: 24x24 (the presets' own grid), 14x14 (LLaVA-OneVision's pooled
+# ceil(27 / 2), Qwen3-VL / Qwen3.5 at 448x448), 16x16 (Qwen2.5-VL at 448x448); plus the
+# default 2x2 avg + 4x4 and the raw 27x27 SigLIP grid with 3x3 kernels. Every launch flag
+# (HAS_SEP; NEED_ARGMAX in max mode) at each. BLOCK_D is 64 for every D >= 64 (D is a
+# runtime argument), so D 1152 / 4096 / 16384 compile the same code (16-divisible D).
+# Unchecked: other grids (frame sizes), slow kernels and fast grids - each is its own
+# compile (H, W, KH, KW, FH, FW are constexprs) - and D < 64 (BLOCK_D 16 / 32).
+SETTINGS = [  # (tag, grid, slow_kernel, mode, fast_grid)
+    ("24_1x2max_4x4", (24, 24), (1, 2), "max", (4, 4)),
+    ("24_2x2avg_4x4", (24, 24), (2, 2), "avg", (4, 4)),
+    ("24_2x2avg_6x6", (24, 24), (2, 2), "avg", (6, 6)),
+    ("27_3x3avg_4x4", (27, 27), (3, 3), "avg", (4, 4)),
+    ("27_3x3max_4x4", (27, 27), (3, 3), "max", (4, 4)),
+    ("14_1x2max_4x4", (14, 14), (1, 2), "max", (4, 4)),
+    ("14_2x2avg_6x6", (14, 14), (2, 2), "avg", (6, 6)),
+    ("16_1x2max_4x4", (16, 16), (1, 2), "max", (4, 4)),
+    ("16_2x2avg_6x6", (16, 16), (2, 2), "avg", (6, 6)),
+]
+
+
 def _specs() -> list[dict]:
     specs = []
     ty = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    # (tag, grid, slow_kernel, mode, fast_grid): the released 1-D max, the SF-1.5 reading
-    # (2x2 avg, 6x6 fast), the default 2x2 avg + 4x4, and a 27x27 (SigLIP-384) grid.
-    settings = [
-        ("24_1x2max_4x4", (24, 24), (1, 2), "max", (4, 4)),
-        ("24_2x2avg_4x4", (24, 24), (2, 2), "avg", (4, 4)),
-        ("24_2x2avg_6x6", (24, 24), (2, 2), "avg", (6, 6)),
-        ("27_3x3avg_4x4", (27, 27), (3, 3), "avg", (4, 4)),
-        ("27_3x3max_4x4", (27, 27), (3, 3), "max", (4, 4)),
-    ]
     for d in (1152, 4096):
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             p = "*" + ty[dt]
-            for tag, (h, w), sk, mode, fg in settings:
+            for tag, (h, w), sk, mode, fg in SETTINGS[:5] if d == 4096 else SETTINGS:
                 geo = _geometry((1, h, w, d), sk, fg)
                 is_max = mode == "max"
-                bd, nw = fwd_config(d, geo, is_max)
-                ce = dict(geo, IS_MAX=is_max, NEED_ARGMAX=is_max, HAS_SEP=True, BLOCK_D=bd)
                 sig = dict(x_ptr=p, out_ptr=p, arg_ptr="*i32", sep_ptr=p, slow_row_ptr="*i64",
                            fast_row_ptr="*i64", sep_row_ptr="*i64", rank_ptr="*i64", D="i32",
                            stride_xt="i64", stride_xh="i32", stride_xw="i32")
-                sig.update({k: "constexpr" for k in ce})
-                div16 = [k for k, v in sig.items() if v.startswith("*")
-                         or k in ("D", "stride_xt", "stride_xh", "stride_xw")]
-                specs.append({"name": f"sfp_fwd_D{d}_{ty[dt]}_{tag}",
-                              "fn": _slowfast_pool_fwd_kernel, "signature": sig,
-                              "constexprs": ce, "num_warps": nw, "num_stages": 1,
-                              "divisible_by_16": div16})
+                # without NEED_ARGMAX the launcher passes out as arg_ptr (x's dtype)
+                flags = [(sep, arg) for sep in (True, False)
+                         for arg in ((True, False) if is_max else (False,))]
+                if d == 4096:  # same compiled code as D 1152: the original entries only
+                    flags = [(True, is_max)]
+                for sep, arg in flags:
+                    bd, nw = fwd_config(d, geo, is_max, arg, sep)
+                    ce = dict(geo, IS_MAX=is_max, NEED_ARGMAX=arg, HAS_SEP=sep, BLOCK_D=bd)
+                    sig_f = {**sig, "arg_ptr": "*i32" if arg else p,
+                             **{k: "constexpr" for k in ce}}
+                    div16 = [k for k, v in sig_f.items() if v.startswith("*")
+                             or k in ("D", "stride_xt", "stride_xh", "stride_xw")]
+                    flag = ("" if sep else "_nosep") + ("_noarg" if is_max and not arg else "")
+                    specs.append({"name": f"sfp_fwd_D{d}_{ty[dt]}_{tag}{flag}",
+                                  "fn": _slowfast_pool_fwd_kernel, "signature": sig_f,
+                                  "constexprs": ce, "num_warps": nw, "num_stages": 1,
+                                  "divisible_by_16": div16})
                 bd, nw = bwd_config(d, geo, is_max)
-                ce = dict(geo, IS_MAX=is_max, BLOCK_D=bd)
-                sig = dict(g_ptr=p, arg_ptr="*i32", gx_ptr=p, slow_row_ptr="*i64",
-                           fast_row_ptr="*i64", rank_ptr="*i64", D="i32")
-                sig.update({k: "constexpr" for k in ce})
-                div16 = [k for k, v in sig.items() if v.startswith("*") or k == "D"]
-                specs.append({"name": f"sfp_bwd_D{d}_{ty[dt]}_{tag}",
-                              "fn": _slowfast_pool_bwd_kernel, "signature": sig,
-                              "constexprs": ce, "num_warps": nw, "num_stages": 1,
-                              "divisible_by_16": div16})
+                # IS_MAX needs the saved arg-max (int32); avg mode, or max with no slow
+                # frame, passes grad_out (x's dtype) as the unused arg_ptr
+                for use_arg in (True, False) if is_max and d == 1152 else (is_max,):
+                    ce = dict(geo, IS_MAX=use_arg, BLOCK_D=bd)
+                    sig = dict(g_ptr=p, arg_ptr="*i32" if use_arg else p, gx_ptr=p,
+                               slow_row_ptr="*i64", fast_row_ptr="*i64", rank_ptr="*i64",
+                               D="i32")
+                    sig.update({k: "constexpr" for k in ce})
+                    div16 = [k for k, v in sig.items() if v.startswith("*") or k == "D"]
+                    flag = "_noslow" if is_max and not use_arg else ""
+                    specs.append({"name": f"sfp_bwd_D{d}_{ty[dt]}_{tag}{flag}",
+                                  "fn": _slowfast_pool_bwd_kernel, "signature": sig,
+                                  "constexprs": ce, "num_warps": nw, "num_stages": 1,
+                                  "divisible_by_16": div16})
     # fp64 inputs run these kernels (fp32 accumulation): the max and avg settings at D 1152
     specs += [_as_fp64(s) for s in specs if s["name"].startswith("sfp_")
               and s["name"].endswith(("D1152_bf16_24_1x2max_4x4", "D1152_bf16_24_2x2avg_4x4"))]

@@ -248,6 +248,31 @@ def test_qformer_cross_attention_specs_cover_every_launch(monkeypatch):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# --------------------------------------------------------------------------- slowfast_pool
+def test_slowfast_pool_specs_cover_every_launch(monkeypatch):
+    """The geometries of kernels/slowfast_pool.py's SETTINGS (the presets on the shipped
+    families' token grids; every other geometry is its own compile, not covered) at the
+    shipped widths D (SigLIP 1152, Qwen2 3584, Qwen3 4096, with DeepStack 16384) x every
+    launch flag."""
+    import lvlm_fast.kernels.slowfast_pool as mod
+
+    log = _record(mod, monkeypatch)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for (_, (h, w), sk, mode, fg), d, dt in itertools.product(
+            mod.SETTINGS, (1152, 3584, 4096, 16384), dtypes):
+        x = _meta(5, h, w, d, dtype=dt)
+        no_slow = torch.tensor([], dtype=torch.long)
+        for si, sep, arg in itertools.product((torch.tensor([0, 2]), no_slow),
+                                              (None, _meta(d, dtype=dt)), (False, True)):
+            out, am = mod.slowfast_pool_fwd(x, si, sep, sk, mode, fg, "all", "slow_fast", arg)
+            if mode == "max" and not arg:
+                continue  # the backward of max pooling needs the arg-max
+            mod.slowfast_pool_bwd(torch.empty_like(out), am, si, tuple(x.shape), sep is not None,
+                                  sk, mode, fg, "all", "slow_fast")
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -265,7 +290,7 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
 
 @pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv",
                                   "kv_compact", "evict_summaries", "summary_attention",
-                                  "qformer_cross_attention"])
+                                  "qformer_cross_attention", "slowfast_pool"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

@@ -64,7 +64,19 @@ fp32 roofline at D = 1152 than at 3584.
 Limitations: one program per frame in the forward and one per patch block in the
 backward, so very small N (forward) or very small P (backward) under-fill a large GPU.
 D is supported up to 8192 (BLOCK_D = 8192 with one row per block, 16 warps; not in the
-spill-checked specs).
+spill-checked specs). Qwen3-VL / Qwen3.5 ViLAMP passes values of D = 16384 (main + 3
+DeepStack levels) with rel / red of 4096: the launcher raises for D > 8192 (not fixed here).
+
+Compile coverage (issue 14; tests/tier2/test_spec_coverage.py): BLOCK_D / BLOCK_DA /
+BLOCK_DB follow their dims, so the space is open. Checked (sm_80 / sm_90, zero spills):
+D = Da = Db = 1152 (BLOCK 2048) and 3584 (BLOCK 4096), bf16 / fp16 / fp32, ViLAMP's two
+calls (A = B = X; separate A / B) with every launch variant (whole-P and split-P forward,
+return_weights, shared and per-frame query backward), the rarer variants (no ref bank; rel
+without red) in bf16 (whole / split-P forward, shared-query backward), one fp64 config per
+kernel. BLOCK_P depends on P only below 4
+patches at these widths (P >= 4 gives P = 729's BLOCK_P), so every P >= 4 is covered.
+NOT checked: other widths (any other BLOCK_D), Da / Db != D, the rarer variants in fp16 /
+fp32 / fp64 or with weights / per-frame query, P < 4, and D > 4096 (BLOCK_D 8192).
 """
 
 from __future__ import annotations
@@ -406,10 +418,13 @@ def _live_tiles(has_rel: bool, has_red: bool, has_ref: bool) -> int:
 
 
 def fwd_config(block_d: int, has_rel: bool, has_red: bool, has_ref: bool,
-               p: int | None = None) -> tuple[int, int]:
-    """(BLOCK_P, num_warps) for the forward kernel."""
+               p: int | None = None, return_weights: bool = False) -> tuple[int, int]:
+    """(BLOCK_P, num_warps) for the forward kernel. With return_weights and all four tiles
+    live (separate A and B, ref bank) the weights pass halves the tile: at D 1152 (BLOCK_D
+    2048) fp32, BLOCK_P 2 spilled 8/8 B on sm_90 (128 registers); BLOCK_P 1 uses <= 88."""
     nw = _num_warps(block_d)
-    elems = _FWD_ELEMS[_live_tiles(has_rel, has_red, has_ref)]
+    live = _live_tiles(has_rel, has_red, has_ref)
+    elems = _FWD_ELEMS[live] // (2 if return_weights and live == 4 else 1)
     return _block_p(block_d, nw, elems, p), nw
 
 
@@ -494,7 +509,7 @@ def diff_weighted_pool_fwd(
     block_da = _block(da)
     block_db = _block(db)
     block_p, num_warps = fwd_config(max(block_d, block_da, block_db), has_rel, has_red,
-                                    has_ref, p)
+                                    has_ref, p, return_weights)
     r = ref_bank if has_ref else x
     ref = ref_index if has_ref else x  # dummy pointer, never read
 
@@ -611,16 +626,20 @@ def _specs() -> list[dict]:
         bd = triton.next_power_of_2(d)
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             t = "*" + ty[dt]
-            # (tag, HAS_REL, HAS_RED, HAS_REF); the rarer variants in bf16 only
+            # (tag, HAS_REL, HAS_RED, HAS_REF): ViLAMP's two calls (A = B = X without the
+            # DFM projections, separate A / B with them) in every dtype; the rarer variants
+            # in bf16 only
             variants = [("AB=X", False, False, True), ("sepAB", True, True, True)]
             if dt == torch.bfloat16:
                 variants += [("noref", False, False, False), ("relonly", True, False, True)]
+            vilamp = ("AB=X", "sepAB")
             for vname, has_rel, has_red, has_ref in variants:
                 tag = f"D{d}_{ty[dt]}_{vname}"
                 bp, nw = fwd_config(bd, has_rel, has_red, has_ref)
                 sig = {k: t for k in ("x_ptr", "a_ptr", "b_ptr", "q_ptr", "r_ptr")}
+                # without RETURN_WEIGHTS the launcher passes lse (fp32) as the unused w_ptr
                 sig.update(ref_ptr="*i64", tau_ptr="*fp32", out_ptr=t, lse_ptr="*fp32",
-                           s_ptr="*fp32", w_ptr=t)
+                           s_ptr="*fp32", w_ptr="*fp32")
                 sig.update({k: "i32" for k in ("P", "D", "DA", "DB", "PPS", "stride_xn",
                                                "stride_xp", "stride_an", "stride_ap",
                                                "stride_bn", "stride_bp", "stride_qn",
@@ -629,23 +648,28 @@ def _specs() -> list[dict]:
                 ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref, RETURN_WEIGHTS=False,
                           BLOCK_P=bp, BLOCK_D=bd, BLOCK_DA=bd, BLOCK_DB=bd)
                 sig.update({k: "constexpr" for k in ce})
-                specs.append({"name": f"dwp_fwd_{tag}", "fn": _diff_weighted_pool_fwd_kernel,
-                              "signature": sig, "constexprs": ce, "num_warps": nw,
-                              "num_stages": 1, "divisible_by_16": _div16(sig)})
-                if vname == "AB=X" and dt != torch.float32:
+                base = {"name": f"dwp_fwd_{tag}", "fn": _diff_weighted_pool_fwd_kernel,
+                        "signature": sig, "constexprs": ce, "num_warps": nw,
+                        "num_stages": 1, "divisible_by_16": _div16(sig)}
+                specs.append(base)
+                if vname in vilamp or dt != torch.float32:
                     # split P (small N): fp32 partial outputs
-                    specs.append({**specs[-1], "name": f"dwp_fwd_{tag}_split",
+                    specs.append({**base, "name": f"dwp_fwd_{tag}_split",
                                   "signature": {**sig, "out_ptr": "*fp32"}})
-                if vname == "AB=X" and d == 1152:
+                if vname in vilamp:
                     # return_weights adds the second pass over the fp32 scores
-                    ce_w = {**ce, "RETURN_WEIGHTS": True}
-                    specs.append({**specs[-1], "name": f"dwp_fwd_{tag}_weights",
-                                  "constexprs": ce_w})
+                    bp_w, _ = fwd_config(bd, has_rel, has_red, has_ref, None, True)
+                    specs.append({**base, "name": f"dwp_fwd_{tag}_weights",
+                                  "signature": {**sig, "w_ptr": t},
+                                  "constexprs": {**ce, "RETURN_WEIGHTS": True,
+                                                 "BLOCK_P": bp_w}})
 
                 bp, nw = bwd_config(bd, has_rel, has_red, has_ref)
                 sig = {k: t for k in ("g_ptr", "x_ptr", "a_ptr", "b_ptr", "q_ptr", "r_ptr")}
                 sig.update(ref_ptr="*i64", tau_ptr="*fp32", lse_ptr="*fp32",
-                           delta_ptr="*fp32", dx_ptr=t, da_ptr=t, db_ptr=t, dr_ptr="*fp32",
+                           delta_ptr="*fp32", dx_ptr=t, dr_ptr="*fp32",
+                           # absent grad_rel / grad_red: the launcher passes an fp32 dummy
+                           da_ptr=t if has_rel else "*fp32", db_ptr=t if has_red else "*fp32",
                            dq_part_ptr="*fp32", dtau_part_ptr="*fp32", u_ptr="*fp32",
                            v_ptr="*fp32")
                 sig.update({k: "i32" for k in ("N", "P", "D", "DA", "DB", "stride_gn",
@@ -653,7 +677,7 @@ def _specs() -> list[dict]:
                                                "stride_ap", "stride_bn", "stride_bp",
                                                "stride_qn", "stride_rk", "stride_rp",
                                                "stride_ref")})
-                for per_frame in (False, True) if vname == "AB=X" else (False,):
+                for per_frame in (False, True) if vname in vilamp else (False,):
                     ce = dict(HAS_REL=has_rel, HAS_RED=has_red, HAS_REF=has_ref,
                               QUERY_PER_FRAME=per_frame, BLOCK_P=bp, BLOCK_D=bd,
                               BLOCK_DA=bd, BLOCK_DB=bd)

@@ -273,6 +273,35 @@ def test_slowfast_pool_specs_cover_every_launch(monkeypatch):
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 
 
+# --------------------------------------------------------------------------- dwp
+def test_diff_weighted_pool_specs_cover_every_launch(monkeypatch):
+    """ViLAMP's two calls (A = B = X; separate rel / red from the DFM projections) at the
+    shipped widths (SigLIP 1152, Qwen2 3584) and token counts per frame (LLaVA-OV pooled
+    196, Qwen2.5-VL 256 at 448x448, raw SigLIP 729), small (split P) and large N, shared and
+    per-frame query, with and without weights, forward and backward. Not covered: the rarer
+    API variants (no ref bank, rel without red) outside bf16, Da / Db != D, other widths."""
+    import lvlm_fast.kernels.diff_weighted_pool as mod
+
+    log = _record(mod, monkeypatch)
+    monkeypatch.setattr(mod, "merge_partials", lambda o, lse, out: _meta(*lse.shape[1:],
+                                                                      dtype=torch.float32))
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for dt, d, sep_ab, n, p, rw, per_frame in itertools.product(
+            dtypes, (1152, 3584), (False, True), (1, 17, 38, 300), (196, 256, 729),
+            (False, True), (False, True)):
+        x = _meta(n, p, d, dtype=dt)
+        q = _meta(n, d, dtype=dt) if per_frame else _meta(d, dtype=dt)
+        rel = red = _meta(n, p, d, dtype=dt) if sep_ab else None
+        bank, ri = _meta(3, p, d, dtype=dt), _meta(n, dtype=torch.int64)
+        tau = _meta(dtype=torch.float32)
+        out, _, lse = mod.diff_weighted_pool_fwd(x, q, bank, ri, rel, red, tau, rw)
+        if not rw:
+            mod.diff_weighted_pool_bwd(torch.empty_like(out), x, q, bank, ri, rel, red, tau,
+                                       out, lse)
+    missing = _missing(log, mod.COMPILE_SPECS)
+    assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
+
+
 def test_coverage_check_flags_a_missing_config(monkeypatch):
     """The matcher is not vacuous: dropping a reachable spec is reported."""
     import lvlm_fast.kernels.context_content_pool as mod
@@ -290,7 +319,8 @@ def test_coverage_check_flags_a_missing_config(monkeypatch):
 
 @pytest.mark.parametrize("stem", ["context_content_pool", "keyframe_select", "split_kv",
                                   "kv_compact", "evict_summaries", "summary_attention",
-                                  "qformer_cross_attention", "slowfast_pool"])
+                                  "qformer_cross_attention", "slowfast_pool",
+                                  "diff_weighted_pool"])
 def test_spec_names_are_unique(stem):
     mod = __import__(f"lvlm_fast.kernels.{stem}", fromlist=["_"])
     names = [s["name"] for s in mod.COMPILE_SPECS]

@@ -63,9 +63,16 @@ fp32 roofline at D = 1152 than at 3584.
 
 Limitations: one program per frame in the forward and one per patch block in the
 backward, so very small N (forward) or very small P (backward) under-fill a large GPU.
-D is supported up to 8192 (BLOCK_D = 8192 with one row per block, 16 warps; not in the
-spill-checked specs). Qwen3-VL / Qwen3.5 ViLAMP passes values of D = 16384 (main + 3
-DeepStack levels) with rel / red of 4096: the launcher raises for D > 8192 (not fixed here).
+D is supported up to 8192 in one launch (BLOCK_D = 8192 with one row per block, 16 warps;
+not in the spill-checked specs). Wider values are split by channels when the weights do not
+read them (``rel`` given, and ``red`` given or no reference bank): Qwen3-VL / Qwen3.5
+ViLAMP passes values of D = 16384 (main + 3 DeepStack levels) with rel / red of 4096, run as
+launches over channel chunks of ``SPLIT_D`` = 4096 (a spill-checked width), each computing
+the same weights (bitwise: same inputs, same program) and its own output channels; in the
+backward every chunk's gradients of the weight inputs (query, rel, red, ref_bank, tau) are
+linear in that chunk's (go . x, go . out) and are summed in fp32 in chunk order (rounded to
+the input dtype once per chunk for rel / red / ref_bank: the chunk launch writes them). A
+value width above 8192 whose weights read it (A = X or B = X) raises a ValueError.
 
 Compile coverage (issue 14; tests/tier2/test_spec_coverage.py): BLOCK_D / BLOCK_DA /
 BLOCK_DB follow their dims, so the space is open. Checked (sm_80 / sm_90, zero spills):
@@ -75,8 +82,11 @@ return_weights, shared and per-frame query backward), the rarer variants (no ref
 without red) in bf16 (whole / split-P forward, shared-query backward), one fp64 config per
 kernel. BLOCK_P depends on P only below 4
 patches at these widths (P >= 4 gives P = 729's BLOCK_P), so every P >= 4 is covered.
-NOT checked: other widths (any other BLOCK_D), Da / Db != D, the rarer variants in fp16 /
-fp32 / fp64 or with weights / per-frame query, P < 4, and D > 4096 (BLOCK_D 8192).
+Also checked (tests/tier2/test_spec_coverage.py): Qwen3-VL / Qwen3.5 ViLAMP's values of
+16,384 channels with rel / red / bank of 4,096, launched as 4,096-channel chunks (BLOCK_D
+4096, the D = 3584 entries' configs). NOT checked: other widths (any other BLOCK_D), Da / Db
+!= D outside that pattern, the rarer variants in fp16 / fp32 / fp64 or with weights /
+per-frame query, P < 4, and one-launch widths 4097-8192 (BLOCK_D 8192).
 """
 
 from __future__ import annotations
@@ -89,6 +99,7 @@ from .split_kv import merge_partials
 
 COS_EPS = 1e-8
 MAX_BLOCK_D = 8192
+SPLIT_D = 4096  # channel chunk of values wider than MAX_BLOCK_D (a spill-checked BLOCK_D)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -484,6 +495,19 @@ def _tau32(tau: torch.Tensor) -> torch.Tensor:
     return tau.reshape(1).to(torch.float32)
 
 
+def _value_chunks(x: torch.Tensor, rel: torch.Tensor | None, red: torch.Tensor | None,
+                  ref_bank: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    """Channel chunks [c0, c1) for values wider than one launch takes, or None."""
+    d = x.shape[-1]
+    if triton.next_power_of_2(d) <= MAX_BLOCK_D:
+        return None
+    if rel is None or (red is None and ref_bank is not None):
+        raise ValueError(f"diff_weighted_pool Triton kernels take values of up to "
+                         f"{MAX_BLOCK_D} channels when the weights read them (A = X or B = X); "
+                         f"got D = {d}: pass rel (and red) to split the values by channels")
+    return [(c, min(c + SPLIT_D, d)) for c in range(0, d, SPLIT_D)]
+
+
 def diff_weighted_pool_fwd(
     x: torch.Tensor,
     query: torch.Tensor,
@@ -496,6 +520,11 @@ def diff_weighted_pool_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (out (N, D) x.dtype, weights (N, P) x.dtype or
     (0,), lse (N,) fp32)."""
+    chunks = _value_chunks(x, rel, red, ref_bank)
+    if chunks is not None:  # wide values: one launch per channel chunk (module doc)
+        parts = [diff_weighted_pool_fwd(x[..., c0:c1], query, ref_bank, ref_index, rel, red,
+                                        tau, return_weights) for c0, c1 in chunks]
+        return torch.cat([o for o, _, _ in parts], dim=-1), parts[0][1], parts[0][2]
     x, rel, red, ref_bank = (_unit_last(t) for t in (x, rel, red, ref_bank))
     n, p, d = x.shape
     q2, _ = _query_mode(_unit_last(query), n)
@@ -558,6 +587,19 @@ def diff_weighted_pool_bwd(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the backward kernel(s). Returns (grad_x, grad_query, grad_ref_bank, grad_rel,
     grad_red, grad_tau); absent rel/red/ref_bank get (0,) tensors, grad_tau is 0-d fp32."""
+    chunks = _value_chunks(x, rel, red, ref_bank)
+    if chunks is not None:  # wide values: per-chunk gradients (module doc)
+        parts = [diff_weighted_pool_bwd(grad_out[..., c0:c1], x[..., c0:c1], query, ref_bank,
+                                        ref_index, rel, red, tau, out[..., c0:c1], lse)
+                 for c0, c1 in chunks]
+
+        def total(i: int) -> torch.Tensor:
+            acc = parts[0][i].to(torch.float32)
+            for part in parts[1:]:
+                acc = acc + part[i].to(torch.float32)
+            return acc.to(parts[0][i].dtype)
+
+        return (torch.cat([g[0] for g in parts], dim=-1), *(total(i) for i in range(1, 6)))
     x, rel, red, ref_bank, grad_out = (_unit_last(t) for t in (x, rel, red, ref_bank, grad_out))
     n, p, d = x.shape
     q2, per_frame = _query_mode(_unit_last(query), n)

@@ -151,6 +151,35 @@ def test_separate_rel_and_red(dtype):
            rel=rel, red=red, tau=0.25)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_wide_values_split_by_channels(launched, monkeypatch, dtype, per_frame):
+    """Values wider than one launch (Qwen3-VL ViLAMP: 16,384 = main + 3 DeepStack levels,
+    rel / red 4,096) run as launches over channel chunks: outputs and every gradient ==
+    the reference. MAX_BLOCK_D / SPLIT_D are lowered so D = 100 splits into 16 + 16 + ...
+    + 4 channels (a ragged last chunk), with split P too (N = 2)."""
+    monkeypatch.setattr(K, "MAX_BLOCK_D", 64)
+    monkeypatch.setattr(K, "SPLIT_D", 16)
+    n, p = 2, 21
+    x, rel, red = _rand(n, p, 100), _rand(n, p, 24, seed=1), _rand(n, p, 24, seed=2)
+    q = _rand(n if per_frame else 1, 24, seed=3)
+    _check(dtype, x, q, _rand(2, p, 24, seed=4), torch.tensor([1, -1]), rel=rel, red=red,
+           tau=0.3)
+    fwd = [f for f in launched if f.fn.__name__ == "_diff_weighted_pool_fwd_kernel"]
+    assert len(fwd) == 7  # ceil(100 / 16) chunks, one forward launch each
+    _check(dtype, x, q, None, None, rel=rel, tau=0.3, return_weights=False)  # no bank
+
+
+def test_wide_values_read_by_the_weights_are_refused(monkeypatch):
+    monkeypatch.setattr(K, "MAX_BLOCK_D", 64)
+    x, q = _rand(2, 5, 100), _rand(1, 100, seed=1)
+    with pytest.raises(ValueError, match="pass rel"):
+        K.diff_weighted_pool_fwd(x, q, None, None, None, None, torch.tensor(0.5), False)
+    with pytest.raises(ValueError, match="pass rel"):  # B = X still reads the values
+        K.diff_weighted_pool_fwd(x, _rand(1, 8, seed=2), _rand(1, 5, 100), torch.tensor([0, 0]),
+                                 _rand(2, 5, 8), None, torch.tensor(0.5), False)
+
+
 @pytest.mark.parametrize("which", ["rel", "red"])
 def test_only_one_of_rel_red(which):
     n, p, d = 2, 19, 40

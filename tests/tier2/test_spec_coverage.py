@@ -298,6 +298,21 @@ def test_diff_weighted_pool_specs_cover_every_launch(monkeypatch):
         if not rw:
             mod.diff_weighted_pool_bwd(torch.empty_like(out), x, q, bank, ri, rel, red, tau,
                                        out, lse)
+    # Qwen3-VL / Qwen3.5 ViLAMP: values of 4,096 main + 3 x 4,096 DeepStack channels, weights
+    # from the main channels (rel = red = bank = 4,096 wide); 121 (352x352) and 196
+    # (448x448) tokens per unit: launched as 4,096-channel chunks (module doc)
+    for dt, n, p, rw, per_frame in itertools.product(dtypes, (1, 13, 300), (121, 196),
+                                                     (False, True), (False, True)):
+        x, m = _meta(n, p, 16384, dtype=dt), _meta(n, p, 4096, dtype=dt)
+        q = _meta(n, 4096, dtype=dt) if per_frame else _meta(4096, dtype=dt)
+        bank, ri = _meta(3, p, 4096, dtype=dt), _meta(n, dtype=torch.int64)
+        tau = _meta(dtype=torch.float32)
+        before = len(log)
+        out, _, lse = mod.diff_weighted_pool_fwd(x, q, bank, ri, m, m, tau, rw)
+        assert out.shape == (n, 16384) and len(log) - before == 4  # one launch per chunk
+        if not rw:
+            mod.diff_weighted_pool_bwd(torch.empty_like(out), x, q, bank, ri, m, m, tau, out,
+                                       lse)
     missing = _missing(log, mod.COMPILE_SPECS)
     assert not missing, "launches with no COMPILE_SPECS entry:\n" + "\n".join(map(str, missing))
 

@@ -145,3 +145,30 @@ def test_small_chunk_splits_patches_cuda():
     s = torch.nn.functional.cosine_similarity(x.double(), q.double()[None, None], dim=-1) / 0.1
     want = (torch.softmax(s, -1)[..., None] * x.double()).sum(1)
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_deepstack_wide_values_split_by_channels():
+    """Qwen3-VL ViLAMP's call: values of 4,096 main + 3 x 4,096 DeepStack channels (16,384,
+    more than one launch takes), weights from the main channels (rel = red = 4,096 wide, the
+    bank too): launched as 4,096-channel chunks; output and gradients == the reference."""
+    from lvlm_fast.ops import diff_weighted_pool
+    from lvlm_fast.reference.diff_weighted_pool import diff_weighted_pool as reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 121, 16384, generator=g).to(torch.bfloat16)
+    main = x[..., :4096].contiguous()
+    inp = {"x": x, "query": torch.zeros(4096).to(torch.bfloat16),
+           "ref_bank": torch.cat([torch.randn(1, 121, 4096, generator=g).to(torch.bfloat16),
+                                  main]),
+           "ref_index": torch.tensor([0, 2, 3]), "rel": main, "red": main.clone()}
+    gout = torch.randn(3, 16384, generator=g).to(torch.bfloat16)
+    out, grads = _run(diff_weighted_pool, inp, "cuda", torch.bfloat16, 2.0, gout)
+    torch.cuda.synchronize()
+    exp, exp_grads = _run(reference, inp, "cpu", torch.float64, 2.0, gout.double())
+    assert out.shape == (3, 16384)
+    torch.testing.assert_close(out.double().cpu(), exp, atol=2e-2, rtol=2e-2)
+    floor = max(g.abs().max().item() for g in exp_grads.values())
+    for name, got in grads.items():
+        scale = max(exp_grads[name].abs().max().item(), floor)
+        torch.testing.assert_close(got.double().cpu(), exp_grads[name], atol=4e-2 * scale,
+                                   rtol=4e-2, msg=name)

@@ -15,7 +15,8 @@
    "Before" counts the same op calls with the launch rules of the launchers before issue 14
    section 2: eviction was one ``evict_summaries`` launch per layer, summary_attention one
    launch per call (key mass by atomics inside it, decode without split-KV),
-   diff_weighted_pool one launch per call (one program per frame, no patch split).
+   diff_weighted_pool one launch per call (one program per frame, no patch split),
+   context_content_pool one score launch per 64 queries + the pool launch (no patch split).
 2. Per kernel: bytes that must move (compulsory: every input read once, every output
    written once), FLOPs, the grid and config the launcher picks, and the roofline time
    ``max(bytes / BW, FLOPs / peak)`` on H100 and A100 at the rates in ``MACHINES``.
@@ -123,6 +124,8 @@ def _legacy_launches(op: str, args: tuple) -> int | None:
         return len(args[0]) if args[6] > 0 else 0  # one per layer
     if op in ("summary_attention", "diff_weighted_pool"):
         return 1  # no split-KV / no patch split: one launch, no merge
+    if op == "context_content_pool":  # one program per frame: a launch per 64 queries + pool
+        return -(-args[1].shape[-2] // 64) + 1
     return None
 
 
